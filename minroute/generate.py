@@ -1,0 +1,68 @@
+"""Incremental decoding with a static KV cache: greedy or temperature / top-k / top-p sampling.
+
+`generate` is a Python generator that yields the next token of every sequence, one step at a time,
+so callers can stream. It works for the plain `Qwen2` and for `LayerRoute` (router.py), which both
+provide `hidden(input_ids, attention_mask, position_ids, cache)`, `lm_head` and `new_cache(max_len)`:
+LayerRoute decides its gates once at prefill and then never computes, nor caches, a skipped block.
+
+Prompts of different lengths are left-padded; positions are then counted over real tokens only
+(cumsum of the mask), so a padded prompt decodes like the same prompt alone.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterator, Sequence
+
+import torch
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """Next token ids (B,) from logits (B, V): argmax when temperature is 0, else filtered sampling."""
+    if temperature <= 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k > 0:
+        kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+        cum = sorted_logits.softmax(-1).cumsum(-1)
+        drop = cum - sorted_logits.softmax(-1) > top_p  # keep the smallest prefix whose mass reaches top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = logits.softmax(-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+@torch.no_grad()
+def generate(model, input_ids: torch.Tensor, max_new_tokens: int, *, attention_mask: torch.Tensor | None = None,
+             eos_ids: Sequence[int] = (), pad_id: int = 0, temperature: float = 0.0, top_k: int = 0,
+             top_p: float = 1.0, generator: torch.Generator | None = None, cache=None) -> Iterator[torch.Tensor]:
+    """Yield (B,) next-token tensors until every row has emitted an eos id or max_new_tokens are done.
+
+    Rows that have finished yield `pad_id`. Pass `cache` (from `model.new_cache`) to inspect it after.
+    """
+    B, T = input_ids.shape
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    cache = cache if cache is not None else model.new_cache(T + max_new_tokens)
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    eos = torch.tensor(list(eos_ids), device=input_ids.device, dtype=torch.long)
+    done = torch.zeros(B, dtype=torch.bool, device=input_ids.device)
+    ids, mask, pos = input_ids, attention_mask, positions
+    for _ in range(max_new_tokens):
+        h = model.hidden(ids, mask, pos, cache)[:, -1]  # (B, d)
+        nxt = sample_next(model.lm_head(h), temperature, top_k, top_p, generator)
+        nxt = torch.where(done, torch.full_like(nxt, pad_id), nxt)
+        yield nxt
+        done = done | torch.isin(nxt, eos)
+        if bool(done.all()):
+            return
+        ids = nxt[:, None]
+        mask = torch.cat([mask, torch.ones_like(ids)], dim=1)
+        pos = pos[:, -1:] + 1
+
+
+def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    """All new tokens as one (B, n) tensor (n <= max_new_tokens)."""
+    steps = list(generate(model, input_ids, max_new_tokens, **kwargs))
+    return torch.stack(steps, dim=1) if steps else input_ids.new_empty(input_ids.shape[0], 0)

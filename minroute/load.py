@@ -1,0 +1,212 @@
+"""Load Qwen2 checkpoints and tokenizers from a local directory or the Hugging Face Hub.
+
+Only `config.json`, JSON tokenizer files and safetensors are read: nothing is ever unpickled and no
+code from a model repository runs. The model is built on the meta device and its parameters are
+assigned straight from the safetensors file(s) (one file, or shards listed in
+`model.safetensors.index.json`), strictly: a missing, unexpected or misshapen tensor is an error that
+names the tensor and the file.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+from safetensors import safe_open
+
+from .model import Qwen2, Qwen2Config
+
+DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
+# Known-good Hub revisions; a repo id not listed here is fetched at the revision asked for (or main).
+PINNED_REVISIONS = {DEFAULT_MODEL: "7ae557604adf67be50417f59c2c2f167def9a775"}
+MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
+               "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "LICENSE"]
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local directory as is; otherwise download the model files of a Hub repo and return their folder.
+
+    The local Hugging Face cache is checked first by `snapshot_download`; with HF_HUB_OFFLINE=1 a repo
+    that is not cached raises a clear error instead of hanging on the network.
+    """
+    path = Path(path_or_repo_id)
+    if path.is_file() and path.name == "tokenizer.json":
+        return path.parent
+    if path.is_dir():
+        return path
+    repo_id = str(path_or_repo_id)
+    if os.path.isabs(repo_id) or repo_id.startswith(".") or repo_id.count("/") != 1:
+        raise FileNotFoundError(f"{repo_id}: no such directory, and not a Hub repo id of the form 'owner/name'")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    revision = revision or PINNED_REVISIONS.get(repo_id)
+    try:
+        return Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILES))
+    except (LocalEntryNotFoundError, OSError) as e:
+        raise FileNotFoundError(
+            f"could not get '{repo_id}' (revision {revision or 'main'}) from the Hugging Face Hub and it is not in "
+            f"the local cache ({type(e).__name__}: {e}). Connect to the Hub (HF_HUB_OFFLINE unset), or pass a local "
+            "directory holding config.json and model.safetensors") from e
+
+
+def read_json(path: Path) -> dict:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: file not found") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+
+
+def load_config(model_dir: Path) -> Qwen2Config:
+    path = model_dir / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no config.json in {model_dir}; point to a Hugging Face model directory "
+                                "(config.json + model.safetensors) or a Hub repo id")
+    return Qwen2Config.from_dict(read_json(path), source=str(path))
+
+
+def safetensors_files(model_dir: Path) -> list[Path]:
+    """The weight files: the shards of the index if there is one, else model.safetensors."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ValueError(f"{index}: no 'weight_map' object")
+        files = [model_dir / f for f in sorted(set(weight_map.values()))]
+        for f in files:
+            if not f.exists():
+                raise FileNotFoundError(f"{f}: shard listed in {index.name} is missing; re-download the model")
+        return files
+    single = model_dir / "model.safetensors"
+    if single.exists():
+        return [single]
+    others = sorted(model_dir.glob("*.safetensors"))
+    if others:
+        return others
+    pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise ValueError(f"{model_dir}: only pickle weights ({', '.join(pickles)}); minroute loads safetensors only "
+                         "and never unpickles. Convert them with transformers' save_pretrained(..., "
+                         "safe_serialization=True) in a trusted environment, or download the safetensors files")
+    raise FileNotFoundError(f"{model_dir}: no model.safetensors (or sharded *.safetensors with an index)")
+
+
+def read_safetensors(files: list[Path], device="cpu") -> dict[str, tuple[torch.Tensor, Path]]:
+    """Every tensor of the files, with the file it came from."""
+    out = {}
+    for f in files:
+        try:
+            with safe_open(str(f), framework="pt", device=str(device)) as sf:
+                for name in sf.keys():
+                    if name in out:
+                        raise ValueError(f"{f}: tensor '{name}' also appears in {out[name][1]}")
+                    out[name] = (sf.get_tensor(name), f)
+        except ValueError:
+            raise
+        except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers and data
+            raise ValueError(f"{f}: cannot read safetensors file, it is truncated or corrupt ({e}); "
+                             "re-download or re-save it") from e
+    return out
+
+
+def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | None = None,
+               device: str | torch.device = "cpu", revision: str | None = None) -> Qwen2:
+    """Build Qwen2 from a checkpoint directory or Hub repo id, strictly, on `device` in `dtype`.
+
+    dtype None keeps the stored dtype (config's torch_dtype/dtype). The returned model is in eval mode
+    with requires_grad off for every parameter (the backbone is frozen in LayerRoute).
+    """
+    model_dir = resolve_dir(path_or_repo_id, revision)
+    cfg = load_config(model_dir)
+    dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    tensors = read_safetensors(safetensors_files(model_dir), device=device)
+    with torch.device("meta"):
+        model = Qwen2(cfg)
+    expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
+    if cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
+        expected.pop("lm_head.weight")
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    where = ", ".join(sorted({str(f) for _, f in tensors.values()})) or str(model_dir)
+    if missing:
+        raise ValueError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+                         f"({len(missing)} in all) for a {cfg.num_hidden_layers}-layer Qwen2 per config.json")
+    if unexpected:
+        raise ValueError(f"{unexpected[0]} in {tensors[unexpected[0]][1]}: unexpected tensor "
+                         f"({len(unexpected)} in all: {unexpected[:5]}); is this a Qwen2 checkpoint?")
+    state = {}
+    for name, shape in expected.items():
+        t, f = tensors[name]
+        if t.shape != shape:
+            raise ValueError(f"{name} in {f}: shape {tuple(t.shape)}, but config.json implies {tuple(shape)}")
+        state[name] = t.to(dtype) if dtype is not None else t
+    if cfg.tie_word_embeddings:  # one tensor for both, as HF ties them (a stored lm_head copy is ignored)
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    model.load_state_dict(state, strict=True, assign=True)
+    if cfg.tie_word_embeddings:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    return model.eval().requires_grad_(False)
+
+
+class LoadedTokenizer(NamedTuple):
+    """A `tokenizers.Tokenizer` with the ids generation needs."""
+
+    tokenizer: "object"
+    eos_ids: list[int]  # stop on any of these (Qwen2.5-Instruct: <|im_end|>, <|endoftext|>)
+    pad_id: int
+
+
+def load_tokenizer(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = None) -> LoadedTokenizer:
+    """(tokenizer, eos_ids, pad_id) from tokenizer.json plus generation_config.json / tokenizer_config.json.
+
+    Accepts a model directory, a path to a tokenizer.json, or a Hub repo id.
+    """
+    from tokenizers import Tokenizer
+
+    model_dir = resolve_dir(path_or_repo_id, revision)
+    path = model_dir / "tokenizer.json"
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no tokenizer.json in {model_dir}")
+    try:
+        tok = Tokenizer.from_file(str(path))
+    except Exception as e:
+        raise ValueError(f"{path}: not a valid tokenizers JSON file ({e})") from e
+
+    def token_id(value, field, source):
+        if isinstance(value, dict):  # {"content": "<|im_end|>", ...}
+            value = value.get("content")
+        if isinstance(value, int):
+            return value
+        i = tok.token_to_id(value) if isinstance(value, str) else None
+        if i is None:
+            raise ValueError(f"{source}: field '{field}' = {value!r} is not a token of {path}")
+        return i
+
+    gen = read_json(model_dir / "generation_config.json") if (model_dir / "generation_config.json").exists() else {}
+    tcfg = read_json(model_dir / "tokenizer_config.json") if (model_dir / "tokenizer_config.json").exists() else {}
+    eos = gen.get("eos_token_id")
+    if eos is not None:
+        eos_ids = [int(e) for e in (eos if isinstance(eos, list) else [eos])]
+    elif tcfg.get("eos_token") is not None:
+        eos_ids = [token_id(tcfg["eos_token"], "eos_token", model_dir / "tokenizer_config.json")]
+    else:
+        eos_ids = [i for i in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")) if i is not None]
+    if not eos_ids:
+        raise ValueError(f"{model_dir}: no eos id in generation_config.json or tokenizer_config.json, and the "
+                         "tokenizer has no <|im_end|> / <|endoftext|> token")
+    if gen.get("pad_token_id") is not None:
+        pad_id = int(gen["pad_token_id"])
+    elif tcfg.get("pad_token") is not None:
+        pad_id = token_id(tcfg["pad_token"], "pad_token", model_dir / "tokenizer_config.json")
+    else:
+        pad_id = eos_ids[-1]
+    return LoadedTokenizer(tok, eos_ids, pad_id)

@@ -1,0 +1,30 @@
+"""Shared test set-up: offline Hub, no TF32, tiny checkpoints, the optional real Qwen tokenizer."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # read at import by huggingface_hub: never wait on the network
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+torch.backends.cuda.matmul.allow_tf32 = False
+torch.backends.cudnn.allow_tf32 = False
+
+REAL_TOKENIZER = os.environ.get("MINROUTE_QWEN_TOKENIZER")
+
+
+@pytest.fixture(scope="session")
+def real_tokenizer_path():
+    """Path to the real Qwen2.5 tokenizer.json, or skip (set MINROUTE_QWEN_TOKENIZER to run these tests)."""
+    if not REAL_TOKENIZER or not Path(REAL_TOKENIZER).is_file():
+        pytest.skip("real Qwen tokenizer not available (set MINROUTE_QWEN_TOKENIZER=path/to/tokenizer.json)")
+    return Path(REAL_TOKENIZER)
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A tiny random Qwen2 checkpoint (4 layers, d=64, GQA 2) with the bundled BPE tokenizer."""
+    from minroute.tiny import write_tiny_checkpoint
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
