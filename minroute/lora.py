@@ -1,0 +1,185 @@
+"""LoRA on a frozen linear layer, and adapters that PEFT reads and writes.
+
+    y = x W^T + b + (alpha / r) * B A dropout(x)        A: (r, in)  B: (out, r)
+
+A starts kaiming-uniform with a = sqrt(5) (= U(+-1/sqrt(in)), PEFT's and the authors' default), B starts
+at zero, so a fresh adapter leaves the model unchanged. A and B are kept in fp32 whatever the base dtype,
+so small updates are not rounded away in bf16. `merge()` folds the update into W for inference and
+`unmerge()` restores the exact original W; both are idempotent.
+
+Parameter names stay Hugging Face's: `...self_attn.q_proj.weight/bias` (frozen) plus
+`...self_attn.q_proj.lora_A` and `.lora_B`; a PEFT adapter file names the same tensors
+`base_model.model.<name>.lora_A.weight`.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
+PEFT_PREFIX = "base_model.model."
+
+
+class LoRALinear(nn.Linear):
+    """A frozen nn.Linear (same weight and bias tensors, same names) plus a trainable low-rank update."""
+
+    def __init__(self, base: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.05):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # shared with the base model, frozen
+        self.weight.requires_grad_(False)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
+        self.r, self.alpha, self.scaling = r, alpha, alpha / r
+        device = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
+        if device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.merged = False
+        self._original_weight: torch.Tensor | None = None
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if self.merged:
+            return y
+        a = self.dropout(x).to(self.lora_A.dtype)
+        return y + (F.linear(F.linear(a, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+
+    def delta_weight(self) -> torch.Tensor:
+        """(alpha / r) * B A, the update to W, in fp32."""
+        return (self.lora_B @ self.lora_A) * self.scaling
+
+    @torch.no_grad()
+    def merge(self):
+        """W <- W + (alpha/r) BA (no-op if already merged); the original W is kept to unmerge exactly."""
+        if not self.merged:
+            self._original_weight = self.weight.detach().clone()
+            self.weight.copy_((self.weight.float() + self.delta_weight()).to(self.weight.dtype))
+            self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        """Restore the exact original W (no-op if not merged)."""
+        if self.merged:
+            self.weight.copy_(self._original_weight)
+            self._original_weight = None
+            self.merged = False
+
+    def extra_repr(self):
+        return f"{self.in_features}, {self.out_features}, r={self.r}, alpha={self.alpha}, merged={self.merged}"
+
+
+def add_lora(model: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.05,
+             targets: tuple[str, ...] = TARGETS) -> nn.Module:
+    """Wrap every nn.Linear whose name ends in one of `targets`; freeze everything else. Returns model."""
+    model.requires_grad_(False)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if child_name in targets and type(child) is nn.Linear:
+                setattr(module, child_name, LoRALinear(child, r, alpha, dropout))
+    if not lora_layers(model):
+        raise ValueError(f"add_lora: no nn.Linear named {targets} in the model")
+    return model
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Only the adapter tensors, by their model names (`...q_proj.lora_A`, `...q_proj.lora_B`)."""
+    return {name: p for name, p in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+
+
+def merge_lora(model: nn.Module):
+    for m in lora_layers(model).values():
+        m.merge()
+
+
+def unmerge_lora(model: nn.Module):
+    for m in lora_layers(model).values():
+        m.unmerge()
+
+
+# ----------------------------------------------------------------------------- PEFT interop
+
+def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str = "Qwen/Qwen2.5-0.5B-Instruct"):
+    """Write adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads."""
+    layers = lora_layers(model)
+    if not layers:
+        raise ValueError("save_peft_adapter: the model has no LoRA layers (call add_lora first)")
+    first = next(iter(layers.values()))
+    dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
+    targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
+        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout, "target_modules": targets,
+        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+    }
+    tensors = {}
+    for name, m in layers.items():
+        tensors[f"{PEFT_PREFIX}{name}.lora_A.weight"] = m.lora_A.detach().cpu().contiguous()
+        tensors[f"{PEFT_PREFIX}{name}.lora_B.weight"] = m.lora_B.detach().cpu().contiguous()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
+    (out / "adapter_config.json").write_text(json.dumps(config, indent=2))
+    return out
+
+
+def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Module:
+    """Read a PEFT LoRA adapter (safetensors) into our model, adding LoRA layers if it has none."""
+    d = Path(adapter_dir)
+    cfg_path, w_path = d / "adapter_config.json", d / "adapter_model.safetensors"
+    for p in (cfg_path, w_path):
+        if not p.exists():
+            raise FileNotFoundError(f"{p}: missing; a PEFT adapter folder holds adapter_config.json and "
+                                    "adapter_model.safetensors (pickled adapter_model.bin is not read)")
+    cfg = json.loads(cfg_path.read_text())
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
+    for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
+        if cfg.get(flag):
+            raise ValueError(f"{cfg_path}: '{flag}' is true; only plain LoRA is supported")
+    r, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
+    targets = cfg.get("target_modules") or TARGETS
+    targets = (targets,) if isinstance(targets, str) else tuple(targets)
+    if not lora_layers(model):
+        add_lora(model, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), targets=targets)
+    layers = lora_layers(model)
+    tensors = load_file(str(w_path))
+    seen = set()
+    for key, t in tensors.items():
+        name = key.removeprefix(PEFT_PREFIX)
+        for part, attr in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B")):
+            if name.endswith(part):
+                name = name[: -len(part)]
+                break
+        else:
+            raise ValueError(f"{w_path}: unexpected tensor '{key}' (not a LoRA A/B weight)")
+        if name not in layers:
+            raise ValueError(f"{w_path}: tensor '{key}' has no matching LoRA layer '{name}' in the model")
+        layer = layers[name]
+        if layer.r != r or layer.alpha != alpha:
+            raise ValueError(f"{cfg_path}: r={r}, alpha={alpha}, but the model's LoRA has r={layer.r}, "
+                             f"alpha={layer.alpha}")
+        target = getattr(layer, attr)
+        if t.shape != target.shape:
+            raise ValueError(f"{w_path}: '{key}' has shape {tuple(t.shape)}, expected {tuple(target.shape)}")
+        with torch.no_grad():
+            target.copy_(t)
+        seen.add((name, attr))
+    missing = [f"{n}.{a}" for n in layers for a in ("lora_A", "lora_B") if (n, a) not in seen]
+    if missing:
+        raise ValueError(f"{w_path}: no tensor for {missing[:4]} ({len(missing)} in all)")
+    return model

@@ -1,0 +1,211 @@
+"""LayerRoute: a per-block router with a straight-through hard gate, on a frozen Qwen2 (+ LoRA).
+
+For block i and each sequence b, with h the hidden state entering the block (B, T, d):
+
+    m   = mean of h over the sequence's real tokens (attention mask)   (`pool="all"`: over all T, padding
+          included, as the authors' code did)
+    p   = sigmoid(w_i . m + b_i)                                          soft gate, fp32
+    z   = 1[p > 0.5]                                                      hard gate, exactly 0 or 1
+    g   = z + (p - p.detach())                                            straight-through estimator
+    h  <- h + g * (Block(h) - h)
+
+Forward uses the hard gate z (the bracket is exactly 0); backward takes dg/dp = 1, so the router learns
+from sigma'(s) * <dL/dh_out, Block(h) - h> plus the regulariser's gradient. Training (`gated_hidden`)
+computes every block, because a closed gate needs Block(h) - h for its gradient: training compute stays
+dense. Inference (`hidden`) really skips: block i runs only on the rows whose gate is 1 (gather, block,
+scatter), not at all when every row is closed, and the decision is taken once per sequence at prefill;
+in KV-cache decoding a skipped block is never run and holds no cache for that sequence.
+
+Router init (REFERENCE.md §3): w = 0; b = -1 (p = 0.269, closed) on the middle band
+round(L/3) <= i < round(17L/24) (layers 8-16 of 24), b = +1 (p = 0.731, open) elsewhere; `init="uniform"`
+opens every layer (the UniformInit ablation). `self.last` keeps the gates of the latest call:
+soft (B, L), hard (B, L) and the number of rows each block ran on.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .model import KVCache, Qwen2
+
+
+def middle_band(n_layers: int) -> range:
+    """Layers whose router starts closed: round(L/3) <= i < round(17L/24); 8..16 for L = 24, 9..19 for 28."""
+    return range(round(n_layers / 3), round(17 * n_layers / 24))
+
+
+def init_routers(routers: nn.ModuleList, scheme: str = "band", bias: float = 1.0):
+    """w = 0 and b = -bias on the middle band, +bias elsewhere ('band'), or +bias everywhere ('uniform')."""
+    if scheme not in ("band", "uniform"):
+        raise ValueError(f"router init {scheme!r}: expected 'band' or 'uniform'")
+    band = middle_band(len(routers)) if scheme == "band" else range(0)
+    with torch.no_grad():
+        for i, r in enumerate(routers):
+            r.weight.zero_()
+            r.bias.fill_(-bias if i in band else bias)
+
+
+def pool_mean(h: torch.Tensor, key_mask: torch.Tensor | None, mode: str = "mask") -> torch.Tensor:
+    """(B, T, d) -> (B, d) fp32 mean over real tokens ('mask') or over all T positions ('all')."""
+    h = h.float()
+    if mode == "all" or key_mask is None:
+        return h.mean(dim=1)
+    w = key_mask.to(h.dtype)[:, :, None]  # (B, T, 1)
+    return (h * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
+
+
+def straight_through(p: torch.Tensor, hard: torch.Tensor | None = None) -> torch.Tensor:
+    """Hard gate (default 1[p > 0.5]) in the forward, exactly 0.0 or 1.0; gradient of p in the backward.
+
+    The bracket (p - p.detach()) is exactly zero, so the forward value is the hard gate bit for bit.
+    """
+    hard = p > 0.5 if hard is None else hard
+    return hard.to(p.dtype) + (p - p.detach())
+
+
+@dataclass
+class RouteTrace:
+    soft: torch.Tensor  # (B, L) soft gates p
+    hard: torch.Tensor  # (B, L) bool, True = block ran
+    rows_run: list[int]  # rows each block was computed on (training: always B)
+
+
+class LayerRoute(nn.Module):
+    """Qwen2 (with or without LoRA) plus one Linear(d, 1) router per block; see the module docstring."""
+
+    def __init__(self, base: Qwen2, pool: str = "mask", init: str = "band"):
+        super().__init__()
+        if pool not in ("mask", "all"):
+            raise ValueError(f"pool {pool!r}: expected 'mask' (real tokens) or 'all' (authors': padding included)")
+        self.base = base
+        cfg = base.config
+        device = base.model.embed_tokens.weight.device
+        self.routers = nn.ModuleList(nn.Linear(cfg.hidden_size, 1, device=device, dtype=torch.float32)
+                                     for _ in range(cfg.num_hidden_layers))
+        init_routers(self.routers, init)
+        self.pool = pool
+        self.forced: torch.Tensor | None = None  # (L,) or (B, L) bool: gates imposed instead of the routers'
+        self.last: RouteTrace | None = None
+
+    @property
+    def config(self):
+        return self.base.config
+
+    @property
+    def lm_head(self):
+        return self.base.lm_head
+
+    def new_cache(self, max_len: int) -> KVCache:
+        return self.base.new_cache(max_len)
+
+    @contextlib.contextmanager
+    def forcing(self, gates: torch.Tensor | None):
+        """Impose gates (True = run) for baselines and controls: all ones = the plain model (+LoRA)."""
+        old, self.forced = self.forced, None if gates is None else gates.bool()
+        try:
+            yield self
+        finally:
+            self.forced = old
+
+    def soft_gate(self, i: int, h: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """p (B,) of router i on the hidden state h (B, T, d) entering block i."""
+        return torch.sigmoid(self.routers[i](pool_mean(h, key_mask, self.pool))).squeeze(-1)
+
+    def _hard(self, i: int, p: torch.Tensor) -> torch.Tensor:
+        if self.forced is None:
+            return p > 0.5
+        f = self.forced.to(p.device)
+        return (f[i].expand_as(p) if f.dim() == 1 else f[:, i]).clone()
+
+    def gated_hidden(self, input_ids, attention_mask=None):
+        """Training forward: every block computed, h <- h + g (Block(h) - h) with the STE gate g.
+
+        Returns the final-norm hidden states (B, T, d), soft gates (B, L) and hard gates (B, L).
+        """
+        h, cos, sin, mask = self.base.prepare(input_ids, attention_mask)
+        softs, hards = [], []
+        for i, block in enumerate(self.base.layers):
+            p = self.soft_gate(i, h, attention_mask)  # (B,)
+            hard = self._hard(i, p)
+            g = straight_through(p, hard)  # (B,), forward exactly 0/1
+            h = h + g.to(h.dtype)[:, None, None] * (block(h, cos, sin, mask) - h)
+            softs.append(p)
+            hards.append(hard)
+        soft, hard = torch.stack(softs, 1), torch.stack(hards, 1)
+        self.last = RouteTrace(soft.detach(), hard, [input_ids.shape[0]] * len(softs))
+        return self.base.model.norm(h), soft, hard
+
+    @torch.no_grad()
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        """Inference forward with real skipping; same signature as Qwen2.hidden (so `generate` takes either).
+
+        At prefill (no cache, or an empty one) each block's gates come from its router on the prompt; a
+        cache then keeps them, and later calls run each block only on the rows that ran it at prefill.
+        """
+        B, T = input_ids.shape
+        h, cos, sin, mask = self.base.prepare(input_ids, attention_mask, position_ids, cache)
+        decoding = cache is not None and cache.length > 0
+        key_mask = None if attention_mask is None else attention_mask[:, -T:]
+        softs, hards, rows_run = [], [], []
+        for i, block in enumerate(self.base.layers):
+            if decoding:
+                rows = cache.rows[i]
+                if cache.k[i] is None:  # no row ran this block at prefill: nothing to do, nothing cached
+                    rows_run.append(0)
+                    continue
+            else:
+                p = self.soft_gate(i, h, key_mask)
+                hard = self._hard(i, p)
+                softs.append(p)
+                hards.append(hard)
+                rows = hard.nonzero().squeeze(1)  # (n,) rows whose gate is open
+                if rows.numel() == 0:
+                    rows_run.append(0)
+                    continue
+                rows = None if rows.numel() == B else rows
+                if cache is not None:
+                    cache.rows[i] = rows
+            if rows is None:  # every row runs: no gather
+                h = block(h, cos, sin, mask, cache)
+                rows_run.append(B)
+            else:
+                sub_mask = mask if mask is None or mask.shape[0] == 1 else mask[rows]
+                h[rows] = block(h[rows], cos[rows], sin[rows], sub_mask, cache)
+                rows_run.append(rows.numel())
+        if cache is not None:
+            if not decoding:
+                cache.gates = torch.stack(hards, 1)
+            cache.length += T
+        if decoding:
+            self.last = RouteTrace(self.last.soft if self.last else None, cache.gates, rows_run)
+        else:
+            self.last = RouteTrace(torch.stack(softs, 1), torch.stack(hards, 1), rows_run)
+        return self.base.model.norm(h)
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+        """fp32 logits (B, T, vocab) with real skipping (inference)."""
+        return self.lm_head(self.hidden(input_ids, attention_mask, position_ids, cache)).float()
+
+    def router_state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"routers.{k}": v for k, v in self.routers.state_dict().items()}
+
+
+def gate_regulariser(soft: torch.Tensor) -> torch.Tensor:
+    """R = mean soft gate over layers and batch (target 0): the paper's and authors' regulariser."""
+    return soft.mean()
+
+
+def bce_gate_loss(soft: torch.Tensor, is_tool: torch.Tensor, target: str = "open") -> torch.Tensor:
+    """LayerRoute-BCE ablation: BCE(p, label) on every layer, label from the step type.
+
+    target 'open': tool = 1 (gates open on tool calls), the authors' `bce_naive`; 'skip': tool = 0
+    (tool calls skip), the authors' `bce_corrected`.
+    """
+    if target not in ("open", "skip"):
+        raise ValueError(f"bce target {target!r}: expected 'open' or 'skip'")
+    label = is_tool.float() if target == "open" else 1.0 - is_tool.float()  # (B,)
+    return F.binary_cross_entropy(soft.clamp(1e-6, 1 - 1e-6), label[:, None].expand_as(soft).to(soft.dtype))
