@@ -1,0 +1,209 @@
+"""data_prep: exact parses of raw-format fixtures, counted malformed records, splits, eval disjointness."""
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from data_prep import glaive, gsm8k, hermes, turing
+from data_prep.__main__ import main as cli
+from data_prep.build import build
+from data_prep.records import Malformed, read_json_records
+
+FIX = Path(__file__).parent / "fixtures"
+ALL = {"hermes": None, "glaive": None, "gsm8k": None, "turing": None}
+
+
+def records(rel):
+    p = FIX / rel
+    return gsm8k.read_parquet(p, "t") if p.suffix == ".parquet" else read_json_records(p, "t")
+
+
+def parse_all(rel, parse):
+    out, bad = [], {}
+    for i, r in enumerate(records(rel)):
+        try:
+            if isinstance(r, Malformed):
+                raise r
+            out.append(parse(r, i))
+        except Malformed as e:
+            bad[e.reason] = bad.get(e.reason, 0) + 1
+    return out, bad
+
+
+def test_hermes_parses_repr_tools_and_calls():
+    ok, bad = parse_all("hermes-function-calling-v1/func-calling-singleturn.json", hermes.to_sample)
+    assert bad == {"bad_tool_call": 1, "missing_field": 1, "empty_conversation": 1, "wrong_type": 1}
+    assert [s.row for s in ok] == [0, 1, 6]
+    s0 = ok[0]
+    assert [t["function"]["name"] for t in s0.tools] == ["get_weather", "get_stock_price"]
+    assert s0.tools[1]["function"]["parameters"]["required"] is None  # Python None from the repr
+    assert s0.messages == [
+        {"role": "user", "content": "Is it warm in Lyon?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "get_weather",
+                                                             "arguments": {"city": "Lyon", "metric": True}}]}]
+    assert s0.step_type == "tool_call" and s0.meta["category"] == "Weather"
+    assert ok[1].messages[1]["tool_calls"] == [{"name": "get_stock_price", "arguments": {"symbol": "AAPL"}},
+                                               {"name": "get_stock_price", "arguments": {"symbol": "MSFT"}}]
+
+
+def test_hermes_heldout_prefix_and_tool_turns():
+    s = hermes.to_sample(records("hermes-function-calling-v1/func-calling.json")[0], 0)
+    assert [m["role"] for m in s.messages] == ["user", "assistant", "tool", "assistant"]
+    assert s.messages[2]["content"] == "{'name': 'get_weather', 'content': {'temp': 14}}"
+    p = hermes.first_call_prefix(s)
+    assert [m["role"] for m in p.messages] == ["user", "assistant"]
+    with pytest.raises(Malformed, match="no_tool_call"):
+        hermes.first_call_prefix(hermes.to_sample(records("hermes-function-calling-v1/func-calling.json")[2], 2))
+
+
+def test_glaive_functions_calls_and_endoftext():
+    ok, bad = parse_all("glaive-function-calling-v2/glaive-function-calling-v2.json", glaive.to_sample)
+    assert bad == {"missing_field": 1, "bad_tool_call": 1}
+    assert [s.row for s in ok] == [0, 1, 2, 5]
+    s0 = ok[0]
+    assert [t["function"]["name"] for t in s0.tools] == ["calculate_tip", "book_table"]
+    assert s0.tools[0]["type"] == "function"
+    assert s0.messages == [
+        {"role": "user", "content": "Tip on a $50 bill at 20%?"},
+        {"role": "assistant", "content": "", "tool_calls": [{"name": "calculate_tip",
+                                                             "arguments": {"bill": 50, "percent": 20}}]},
+        {"role": "tool", "content": "{\"tip\": 10}"},
+        {"role": "assistant", "content": "The tip is $10."}]
+    assert ok[1].tools == [] and ok[1].messages[1] == {"role": "assistant", "content": "Why did the chicken cross the road?"}
+    assert ok[2].messages[1]["tool_calls"] == [{"name": "book_table", "arguments": {"restaurant": "Luigi's"}}]
+    assert not any("<|endoftext|>" in m["content"] for s in ok for m in s.messages)
+
+
+def test_gsm8k_and_final_answer():
+    ok, bad = parse_all("gsm8k/main/train-00000-of-00001.parquet", gsm8k.to_sample)
+    assert bad == {"empty_field": 1, "missing_field": 1}
+    assert ok[0].messages == [{"role": "user", "content": "Tom has 3 apples and buys 2 more. How many?"},
+                              {"role": "assistant", "content": "3 + 2 = <<3+2=5>>5\n#### 5"}]
+    assert ok[0].step_type == "planning" and ok[0].meta["final_answer"] == "5"
+    assert ok[2].meta["final_answer"] == "1000"
+    test_ok, test_bad = parse_all("gsm8k/main/test-00000-of-00001.parquet",
+                                  lambda r, i: gsm8k.to_sample(r, i, need_final=True))
+    assert test_bad == {"no_final_answer": 1} and len(test_ok) == 3
+
+
+def test_turing_json_lines_with_bad_lines():
+    ok, bad = parse_all("Turing-Open-Reasoning/Computational_STEM_QA_Dataset.json", turing.to_sample)
+    assert bad == {"not_json": 1, "invalid_utf8": 1, "missing_field": 1}
+    assert [s.meta["sub_domain"] for s in ok] == ["Calculus", "Optics"]
+    assert ok[0].messages == [{"role": "user", "content": "Differentiate $x^3$."},
+                              {"role": "assistant", "content": "$3x^2$"}]
+
+
+def test_never_eval(monkeypatch):
+    import builtins
+    monkeypatch.setattr(builtins, "eval", lambda *a, **k: pytest.fail("eval() was called"))
+    parse_all("hermes-function-calling-v1/func-calling-singleturn.json", hermes.to_sample)
+    parse_all("glaive-function-calling-v2/glaive-function-calling-v2.json", glaive.to_sample)
+
+
+@pytest.fixture(scope="module")
+def tiny_tok(tiny_dir):
+    from minroute import load_tokenizer
+    return load_tokenizer(tiny_dir).tokenizer
+
+
+def test_build_accounts_for_every_record(tmp_path, tiny_tok):
+    m = build(tmp_path / "d", tiny_tok, "tiny", source_dir=FIX, counts={**ALL, "glaive": 2},
+              eval_counts={"tool": 2, "planning": 2}, matched_pairs=5, log=lambda *a: None)
+    src = m["sources"]
+    assert set(src) == {"hermes", "glaive", "gsm8k", "turing"}
+    for name, s in src.items():
+        assert s["read"] == s["used"] + s["malformed"] + s["unused"], name
+        assert s["malformed"] == sum(s["malformed_by_reason"].values())
+    assert (src["hermes"]["read"], src["hermes"]["used"], src["hermes"]["malformed"]) == (7, 3, 4)
+    assert (src["glaive"]["used"], src["glaive"]["malformed"], src["glaive"]["unused"]) == (2, 0, 4)
+    assert src["turing"]["malformed_by_reason"] == {"not_json": 1, "invalid_utf8": 1, "missing_field": 1}
+    assert src["glaive"]["no_tool_call"] == 1
+    held = m["eval_sources"]["hermes_heldout"]
+    assert held["overlap_with_training"] == 1 and held["malformed_by_reason"] == {"no_tool_call": 1}
+    assert sorted(held["chosen_rows"]) == [0, 3]
+    assert m["eval_sources"]["gsm8k_test"]["chosen_rows"] == [0, 2]
+    assert m["splits"]["train"]["n"] + m["splits"]["val"]["n"] == 3 + 2 + 3 + 2
+    assert json.loads((tmp_path / "d" / "manifest.json").read_text()) == m
+
+
+def split_hashes(d, name):
+    return [json.loads(line)["hash"] for line in open(d / name / "samples.jsonl")]
+
+
+def test_splits_deterministic_disjoint_and_eval_held_out(tmp_path, tiny_tok):
+    kw = dict(source_dir=FIX, counts=ALL, eval_counts={"tool": 2, "planning": 2}, log=lambda *a: None)
+    a = build(tmp_path / "a", tiny_tok, "tiny", seed=1, **kw)
+    b = build(tmp_path / "b", tiny_tok, "tiny", seed=1, **kw)
+    c = build(tmp_path / "c", tiny_tok, "tiny", seed=2, **kw)
+    for f in ("ids.npy", "offsets.npy", "loss_mask.npy", "step_type.npy"):
+        assert np.array_equal(np.load(tmp_path / "a" / "train" / f), np.load(tmp_path / "b" / "train" / f))
+    assert split_hashes(tmp_path / "a", "train") != split_hashes(tmp_path / "c", "train")
+    assert a["splits"] == b["splits"] and a["splits"]["train"]["n"] == c["splits"]["train"]["n"]
+    d = tmp_path / "a"
+    train, val = set(split_hashes(d, "train")), set(split_hashes(d, "val"))
+    ev = set(split_hashes(d, "eval")) | set(split_hashes(d, "eval_matched"))
+    assert not train & val and not (train | val) & ev
+    assert len(train) + len(val) == a["splits"]["train"]["n"] + a["splits"]["val"]["n"]
+
+
+def test_arrays_are_consistent_and_mask_follows_loss_on(tmp_path, tiny_tok):
+    build(tmp_path / "d", tiny_tok, "tiny", source_dir=FIX, counts=ALL, eval_counts={"tool": 2, "planning": 2},
+          loss_on="assistant", log=lambda *a: None)
+    d = tmp_path / "d" / "eval"
+    ids, mask = np.load(d / "ids.npy", mmap_mode="r"), np.load(d / "loss_mask.npy", mmap_mode="r")
+    off = np.load(d / "offsets.npy")
+    rows = [json.loads(line) for line in open(d / "samples.jsonl")]
+    assert off[-1] == len(ids) == len(mask) and len(off) == len(rows) + 1
+    for k, r in enumerate(rows):
+        text = tiny_tok.decode(ids[off[k]:off[k + 1]][mask[off[k]:off[k + 1]].astype(bool)].tolist(),
+                               skip_special_tokens=False)
+        last = r["messages"][-1]
+        if last.get("tool_calls"):
+            head = (last["content"] + "\n") if last["content"] else ""
+            assert text.startswith(head + "<tool_call>\n") and text.endswith("</tool_call><|im_end|>")
+        else:
+            assert text == last["content"] + "<|im_end|>"
+
+
+def test_required_count_cannot_be_met(tmp_path, tiny_tok):
+    with pytest.raises(ValueError, match=r"glaive: only 4 usable rows .*\(6 read, 2 malformed.*10 requested.*--counts glaive=4"):
+        build(tmp_path / "d", tiny_tok, "tiny", source_dir=FIX, counts={**ALL, "glaive": 10},
+              eval_counts={"tool": 2, "planning": 2}, log=lambda *a: None)
+    with pytest.raises(ValueError, match=r"hermes_heldout: only 2 held-out rows .* 5 requested"):
+        build(tmp_path / "d", tiny_tok, "tiny", source_dir=FIX, counts=ALL,
+              eval_counts={"tool": 5, "planning": 2}, log=lambda *a: None)
+
+
+def test_unreadable_or_missing_source(tmp_path, tiny_tok):
+    raw = tmp_path / "raw"
+    shutil.copytree(FIX, raw)
+    (raw / "glaive-function-calling-v2" / "glaive-function-calling-v2.json").write_text("[{not json")
+    with pytest.raises(ValueError, match=r"glaive: .*glaive-function-calling-v2.json starts like a JSON array"):
+        build(tmp_path / "d", tiny_tok, "tiny", source_dir=raw, counts=ALL, log=lambda *a: None)
+    (raw / "glaive-function-calling-v2" / "glaive-function-calling-v2.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"glaive: .* not found; --source-dir must hold"):
+        build(tmp_path / "d", tiny_tok, "tiny", source_dir=raw, counts=ALL, log=lambda *a: None)
+
+
+def test_cli_on_fixtures(tmp_path, tiny_dir, capsys):
+    rc = cli(["--source-dir", str(FIX), "--out", str(tmp_path / "o"), "--tokenizer", str(tiny_dir),
+              "--counts", "hermes=all,glaive=3,gsm8k=all,turing=all", "--eval-counts", "tool=1,planning=1"])
+    assert rc == 0
+    out = capsys.readouterr().out
+    for name in ("hermes", "glaive", "gsm8k", "turing"):
+        assert f"[data_prep] {name}" in out
+    m = json.loads((tmp_path / "o" / "manifest.json").read_text())
+    assert m["sources"]["glaive"]["used"] == 3 and m["tokenizer_sha256"]
+    rc = cli(["--source-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"), "--tokenizer", str(tiny_dir)])
+    assert rc == 1 and "not found" in capsys.readouterr().err
+
+
+def test_demo_corpus_builds(tmp_path, tiny_tok):
+    demo = Path(__file__).parent.parent / "data_prep" / "demo"
+    m = build(tmp_path / "d", tiny_tok, "tiny", source_dir=demo, counts={"hermes": 40, "glaive": 40, "gsm8k": 40},
+              eval_counts={"tool": 10, "planning": 10}, matched_pairs=10, log=lambda *a: None)
+    assert m["splits"]["eval"]["n"] == 20 and m["splits"]["train"]["n"] > 100
+    assert all(s["malformed"] == 0 for s in m["sources"].values())
