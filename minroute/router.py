@@ -112,8 +112,9 @@ class LayerRoute(nn.Module):
             self.forced = old
 
     def soft_gate(self, i: int, h: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """p (B,) of router i on the hidden state h (B, T, d) entering block i."""
-        return torch.sigmoid(self.routers[i](pool_mean(h, key_mask, self.pool))).squeeze(-1)
+        """p (B,) of router i on the hidden state h (B, T, d) entering block i; fp32 even under autocast."""
+        with torch.autocast(h.device.type, enabled=False):
+            return torch.sigmoid(self.routers[i](pool_mean(h, key_mask, self.pool))).squeeze(-1)
 
     def _hard(self, i: int, p: torch.Tensor) -> torch.Tensor:
         if self.forced is None:

@@ -48,7 +48,8 @@ def write_tiny_checkpoint(out_dir, *, hidden_size: int = 64, num_hidden_layers: 
                           num_attention_heads: int = 4, num_key_value_heads: int = 2, intermediate_size: int = 128,
                           tie_word_embeddings: bool = True, rope_theta: float = 1_000_000.0, seed: int = 0,
                           tokenizer: str | Path | None = None, vocab_size: int | None = None,
-                          dtype: torch.dtype = torch.float32, bpe_vocab: int = 512) -> Path:
+                          dtype: torch.dtype = torch.float32, bpe_vocab: int = 512,
+                          extra_text: list[str] | None = None, init_std: float = 0.02) -> Path:
     """Write the checkpoint folder and return its path. All weights random (biases and norms included)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -63,7 +64,7 @@ def write_tiny_checkpoint(out_dir, *, hidden_size: int = 64, num_hidden_layers: 
         n_tokens = tok.get_vocab_size(with_added_tokens=True)
         vocab_size = vocab_size or max(151936, n_tokens)
     else:
-        tok = train_tiny_tokenizer(bpe_vocab)
+        tok = train_tiny_tokenizer(bpe_vocab, extra_text)
         tok.save(str(out / "tokenizer.json"))
         n_tokens = tok.get_vocab_size(with_added_tokens=True)
         vocab_size = vocab_size or -(-n_tokens // 64) * 64  # round up, like the real model's padded vocab
@@ -81,7 +82,7 @@ def write_tiny_checkpoint(out_dir, *, hidden_size: int = 64, num_hidden_layers: 
                       num_key_value_heads=num_key_value_heads, rope_theta=rope_theta,
                       tie_word_embeddings=tie_word_embeddings, max_position_embeddings=4096,
                       torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=endoftext, eos_token_id=im_end)
-    model = init_weights(Qwen2(cfg), seed=seed).to(dtype)
+    model = init_weights(Qwen2(cfg), seed=seed, std=init_std).to(dtype)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     if tie_word_embeddings:
         tensors.pop("lm_head.weight")  # tied: not stored, as in the official 0.5B file

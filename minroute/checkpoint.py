@@ -1,0 +1,160 @@
+"""Checkpoints: adapters (LoRA + routers) and optimizer state in safetensors, meta in JSON; atomic.
+
+A run folder holds complete checkpoint folders `ckpt-<step>/` (adapter.safetensors, optimizer.safetensors,
+meta.json) and two pointer files, `latest.json` and `best.json`. A checkpoint folder is written under a
+temporary name, fsynced and renamed; only then is the pointer replaced (write temp, fsync, rename). A crash
+at any moment leaves the pointers naming complete checkpoints. Nothing here is pickled.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+
+def _fsync_dir(path: Path):
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def atomic_write_text(path: Path, text: str):
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _save_tensors(tensors: dict, path: Path):
+    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def save_checkpoint(run_dir, step: int, adapter: dict, optimizer: dict, meta: dict, pointers=("latest",)) -> Path:
+    """Write ckpt-<step>/ atomically and point `pointers` (latest and/or best) at it; prune unreferenced ones."""
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    name = f"ckpt-{step:06d}"
+    final, tmp = run / name, run / (name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    _save_tensors(adapter, tmp / "adapter.safetensors")
+    _save_tensors(optimizer, tmp / "optimizer.safetensors")
+    with open(tmp / "meta.json", "w", encoding="utf-8") as f:
+        json.dump({**meta, "step": step}, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    _fsync_dir(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    _fsync_dir(run)
+    for p in pointers:
+        atomic_write_text(run / f"{p}.json", json.dumps({"dir": name, "step": step}))
+    keep = {json.loads((run / f"{p}.json").read_text())["dir"] for p in ("latest", "best") if (run / f"{p}.json").exists()}
+    for old in run.glob("ckpt-*"):
+        if old.name not in keep and not old.name.endswith(".tmp"):
+            shutil.rmtree(old, ignore_errors=True)
+    return final
+
+
+def resolve_checkpoint(path, which: str = "latest") -> Path:
+    """A run folder (follow latest.json / best.json) or a ckpt-* folder itself."""
+    p = Path(path)
+    if (p / "meta.json").exists() and (p / "adapter.safetensors").exists():
+        return p
+    pointer = p / f"{which}.json"
+    if not pointer.exists():
+        raise FileNotFoundError(f"{p}: no {which}.json and no checkpoint files; pass a train.py --out folder "
+                                "or one of its ckpt-* folders")
+    return p / json.loads(pointer.read_text())["dir"]
+
+
+def load_checkpoint(path, which: str = "latest") -> tuple[dict, dict, dict]:
+    """(adapter tensors, optimizer tensors, meta) of a checkpoint folder or a run folder's pointer."""
+    d = resolve_checkpoint(path, which)
+    for f in ("meta.json", "adapter.safetensors"):
+        if not (d / f).exists():
+            raise FileNotFoundError(f"{d / f}: missing; the checkpoint is incomplete")
+    meta = json.loads((d / "meta.json").read_text())
+    adapter = load_file(str(d / "adapter.safetensors"))
+    opt = load_file(str(d / "optimizer.safetensors")) if (d / "optimizer.safetensors").exists() else {}
+    return adapter, opt, meta
+
+
+def rng_state_tensors() -> dict[str, torch.Tensor]:
+    out = {"rng.torch_cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["rng.torch_cuda"] = torch.cuda.get_rng_state()
+    return out
+
+
+def restore_rng(tensors: dict):
+    if "rng.torch_cpu" in tensors:
+        torch.set_rng_state(tensors["rng.torch_cpu"])
+    if "rng.torch_cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state(tensors["rng.torch_cuda"])
+
+
+# ----------------------------------------------------------------------------- LayerRoute <-> checkpoint
+
+def adapter_tensors(route) -> dict[str, torch.Tensor]:
+    """What training changes: LoRA A/B and the routers, by their LayerRoute parameter names."""
+    return {n: p for n, p in route.named_parameters() if n.endswith((".lora_A", ".lora_B")) or n.startswith("routers.")}
+
+
+def build_layerroute(model_path, lora: dict, pool: str = "mask", init: str = "band", device="cpu", dtype=None):
+    """Frozen Qwen2 from model_path + LoRA(r, alpha, dropout) on q/k/v/o + routers."""
+    from .load import load_model
+    from .lora import add_lora
+    from .router import LayerRoute
+    base = load_model(model_path, dtype=dtype, device=device)
+    add_lora(base, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"])
+    return LayerRoute(base, pool=pool, init=init)
+
+
+def load_layerroute(ckpt, which: str = "best", model=None, device="cpu", dtype=None):
+    """(LayerRoute with the checkpoint's adapters, meta). `model` overrides the base model path in meta."""
+    adapter, _, meta = load_checkpoint(ckpt, which)
+    a = meta["args"]
+    route = build_layerroute(model or a["model"], {"r": a["lora_r"], "alpha": a["lora_alpha"],
+                                                   "dropout": a["lora_dropout"]}, pool=a["pool"], device=device,
+                             dtype=dtype)
+    check_same_shape(meta, route.config, ckpt)
+    load_adapter(route, adapter, ckpt)
+    return route.eval(), meta
+
+
+def check_same_shape(meta: dict, cfg, where):
+    saved = meta.get("model_config", {})
+    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+            "vocab_size")
+    diff = {k: (saved.get(k), getattr(cfg, k)) for k in keys if k in saved and saved[k] != getattr(cfg, k)}
+    if diff:
+        raise ValueError(f"{where}: checkpoint is from another model shape (checkpoint vs model: {diff}); pass the "
+                         "base model it was trained on")
+
+
+def load_adapter(route, tensors: dict, where):
+    params = adapter_tensors(route)
+    missing, unexpected = sorted(set(params) - set(tensors)), sorted(k for k in tensors if k not in params)
+    if missing or unexpected:
+        raise ValueError(f"{where}: adapter tensors do not match the model (missing {missing[:3]}, unexpected "
+                         f"{unexpected[:3]}); was it trained with other LoRA settings or another model?")
+    with torch.no_grad():
+        for k, p in params.items():
+            if tensors[k].shape != p.shape:
+                raise ValueError(f"{where}: '{k}' has shape {tuple(tensors[k].shape)}, the model expects "
+                                 f"{tuple(p.shape)}: a checkpoint from another model shape")
+            p.copy_(tensors[k])
