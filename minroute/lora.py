@@ -13,6 +13,7 @@ Parameter names stay Hugging Face's: `...self_attn.q_proj.weight/bias` (frozen) 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -45,11 +46,12 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
+        self.enabled = True  # False: behave as the base layer (the "base model" rows of eval tables)
         self._original_weight: torch.Tensor | None = None
 
     def forward(self, x):
         y = F.linear(x, self.weight, self.bias)
-        if self.merged:
+        if self.merged or not self.enabled:
             return y
         a = self.dropout(x).to(self.lora_A.dtype)
         return y + (F.linear(F.linear(a, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
@@ -98,6 +100,21 @@ def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """Only the adapter tensors, by their model names (`...q_proj.lora_A`, `...q_proj.lora_B`)."""
     return {name: p for name, p in model.named_parameters() if name.endswith((".lora_A", ".lora_B"))}
+
+
+@contextlib.contextmanager
+def lora_disabled(model: nn.Module):
+    """Run the base model: every LoRA layer returns its frozen layer's output (unmerged layers only)."""
+    layers = lora_layers(model).values()
+    if any(m.merged for m in layers):
+        raise RuntimeError("lora_disabled: unmerge the LoRA layers first")
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
 
 
 def merge_lora(model: nn.Module):

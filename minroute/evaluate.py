@@ -1,0 +1,145 @@
+"""The measurements behind eval.py: one pass over an eval split per method, and what is computed from it.
+
+A pass records per sample: step type, real length, summed CE and counted tokens, the soft gates p (L,)
+and the hard gates (L,, True = block ran). Methods: `base` (no LoRA, every block), `full` (LoRA, every
+block), `gated` (LoRA + routers, real skipping), or any imposed gate mask (the matched-compute controls).
+PPL is exp(token-mean CE) and nothing else; the paper's definition exp(CE + lambda * mean soft gate)
+is computed beside it only to show the artefact (REFERENCE.md §2, defect 1).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from .data import TOOL, TokenSplit, collate
+from .flops import paper_flops, sequence_flops
+from .lora import lora_disabled
+from .loss import lm_loss_per_sample
+
+STEP_NAMES = {TOOL: "tool", 1: "planning"}
+
+
+@dataclass
+class PassResult:
+    step_type: np.ndarray  # (N,) 0 = tool_call, 1 = planning
+    n_tokens: np.ndarray  # (N,) real tokens
+    ce_sum: np.ndarray  # (N,) summed token CE
+    n_counted: np.ndarray  # (N,) tokens in the loss
+    soft: np.ndarray  # (N, L) router p (what the routers think, even when gates are imposed)
+    hard: np.ndarray  # (N, L) bool, True = block ran
+
+    def sel(self, t: int) -> np.ndarray:
+        return self.step_type == t
+
+    @property
+    def layers_run(self) -> np.ndarray:
+        return self.hard.sum(1)
+
+    def skip_pct(self, t: int | None = None) -> float:
+        h = self.hard if t is None else self.hard[self.sel(t)]
+        return 100.0 * float(1 - h.mean()) if h.size else float("nan")
+
+    def ce(self, t: int | None = None) -> float:
+        m = np.ones_like(self.step_type, bool) if t is None else self.sel(t)
+        return float(self.ce_sum[m].sum() / max(1, self.n_counted[m].sum()))
+
+    def ppl(self, t: int | None = None) -> float:
+        return math.exp(self.ce(t))
+
+    def paper_ppl(self, t: int, lam: float, forced: bool) -> float:
+        """The authors' 'PPL': exp(CE + lambda * mean soft gate); all-open methods count their gates as 1."""
+        soft = 1.0 if forced else float(self.soft[self.sel(t)].mean())
+        return math.exp(self.ce(t) + lam * soft)
+
+    def flops_reduction(self, cfg, t: int, whole_model: bool = True) -> float:
+        """% of forward FLOPs saved vs every block running: at real lengths with lm_head and routers
+        (whole_model), or the paper's blocks-only formula at T = 512."""
+        m = self.sel(t)
+        if not whole_model:
+            return 100.0 * (1 - sum(paper_flops(cfg, 512, k) for k in self.layers_run[m]) /
+                            (m.sum() * paper_flops(cfg, 512)))
+        run = sum(sequence_flops(cfg, int(T), int(k)) for T, k in zip(self.n_tokens[m], self.layers_run[m]))
+        full = sum(sequence_flops(cfg, int(T), cfg.num_hidden_layers, routers=False) for T in self.n_tokens[m])
+        return 100.0 * (1 - run / full)
+
+
+@torch.no_grad()
+def run_pass(route, split: TokenSplit, pad_id: int, mode: str = "gated", gates: np.ndarray | None = None,
+             batch_size: int = 8, device="cpu", autocast=contextlib.nullcontext, chunk: int = 1024) -> PassResult:
+    """Evaluate every sample of `split` under one method (see module docstring); real skipping throughout."""
+    if mode not in ("base", "full", "gated"):
+        raise ValueError(f"mode {mode!r}")
+    route.eval()
+    L = route.config.num_hidden_layers
+    ce_sum, counted, soft, hard = [], [], [], []
+    for a in range(0, len(split), batch_size):
+        idx = list(range(a, min(len(split), a + batch_size)))
+        batch = {k: v.to(device) for k, v in collate(split, idx, pad_id).items()}
+        if mode in ("base", "full"):
+            forced = torch.ones(L, dtype=torch.bool)
+        else:
+            forced = None if gates is None else torch.as_tensor(gates[idx])
+        lora = lora_disabled(route.base) if mode == "base" else contextlib.nullcontext()
+        with lora, route.forcing(forced), autocast():
+            h = route.hidden(batch["input_ids"], batch["attention_mask"])
+            s, c = lm_loss_per_sample(h, route.lm_head.weight, batch["labels"], chunk)
+        ce_sum.append(s.cpu().numpy())
+        counted.append(c.cpu().numpy())
+        soft.append(route.last.soft.float().cpu().numpy())
+        hard.append(route.last.hard.cpu().numpy())
+    return PassResult(np.asarray(split.step_type, dtype=np.int64), split.lengths(), np.concatenate(ce_sum),
+                      np.concatenate(counted), np.concatenate(soft), np.concatenate(hard).astype(bool))
+
+
+def static_mask(gated: PassResult) -> np.ndarray:
+    """(L,) mask closing the k most-skipped layers, k = the learned routing's mean skipped layers (rounded)."""
+    L = gated.hard.shape[1]
+    k = int(round(L - gated.layers_run.mean()))
+    rate = 1 - gated.hard.mean(0)  # skip rate per layer
+    closed = np.argsort(-rate, kind="stable")[:k]
+    mask = np.ones(L, dtype=bool)
+    mask[closed] = False
+    return mask
+
+
+def random_masks(gated: PassResult, seed: int = 0) -> np.ndarray:
+    """(N, L): each sample skips k_t random layers, k_t = its step type's mean skipped layers (rounded)."""
+    rng = np.random.default_rng(seed)
+    N, L = gated.hard.shape
+    out = np.ones((N, L), dtype=bool)
+    for t in np.unique(gated.step_type):
+        k = int(round(L - gated.layers_run[gated.sel(t)].mean()))
+        for i in np.flatnonzero(gated.sel(t)):
+            out[i, rng.choice(L, size=k, replace=False)] = False
+    return out
+
+
+def bootstrap_ci(values, n: int = 10_000, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap CI of the mean."""
+    v = np.asarray(values, dtype=float)
+    if v.size < 2:
+        return float("nan"), float("nan")
+    means = np.random.default_rng(seed).choice(v, size=(n, v.size), replace=True).mean(1)
+    a = (1 - level) / 2
+    return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def length_regression(n_tokens, is_tool, score) -> dict:
+    """OLS of a per-sample gate score on length (per 100 tokens) and step type, with the correlations."""
+    x_len = np.asarray(n_tokens, float) / 100.0
+    x_tool = np.asarray(is_tool, float)
+    y = np.asarray(score, float)
+    X = np.column_stack([np.ones_like(x_len), x_len, x_tool])
+    coef, *_ = np.linalg.lstsq(X, y, rcond=None)
+    resid = y - X @ coef
+    ss_tot = float(((y - y.mean()) ** 2).sum())
+    r2 = 1 - float((resid ** 2).sum()) / ss_tot if ss_tot > 0 else float("nan")
+
+    def corr(a, b):
+        return float(np.corrcoef(a, b)[0, 1]) if np.std(a) > 0 and np.std(b) > 0 else float("nan")
+    return {"intercept": float(coef[0]), "per_100_tokens": float(coef[1]), "tool": float(coef[2]), "r2": r2,
+            "r_length_score": corr(x_len, y), "r_tool_score": corr(x_tool, y), "r_length_tool": corr(x_len, x_tool)}
