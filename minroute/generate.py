@@ -66,3 +66,81 @@ def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) 
     """All new tokens as one (B, n) tensor (n <= max_new_tokens)."""
     steps = list(generate(model, input_ids, max_new_tokens, **kwargs))
     return torch.stack(steps, dim=1) if steps else input_ids.new_empty(input_ids.shape[0], 0)
+
+
+# ----------------------------------------------------------------------------- routed chat command
+
+def chat_main(argv=None):
+    """python -m minroute.generate --ckpt RUN_DIR [--model ID_OR_PATH] [--prompt TEXT] [--tools FILE]
+
+    Streams the answer; after each turn prints the gate pattern (1 = block ran) and tokens/s. Without
+    --prompt it is interactive (empty line or Ctrl-D quits).
+    """
+    import argparse
+    import json
+    import sys
+    import time
+
+    from .chat import render
+    from .checkpoint import load_layerroute
+    from .load import load_tokenizer
+
+    ap = argparse.ArgumentParser(prog="python -m minroute.generate", description=chat_main.__doc__)
+    ap.add_argument("--ckpt", required=True, help="train.py run folder or ckpt-* folder")
+    ap.add_argument("--which", choices=["best", "latest"], default="best")
+    ap.add_argument("--model", help="base model (default: the one the checkpoint was trained on)")
+    ap.add_argument("--prompt", help="one user turn, then exit")
+    ap.add_argument("--tools", help="JSON file with a list of tool schemas for the system turn")
+    ap.add_argument("--system", help="system prompt (default: Qwen's)")
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=float, default=1.0)
+    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--all-open", action="store_true", help="ignore the routers: run every block")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    a = ap.parse_args(argv)
+    cuda = a.device.startswith("cuda")
+    route, meta = load_layerroute(a.ckpt, a.which, model=a.model, device=a.device,
+                                  dtype=torch.bfloat16 if cuda else None)
+    tok = load_tokenizer(a.model or meta["args"]["model"])
+    tools = json.loads(open(a.tools, encoding="utf-8").read()) if a.tools else None
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise SystemExit(f"error: {a.tools} must hold a JSON list of tool objects")
+    L = route.config.num_hidden_layers
+    messages = [{"role": "system", "content": a.system}] if a.system else []
+    gen = torch.Generator(device=a.device).manual_seed(0)
+
+    def turn(user: str):
+        messages.append({"role": "user", "content": user})
+        ids = torch.tensor([tok.tokenizer.encode(render(messages, tools, add_generation_prompt=True),
+                                                 add_special_tokens=False).ids], device=a.device)
+        out, shown, t0 = [], "", time.perf_counter()
+        with route.forcing(torch.ones(L, dtype=torch.bool) if a.all_open else None):
+            for nxt in generate(route, ids, a.max_new_tokens, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+                                temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, generator=gen):
+                t = int(nxt[0])
+                if t in tok.eos_ids:
+                    break
+                out.append(t)
+                text = tok.tokenizer.decode(out, skip_special_tokens=False)
+                print(text[len(shown):], end="", flush=True)
+                shown = text
+        dt = time.perf_counter() - t0
+        gates = route.last.hard[0]
+        pattern = "".join("1" if g else "0" for g in gates.tolist())
+        print(f"\n[gates {pattern} | {int(gates.sum())}/{L} blocks ran | {len(out)} tokens in {dt:.2f}s = "
+              f"{len(out) / max(dt, 1e-9):.1f} tok/s]", flush=True)
+        messages.append({"role": "assistant", "content": shown})
+
+    if a.prompt is not None:
+        turn(a.prompt)
+        return 0
+    for line in sys.stdin:
+        if not line.strip():
+            break
+        turn(line.rstrip("\n"))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(chat_main())

@@ -28,3 +28,12 @@ def tiny_dir(tmp_path_factory):
     """A tiny random Qwen2 checkpoint (4 layers, d=64, GQA 2) with the bundled BPE tokenizer."""
     from minroute.tiny import write_tiny_checkpoint
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """The README's demo (train.py --demo), shortened to 40 updates (the full demo is 120)."""
+    import train
+    out = tmp_path_factory.mktemp("demo") / "run"
+    assert train.main(["--demo", "--out", str(out), "--steps", "40", "--eval-every", "10"]) == 0
+    return out

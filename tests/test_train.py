@@ -17,14 +17,6 @@ from minroute.checkpoint import load_checkpoint, load_layerroute, save_checkpoin
 ROOT = Path(__file__).resolve().parent.parent
 
 
-@pytest.fixture(scope="session")
-def demo_run(tmp_path_factory):
-    """The README's demo, shortened to 40 updates (the full demo is 120)."""
-    out = tmp_path_factory.mktemp("demo") / "run"
-    assert train.main(["--demo", "--out", str(out), "--steps", "40", "--eval-every", "10"]) == 0
-    return out
-
-
 def read_log(run):
     import csv
     with open(run / "train_log.csv") as f:
