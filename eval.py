@@ -19,7 +19,6 @@ import argparse
 import contextlib
 import csv
 import json
-import math
 import sys
 from pathlib import Path
 

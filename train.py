@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import csv
 import hashlib
-import json
-import math
 import os
 import sys
 import time
@@ -40,7 +38,7 @@ import torch
 
 from minroute.checkpoint import (adapter_tensors, build_layerroute, check_same_shape, load_adapter, load_checkpoint,
                                  restore_rng, rng_state_tensors, save_checkpoint)
-from minroute.data import TOOL, TokenSplit, batch_indices, collate, manifest_hash, read_manifest
+from minroute.data import TokenSplit, batch_indices, collate, manifest_hash, read_manifest
 from minroute.load import load_tokenizer, resolve_dir
 from minroute.loss import lm_loss, lm_loss_per_sample
 from minroute.optim import AdamW, get_lr
@@ -195,16 +193,70 @@ def validate(route, val: TokenSplit, args, pad_id, autocast, device):
     return ce_sum / max(tok, 1), pct[0], pct[1]
 
 
+class RunLog:
+    """train_log.csv (one row per log interval / validation) and gates.csv (per layer), appended on resume."""
+
+    FIELDS = ["step", "loss", "ce", "reg", "skip_tool", "skip_plan", "lr", "grad_norm", "dt", "tok_s", "val_ce",
+              "val_skip_tool", "val_skip_plan"]
+
+    def __init__(self, out: Path, fresh: bool):
+        if fresh:
+            for name in ("train_log.csv", "gates.csv"):
+                (out / name).unlink(missing_ok=True)
+        new = not (out / "train_log.csv").exists()
+        self.log_f, self.gates_f = open(out / "train_log.csv", "a", newline=""), open(out / "gates.csv", "a", newline="")
+        self.log, self.gates = csv.DictWriter(self.log_f, self.FIELDS), csv.writer(self.gates_f)
+        if new:
+            self.log.writeheader()
+            self.gates.writerow(["step", "layer", "mean_soft", "hard_skip_rate", "bias", "w_norm"])
+
+    def write(self, row: dict | None, gate_rows=()):
+        self.gates.writerows(gate_rows)
+        if row:
+            self.log.writerow(row)
+        self.log_f.flush()
+        self.gates_f.flush()
+
+    def close(self):
+        self.log_f.close()
+        self.gates_f.close()
+
+
+def setup_distributed(args):
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on CUDA, gloo on CPU. Returns (rank, world)."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    import torch.distributed as dist
+    if args.demo:
+        raise SystemExit("error: --demo runs in one process; build the data and model first for torchrun")
+    if args.device.startswith("cuda"):
+        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(args.device)
+    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if args.accum % world:
+        raise SystemExit(f"error: --accum {args.accum} must be a multiple of the {world} processes (the global batch "
+                         f"stays batch_size x accum = {args.batch_size * args.accum} sequences)")
+    return dist.get_rank(), world
+
+
+def all_reduce_(tensors: list[torch.Tensor]):
+    """Sum tensors across processes in one flat all-reduce (gradients of the ~1.1M trainable parameters)."""
+    import torch.distributed as dist
+    flat = torch.cat([t.reshape(-1) for t in tensors])
+    dist.all_reduce(flat)
+    for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
+        t.copy_(chunk.view_as(t))
+
+
 def main(argv=None):
     args = parse_args(argv)
     out = Path(args.resume or args.out)
     resume = None
     if args.resume:
         adapter, opt_state, meta = load_checkpoint(out, "latest")
-        saved = meta["args"]
-        args = argparse.Namespace(**{**saved, "resume": args.resume, "out": str(out)})
+        args = argparse.Namespace(**{**meta["args"], "resume": args.resume, "out": str(out)})
         resume = (adapter, opt_state, meta)
-        updates = saved["updates"]
     else:
         out.mkdir(parents=True, exist_ok=True)
         if args.demo:
@@ -212,9 +264,12 @@ def main(argv=None):
             prepare_demo(out, args)
         if not args.data:
             raise SystemExit("error: --data DIR is required (build it with `python -m data_prep --out DIR`), or use --demo")
-        updates = resolve(args)
-        args.updates = updates
-    torch.manual_seed(args.seed)
+        args.updates = resolve(args)
+    updates = args.updates
+    rank, world = setup_distributed(args)
+    main_proc = rank == 0
+    say = print if main_proc else (lambda *a, **k: None)
+    torch.manual_seed(args.seed)  # LoRA A init: the same in every process
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -233,8 +288,7 @@ def main(argv=None):
     opt = AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     names = {p: n for n, p in route.named_parameters()}
     trainable = [p for g in groups for p in g["params"]]
-    start = 0
-    best = float("inf")
+    start, best = 0, float("inf")
     if resume:
         adapter, opt_state, meta = resume
         if meta.get("manifest_sha256") != manifest_hash(args.data):
@@ -244,103 +298,102 @@ def main(argv=None):
         opt.load_state_tensors(opt_state, names, meta["step"])
         restore_rng(opt_state)
         start, best = meta["step"], meta.get("best_val_ce", float("inf"))
-        print(f"resumed {out} at update {start}/{updates}")
+        say(f"resumed {out} at update {start}/{updates}")
     meta_base = {"args": vars(args), "model_config": {k: getattr(cfg, k) for k in (
         "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
         "vocab_size")}, "manifest_sha256": manifest_hash(args.data)}
-    n_train = sum(p.numel() for p in trainable)
-    print(f"LayerRoute on {args.model}: {cfg.num_hidden_layers} layers, trainable {n_train:,} | data {args.data}: "
-          f"train {len(train_split)} val {len(val_split)} | {updates} updates of {args.batch_size}x{args.accum} | "
-          f"preset {args.preset} ablation {args.ablation} pool {args.pool} | {device} {dtype}")
+    say(f"LayerRoute on {args.model}: {cfg.num_hidden_layers} layers, trainable {sum(p.numel() for p in trainable):,} | "
+        f"data {args.data}: train {len(train_split)} val {len(val_split)} | {updates} updates of {args.batch_size}x"
+        f"{args.accum} on {world} process(es) | preset {args.preset} ablation {args.ablation} pool {args.pool} | "
+        f"{device} {dtype}")
+    log = RunLog(out, fresh=start == 0) if main_proc else None
 
-    log_path, gates_path = out / "train_log.csv", out / "gates.csv"
-    if start == 0:
-        for p in (log_path, gates_path):
-            p.unlink(missing_ok=True)
-    log_fields = ["step", "loss", "ce", "reg", "skip_tool", "skip_plan", "lr", "grad_norm", "dt", "tok_s",
-                  "val_ce", "val_skip_tool", "val_skip_plan"]
-    log_new = not log_path.exists()
-    log_f, gates_f = open(log_path, "a", newline=""), open(gates_path, "a", newline="")
-    log_w, gates_w = csv.DictWriter(log_f, log_fields), csv.writer(gates_f)
-    if log_new:
-        log_w.writeheader()
-        gates_w.writerow(["step", "layer", "mean_soft", "hard_skip_rate", "bias", "w_norm"])
-
-    def save(step, pointers):
-        opt_t = {**opt.state_tensors(names), **rng_state_tensors()}
-        save_checkpoint(out, step, adapter_tensors(route), opt_t, {**meta_base, "best_val_ce": best}, pointers)
+    def fresh_acc():
+        return {"sums": torch.zeros(4, dtype=torch.float64), "n": 0, "dt": 0.0, "soft": [], "hard": [], "tool": []}
 
     route.train()
-    acc = {"loss": 0.0, "ce": 0.0, "reg": 0.0, "n": 0, "tok": 0, "dt": 0.0, "soft": [], "hard": [], "tool": []}
-    t_run = time.time()
+    acc, t_run = fresh_acc(), time.time()
     for u in range(start, updates):
         t0 = time.time()
         lr = get_lr(u, args.lr, args.t_max, args.warmup, args.min_lr)
         opt.set_lr(lr)
-        for m in range(args.accum):
-            idx = batch_indices(len(train_split), args.batch_size, u * args.accum + m, args.seed)
-            batch = {k: v.to(device) for k, v in collate(train_split, idx, pad_id, args.pad_to or None).items()}
+        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, reg (each / accum), real tokens
+        for m in range(rank, args.accum, world):  # this process's share of the update's micro-batches
+            micro = u * args.accum + m
+            torch.manual_seed(args.seed * 1_000_003 + micro)  # dropout masks depend on the micro-batch, not the process
+            batch = {k: v.to(device) for k, v in
+                     collate(train_split, batch_indices(len(train_split), args.batch_size, micro, args.seed), pad_id,
+                             args.pad_to or None).items()}
             loss, ce, reg, soft, hard = forward_loss(route, batch, args, autocast)
             if not torch.isfinite(loss):
-                log_f.close()
-                gates_f.close()
+                if log:
+                    log.close()
                 sys.exit(f"error: non-finite loss ({loss.item()}) at update {u} micro-batch {m} (ce {ce.item()}, reg "
                          f"{reg.item()}); stopped without saving. The last good checkpoint is in {out} (latest.json); "
                          "try a lower --lr or --clip")
             (loss / args.accum).backward()
-            acc["loss"] += loss.item() / args.accum
-            acc["ce"] += ce.item() / args.accum
-            acc["reg"] += reg.item() / args.accum
-            acc["tok"] += int(batch["attention_mask"].sum())
+            sums += torch.tensor([loss.item(), ce.item(), reg.item(), 0.0], dtype=torch.float64) / args.accum
+            sums[3] += int(batch["attention_mask"].sum())
             acc["soft"].append(soft.detach().float().cpu())
             acc["hard"].append(hard.cpu())
             acc["tool"].append(batch["is_tool"].cpu())
+        if world > 1:  # sum gradients (and the logged sums) over processes: the update sees all 16 sequences
+            all_reduce_([p.grad if p.grad is not None else p.new_zeros(p.shape) for p in trainable])
+            all_reduce_([sums])
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf")))
         opt.step()
         opt.zero_grad()
         if cuda:
             torch.cuda.synchronize()
+        acc["sums"] += sums
         acc["dt"] += time.time() - t0
         acc["n"] += 1
         step = u + 1
-        row = None
+        row, gate_rows = None, []
         if step % args.log_every == 0 or step == updates:
-            soft_all, hard_all, tool = torch.cat(acc["soft"]), torch.cat(acc["hard"]), torch.cat(acc["tool"])
-            skip = 100 * (1 - hard_all.float().mean(1))
-            s_tool = float(skip[tool].mean()) if tool.any() else float("nan")
-            s_plan = float(skip[~tool].mean()) if (~tool).any() else float("nan")
-            n, dt = acc["n"], acc["dt"]
-            eta = (updates - step) * dt / n
-            row = {"step": step, "loss": acc["loss"] / n, "ce": acc["ce"] / n, "reg": acc["reg"] / n,
-                   "skip_tool": s_tool, "skip_plan": s_plan, "lr": lr, "grad_norm": grad_norm, "dt": dt / n,
-                   "tok_s": acc["tok"] / dt}
-            print(f"{step:5d}/{updates} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | reg {row['reg']:.4f} | "
-                  f"skip% tool {s_tool:5.1f} plan {s_plan:5.1f} | lr {lr:.3e} | dt {dt / n * 1000:.0f} ms | "
-                  f"tok/s {row['tok_s']:.0f} | eta {eta / 60:.1f} min", flush=True)
-            for i, r in enumerate(route.routers):
-                gates_w.writerow([step, i, round(float(soft_all[:, i].mean()), 5),
-                                  round(float(1 - hard_all[:, i].float().mean()), 5), round(r.bias.item(), 5),
-                                  round(r.weight.detach().norm().item(), 5)])
-            acc = {"loss": 0.0, "ce": 0.0, "reg": 0.0, "n": 0, "tok": 0, "dt": 0.0, "soft": [], "hard": [], "tool": []}
+            row, gate_rows = interval_stats(acc, route, step, lr, grad_norm)  # gate stats: this process's batches
+            say(f"{step:5d}/{updates} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | reg {row['reg']:.4f} | "
+                f"skip% tool {row['skip_tool']:5.1f} plan {row['skip_plan']:5.1f} | lr {lr:.3e} | "
+                f"dt {row['dt'] * 1000:.0f} ms | tok/s {row['tok_s']:.0f} | "
+                f"eta {(updates - step) * row['dt'] / 60:.1f} min", flush=True)
+            acc = fresh_acc()
         improved = False
-        if step % args.eval_every == 0 or step == updates:
+        if main_proc and (step % args.eval_every == 0 or step == updates):
             vce, vt, vp = validate(route, val_split, args, pad_id, autocast, device)
-            print(f"      val | ce {vce:.4f} | skip% tool {vt:5.1f} plan {vp:5.1f} | diff {vt - vp:+.2f}", flush=True)
+            say(f"      val | ce {vce:.4f} | skip% tool {vt:5.1f} plan {vp:5.1f} | diff {vt - vp:+.2f}", flush=True)
             row = row or {"step": step, "lr": lr}
             row.update(val_ce=vce, val_skip_tool=vt, val_skip_plan=vp)
-            improved = vce < best
-            best = min(best, vce)
-        if row:
-            log_w.writerow(row)
-            log_f.flush()
-            gates_f.flush()
-        periodic = step % args.save_every == 0 or step == updates
-        if periodic or improved:
-            save(step, (["latest"] if periodic else []) + (["best"] if improved else []))
-    log_f.close()
-    gates_f.close()
-    print(f"done: {updates} updates in {time.time() - t_run:.1f}s; best val CE {best:.4f}; checkpoints in {out}")
+            improved, best = vce < best, min(best, vce)
+        if main_proc:
+            log.write(row, gate_rows)
+            periodic = step % args.save_every == 0 or step == updates
+            if periodic or improved:
+                opt_t = {**opt.state_tensors(names), **rng_state_tensors()}
+                save_checkpoint(out, step, adapter_tensors(route), opt_t, {**meta_base, "best_val_ce": best},
+                                (["latest"] if periodic else []) + (["best"] if improved else []))
+    if log:
+        log.close()
+    if world > 1:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    say(f"done: {updates} updates in {time.time() - t_run:.1f}s; best val CE {best:.4f}; checkpoints in {out}")
     return 0
+
+
+def interval_stats(acc, route, step, lr, grad_norm):
+    """The log row and the per-layer gate rows of one log interval."""
+    soft, hard, tool = torch.cat(acc["soft"]), torch.cat(acc["hard"]), torch.cat(acc["tool"])
+    skip = 100 * (1 - hard.float().mean(1))
+    n, dt = acc["n"], acc["dt"]
+    loss, ce, reg, tok = acc["sums"].tolist()
+    row = {"step": step, "loss": loss / n, "ce": ce / n, "reg": reg / n,
+           "skip_tool": float(skip[tool].mean()) if tool.any() else float("nan"),
+           "skip_plan": float(skip[~tool].mean()) if (~tool).any() else float("nan"),
+           "lr": lr, "grad_norm": grad_norm, "dt": dt / n, "tok_s": tok / dt}
+    gate_rows = [[step, i, round(float(soft[:, i].mean()), 5), round(float(1 - hard[:, i].float().mean()), 5),
+                  round(r.bias.item(), 5), round(r.weight.detach().norm().item(), 5)]
+                 for i, r in enumerate(route.routers)]
+    return row, gate_rows
 
 
 if __name__ == "__main__":

@@ -1,5 +1,4 @@
 """Chat rendering equals transformers' apply_chat_template with Qwen's own template; loss masks."""
-import json
 from pathlib import Path
 
 import numpy as np

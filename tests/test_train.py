@@ -9,7 +9,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 import train
 from minroute.checkpoint import load_checkpoint, load_layerroute, save_checkpoint
