@@ -76,7 +76,7 @@ def parse_args(argv=None):
     g.add_argument("--t-max", type=int, help="cosine length in updates (default: the run's updates; author: 3000)")
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
-    g.add_argument("--chunk", type=int, default=1024, help="tokens per LM-head chunk in the loss")
+    g.add_argument("--chunk", type=int, default=512, help="tokens per LM-head chunk in the loss")
     g = ap.add_argument_group("method")
     g.add_argument("--lora-r", type=int, default=8)
     g.add_argument("--lora-alpha", type=float, default=16)

@@ -1,39 +1,59 @@
-"""Causal-LM cross-entropy that never materialises (batch, seq, vocab) logits.
+"""Causal-LM cross-entropy through the frozen LM head, without (batch, seq, vocab) logits.
 
-Only positions whose next token counts (label != -100) go through the LM head, in chunks; each chunk's
-logits are recomputed in the backward pass (activation checkpointing) instead of being kept, so peak
-memory is one chunk of logits (chunk x vocab x 4 bytes) rather than B x T x vocab. Logits are upcast to
-fp32 before the softmax, as HF's loss does.
+Only positions whose next token counts (label != -100) go through the head, `chunk` rows at a time. The
+head is frozen, so the loss needs a gradient for the hidden states only, and that gradient is known as soon
+as a chunk's logits are: d CE_i / d h_i = (softmax(z_i) - onehot(y_i)) W. `TokenCE` computes it in the
+forward pass and keeps only it (N x d), so the (N x vocab) logits are never stored nor recomputed: one
+head matmul fewer than activation checkpointing, two fewer softmax passes, and memory of one chunk of
+logits. Logits are upcast to fp32 before the softmax, as HF's loss does.
 """
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch.utils.checkpoint import checkpoint
 
 
-def _token_ce(h: torch.Tensor, weight: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(F.linear(h, weight).float(), y, reduction="none")
+class TokenCE(torch.autograd.Function):
+    """Per-token CE (N,) of hidden states h (N, d) under a frozen head weight (V, d), targets y (N,)."""
+
+    @staticmethod
+    def forward(ctx, h, weight, y, chunk: int):
+        losses = torch.empty(h.shape[0], dtype=torch.float32, device=h.device)
+        grad_h = torch.empty_like(h) if h.requires_grad else None
+        for a in range(0, h.shape[0], chunk):
+            b = min(a + chunk, h.shape[0])
+            logits = F.linear(h[a:b], weight).float()  # (n, V)
+            target = logits.gather(1, y[a:b, None]).squeeze(1)
+            top = logits.amax(dim=-1, keepdim=True)
+            probs = logits.sub_(top).exp_()  # unnormalised softmax, in place: no second (n, V) buffer
+            total = probs.sum(dim=-1, keepdim=True)
+            losses[a:b] = (top + total.log()).squeeze(1) - target  # logsumexp - target logit
+            if grad_h is not None:
+                probs.div_(total)[torch.arange(b - a, device=h.device), y[a:b]] -= 1.0  # softmax - onehot
+                grad_h[a:b] = (probs.to(weight.dtype) @ weight).to(h.dtype)  # (n, d)
+        ctx.save_for_backward(grad_h)
+        return losses
+
+    @staticmethod
+    def backward(ctx, grad_losses):
+        (grad_h,) = ctx.saved_tensors
+        return grad_h * grad_losses[:, None].to(grad_h.dtype), None, None, None
 
 
 def lm_loss_per_sample(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                       chunk: int = 1024) -> tuple[torch.Tensor, torch.Tensor]:
+                       chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed CE and counted tokens per sequence, (B,) each. hidden (B, T, d) predicts labels shifted by one."""
-    B = hidden.shape[0]
+    if lm_head_weight.requires_grad:
+        raise ValueError("lm_loss assumes a frozen LM head (the gradient is taken w.r.t. the hidden states only)")
     h, y = hidden[:, :-1], labels[:, 1:]  # position t predicts token t + 1
     valid = y != -100  # (B, T-1)
     rows = valid.nonzero()[:, 0]  # sample of each counted token
-    h, y = h[valid], y[valid]  # (N, d), (N,)
-    sums = torch.zeros(B, dtype=torch.float32, device=hidden.device)
-    for a in range(0, h.shape[0], chunk):
-        hc, yc = h[a:a + chunk], y[a:a + chunk]
-        ce = checkpoint(_token_ce, hc, lm_head_weight, yc, use_reentrant=False) if hc.requires_grad \
-            else _token_ce(hc, lm_head_weight, yc)
-        sums = sums.index_add(0, rows[a:a + chunk], ce)
+    ce = TokenCE.apply(h[valid], lm_head_weight, y[valid], chunk)  # (N,)
+    sums = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, ce)
     return sums, valid.sum(dim=1)
 
 
-def lm_loss(hidden, lm_head_weight, labels, chunk: int = 1024) -> torch.Tensor:
+def lm_loss(hidden, lm_head_weight, labels, chunk: int = 512) -> torch.Tensor:
     """Token-mean CE over every counted token of the batch."""
     sums, counts = lm_loss_per_sample(hidden, lm_head_weight, labels, chunk)
     return sums.sum() / counts.sum().clamp(min=1)

@@ -210,11 +210,29 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past + T, D)
         if mask is None:  # fused causal path; GQA handled inside SDPA
             y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and T > 1, enable_gqa=True)
-        else:
+        elif x.device.type == "cpu":  # CPU kernels take GQA with a mask too: no repeated k/v kept for backward
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        else:  # CUDA's fused kernels refuse GQA with a mask (math fallback): repeat the kv heads instead
             n_rep = self.n_head // self.n_kv
             y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
+
+
+class SwiGLU(torch.autograd.Function):
+    """silu(g) * u, bitwise as written out, but keeping only g and u for the backward (autograd would also
+    keep silu(g), a third (T, intermediate) tensor per layer); silu' = s (1 + g (1 - s)), s = sigmoid(g)."""
+
+    @staticmethod
+    def forward(ctx, g, u):
+        ctx.save_for_backward(g, u)
+        return F.silu(g) * u
+
+    @staticmethod
+    def backward(ctx, grad):
+        g, u = ctx.saved_tensors
+        s = torch.sigmoid(g)
+        return grad * u * (s * (1 + g * (1 - s))), grad * (g * s)
 
 
 class MLP(nn.Module):
@@ -225,7 +243,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
 
 class Block(nn.Module):

@@ -194,3 +194,12 @@ def test_sampling_filters():
 
 def test_real_shape_parameter_count():
     assert count_params_meta(Qwen2Config()) == 494_032_768
+
+
+def test_swiglu_backward_matches_autograd():
+    from minroute.model import SwiGLU
+    g = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    u = torch.randn(5, 7, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(SwiGLU.apply, (g, u))
+    x = torch.randn(3, 4)
+    assert torch.equal(SwiGLU.apply(x, x.flip(0)), torch.nn.functional.silu(x) * x.flip(0))
