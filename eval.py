@@ -313,12 +313,20 @@ def across_seeds(args, device, autocast, csv_tables) -> dict:
                     "skip_planning": gp.skip_pct(1), "diff": gp.skip_pct(TOOL) - gp.skip_pct(1),
                     "ppl_gated_tool": gp.ppl(TOOL), "ppl_gated_planning": gp.ppl(1),
                     "dppl_tool": gp.ppl(TOOL) - fp.ppl(TOOL), "dppl_planning": gp.ppl(1) - fp.ppl(1)})
+        if args.tasks:  # task accuracy of LoRA all open vs gated, per seed
+            from minroute.tasks import run_tasks
+            tok = load_tokenizer(args.model or meta["args"]["model"])
+            t = run_tasks(route, ev, gp, tok, args, device, [], lambda *a, **k: None, include_base=False)["summary"]
+            for m in ("full", "gated"):
+                per[-1].update({f"tool_exact_{m}": t[m]["tool"]["exact"], f"gsm8k_acc_{m}": t[m]["planning"]["accuracy"]})
     table("Per seed", ["run", "seed", "skip% tool", "skip% plan", "diff", "dPPL tool", "dPPL plan"],
           [[p["run"], p["seed"], p["skip_tool"], p["skip_planning"], p["diff"], p["dppl_tool"], p["dppl_planning"]]
            for p in per], csv_tables)
     summary, rows = {}, []
-    for key in ("skip_tool", "skip_planning", "diff", "ppl_gated_tool", "ppl_gated_planning", "dppl_tool",
-                "dppl_planning"):
+    keys = ["skip_tool", "skip_planning", "diff", "ppl_gated_tool", "ppl_gated_planning", "dppl_tool", "dppl_planning"]
+    if args.tasks:
+        keys += ["tool_exact_full", "tool_exact_gated", "gsm8k_acc_full", "gsm8k_acc_gated"]
+    for key in keys:
         v = np.array([p[key] for p in per])
         lo, hi = bootstrap_ci(v, seed=args.seed)
         summary[key] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),

@@ -95,7 +95,8 @@ def generate_one(route, tokenizer, ids: torch.Tensor, max_new_tokens: int, eos_i
     return text, len(out), dt
 
 
-def run_tasks(route, ev: TokenSplit, gated_pass, tok, args, device, csv_tables, table, masks: dict | None = None):
+def run_tasks(route, ev: TokenSplit, gated_pass, tok, args, device, csv_tables, table, masks: dict | None = None,
+              include_base: bool = True):
     """Generate for every eval prompt under each method and score it; returns per-method summaries and rows."""
     from contextlib import nullcontext
 
@@ -103,6 +104,8 @@ def run_tasks(route, ev: TokenSplit, gated_pass, tok, args, device, csv_tables, 
     L = route.config.num_hidden_layers
     ones = torch.ones(L, dtype=torch.bool)
     methods = {"base": (ones, True), "full": (ones, False), "gated": (None, False)}
+    if not include_base:
+        methods.pop("base")
     for name, m in (masks or {}).items():
         methods[name] = (torch.as_tensor(m), False)
     results, samples = {}, []

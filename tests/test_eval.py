@@ -117,7 +117,8 @@ def test_demo_evaluation_end_to_end(tmp_path, demo_run, capsys):
 def test_across_seeds(tmp_path, demo_run):
     out = tmp_path / "s.json"
     assert eval_script.main(["--runs", str(demo_run), str(demo_run), "--which", "latest", "--json", str(out),
-                             "--csv", str(tmp_path / "c")]) == 0
+                             "--csv", str(tmp_path / "c"), "--tasks", "--max-new-tokens", "4"]) == 0
     s = json.loads(out.read_text())["seeds"]
     assert s["n"] == 2 and s["summary"]["diff"]["sd"] == 0.0
+    assert s["summary"]["gsm8k_acc_gated"]["sd"] == 0.0 and "tool_exact_full" in s["runs"][0]
     assert s["summary"]["diff"]["ci95"][0] == pytest.approx(s["summary"]["diff"]["mean"])
