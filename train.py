@@ -38,7 +38,7 @@ import torch
 
 from minroute.checkpoint import (adapter_tensors, build_layerroute, check_same_shape, load_adapter, load_checkpoint,
                                  restore_rng, rng_state_tensors, save_checkpoint)
-from minroute.data import TokenSplit, batch_indices, collate, manifest_hash, read_manifest
+from minroute.data import TokenSplit, collate, manifest_hash, read_manifest, update_batches
 from minroute.load import load_tokenizer, resolve_dir
 from minroute.loss import lm_loss, lm_loss_per_sample
 from minroute.optim import AdamW, get_lr
@@ -46,10 +46,10 @@ from minroute.router import bce_gate_loss, gate_regulariser
 
 DEFAULTS = dict(batch_size=4, accum=4, lr=2e-4, save_every=200, log_every=10, t_max=None)
 PRESETS = {
-    "paper": dict(steps=3000, step_unit="update", pool="mask", pad_to=0, decay_biases=False, eval_every=200,
-                  val_batches=30),
-    "author": dict(steps=3000, step_unit="micro", t_max=3000, pool="all", pad_to=512, decay_biases=True,
-                   eval_every=50, val_batches=30),
+    "paper": dict(steps=3000, step_unit="update", pool="mask", pad_to=0, sort_by_length=1, decay_biases=False,
+                  eval_every=200, val_batches=30),
+    "author": dict(steps=3000, step_unit="micro", t_max=3000, pool="all", pad_to=512, sort_by_length=0,
+                   decay_biases=True, eval_every=50, val_batches=30),
 }
 DEMO = dict(steps=120, batch_size=4, accum=2, lr=3e-3, eval_every=20, val_batches=4, save_every=40, log_every=10)
 DEMO_COUNTS = {"hermes": 40, "glaive": 40, "gsm8k": 40, "turing": None}
@@ -89,6 +89,8 @@ def parse_args(argv=None):
     g.add_argument("--pool", choices=["mask", "all"], help="router input: mean over real tokens, or over all "
                                                            "positions incl. padding (authors')")
     g.add_argument("--pad-to", type=int, help="pad batches to this length (0 = longest in batch; author: 512)")
+    g.add_argument("--sort-by-length", type=int, choices=[0, 1], help="sort each update's sequences by length "
+                   "before cutting micro-batches, so less compute goes to padding (paper 1, author 0)")
     g = ap.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=int, help="updates between log lines (10)")
     g.add_argument("--eval-every", type=int, help="updates between validations (paper 200, author 50)")
@@ -318,12 +320,11 @@ def main(argv=None):
         lr = get_lr(u, args.lr, args.t_max, args.warmup, args.min_lr)
         opt.set_lr(lr)
         sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, reg (each / accum), real tokens
+        micro_batches = update_batches(train_split, u, args.batch_size, args.accum, args.seed, args.sort_by_length)
         for m in range(rank, args.accum, world):  # this process's share of the update's micro-batches
-            micro = u * args.accum + m
-            torch.manual_seed(args.seed * 1_000_003 + micro)  # dropout masks depend on the micro-batch, not the process
+            torch.manual_seed(args.seed * 1_000_003 + u * args.accum + m)  # dropout masks: per micro-batch, any process
             batch = {k: v.to(device) for k, v in
-                     collate(train_split, batch_indices(len(train_split), args.batch_size, micro, args.seed), pad_id,
-                             args.pad_to or None).items()}
+                     collate(train_split, micro_batches[m], pad_id, args.pad_to or None).items()}
             loss, ce, reg, soft, hard = forward_loss(route, batch, args, autocast)
             if not torch.isfinite(loss):
                 if log:

@@ -102,3 +102,14 @@ def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> np.nda
         perm = np.random.default_rng([seed, int(e)]).permutation(n)
         out[epochs == e] = perm[within[epochs == e]]
     return out
+
+
+def update_batches(split: TokenSplit, update: int, batch_size: int, accum: int, seed: int,
+                   sort_by_length: bool = True) -> list[np.ndarray]:
+    """The `accum` micro-batches of optimizer update `update`: its batch_size x accum sequences (a pure function
+    of seed and update), sorted by length before they are cut into micro-batches when sort_by_length, so
+    that sequences of similar length are padded together. The update sees the same sequences either way."""
+    idx = batch_indices(len(split), batch_size * accum, update, seed)
+    if sort_by_length:
+        idx = idx[np.argsort(split.lengths()[idx], kind="stable")]
+    return [idx[m * batch_size:(m + 1) * batch_size] for m in range(accum)]

@@ -58,3 +58,16 @@ def test_get_lr_paper_and_author_presets():
     assert get_lr(9, 1.0, 100, warmup=10, min_lr=0.0) == pytest.approx(1.0)
     assert get_lr(10, 1.0, 100, warmup=10, min_lr=0.0) == pytest.approx(1.0)
     assert get_lr(55, 1.0, 100, warmup=10, min_lr=0.0) == pytest.approx(0.5)
+
+
+def test_update_batches_sorted_same_sequences(demo_run):
+    import numpy as np
+
+    from minroute.data import TokenSplit, update_batches
+    split = TokenSplit(demo_run / "demo-data", "train")
+    plain = update_batches(split, 3, 4, 4, seed=1, sort_by_length=False)
+    tidy = update_batches(split, 3, 4, 4, seed=1, sort_by_length=True)
+    assert sorted(np.concatenate(plain).tolist()) == sorted(np.concatenate(tidy).tolist())
+    pad = lambda bs: sum(split.lengths()[b].max() * len(b) - split.lengths()[b].sum() for b in bs)  # noqa: E731
+    assert pad(tidy) <= pad(plain)
+    assert all(np.array_equal(a, b) for a, b in zip(tidy, update_batches(split, 3, 4, 4, 1, True)))
