@@ -122,3 +122,12 @@ def test_across_seeds(tmp_path, demo_run):
     assert s["n"] == 2 and s["summary"]["diff"]["sd"] == 0.0
     assert s["summary"]["gsm8k_acc_gated"]["sd"] == 0.0 and "tool_exact_full" in s["runs"][0]
     assert s["summary"]["diff"]["ci95"][0] == pytest.approx(s["summary"]["diff"]["mean"])
+
+
+def test_compare_adds_table2_rows(tmp_path, demo_run):
+    out = tmp_path / "c.json"
+    assert eval_script.main(["--ckpt", str(demo_run), "--which", "latest", "--compare", str(demo_run), "--json",
+                             str(out), "--csv", str(tmp_path / "csv"), "--no-timing"]) == 0
+    methods = json.loads(out.read_text())["methods"]
+    assert set(methods) == {"LayerRoute", demo_run.name}
+    assert methods["LayerRoute"] == pytest.approx(methods[demo_run.name]), "the same checkpoint twice: the same row"

@@ -124,3 +124,23 @@ def test_checkpoint_from_another_model_shape(tmp_path, demo_run):
     other = write_tiny_checkpoint(tmp_path / "other", hidden_size=32, num_hidden_layers=2)
     with pytest.raises(ValueError, match=r"checkpoint is from another model shape"):
         load_layerroute(demo_run, "latest", model=other)
+
+
+@pytest.mark.parametrize("extra,check", [
+    (["--ablation", "noreg"], lambda a: a["gate_reg"] == 0.0 and a["init"] == "band"),
+    (["--ablation", "uniform-init"], lambda a: a["init"] == "uniform"),
+    (["--ablation", "bce", "--bce-target", "open"], lambda a: a["ablation"] == "bce" and a["bce_target"] == "open"),
+    (["--preset", "author", "--steps", "8", "--accum", "4"],
+     lambda a: a["updates"] == 2 and a["t_max"] == 3000 and a["pool"] == "all" and a["pad_to"] == 512
+     and a["decay_biases"] and not a["sort_by_length"]),
+])
+def test_ablations_and_author_preset_run(tmp_path, small_setup, extra, check):
+    model, data = small_setup
+    args = ["--model", str(model), "--data", str(data), "--out", str(tmp_path / "r"), "--steps", "2",
+            "--batch-size", "2", "--accum", "2", "--eval-every", "2", "--val-batches", "1", "--device", "cpu"]
+    assert train.main(args + extra) == 0
+    adapter, _, meta = load_checkpoint(tmp_path / "r", "latest")
+    assert check(meta["args"]), meta["args"]
+    if "uniform-init" in extra:  # every router starts open: biases +1 (moved by 2 small updates at most)
+        biases = torch.stack([adapter[f"routers.{i}.bias"] for i in range(8)])
+        assert (biases > 0.9).all(), biases.flatten().tolist()
