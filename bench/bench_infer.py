@@ -31,13 +31,13 @@ from minroute.timing import decode_ms_per_token, measure, prefill
 def hf_decode_ms_per_token(ckpt, ids, n_new, repeats, device, dtype):
     import transformers
     hf = transformers.Qwen2ForCausalLM.from_pretrained(ckpt, dtype=dtype, attn_implementation="sdpa").to(device).eval()
+
     def run(n):
         cfg = transformers.GenerationConfig(do_sample=False, pad_token_id=0, repetition_penalty=1.0,
                                             max_new_tokens=n, min_new_tokens=n)
         with torch.no_grad():
             hf.generate(ids, generation_config=cfg)
     full, one = measure(lambda: run(n_new + 1), 1, repeats, device), measure(lambda: run(1), 1, repeats, device)
-    del hf
     return (full["median_ms"] - one["median_ms"]) / n_new
 
 

@@ -4,7 +4,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import torch
 
 from minroute.checkpoint import load_checkpoint
 
