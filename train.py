@@ -165,13 +165,11 @@ def forward_loss(route, batch, args, autocast):
     with autocast():
         h, soft, hard = route.gated_hidden(batch["input_ids"], batch["attention_mask"])
         ce = lm_loss(h, route.lm_head.weight, batch["labels"], chunk=args.chunk)
-    if args.ablation == "bce":
+    if args.ablation == "bce":  # LayerRoute-BCE: the regulariser replaced by BCE on the step type
         reg = bce_gate_loss(soft, batch["is_tool"], args.bce_target)
-        loss = ce + reg
     else:
         reg = gate_regulariser(soft)
-        loss = ce + args.gate_reg * reg
-    return loss, ce, reg, soft, hard
+    return ce + args.gate_reg * reg, ce, reg, soft, hard
 
 
 @torch.no_grad()
