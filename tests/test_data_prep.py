@@ -207,3 +207,41 @@ def test_demo_corpus_builds(tmp_path, tiny_tok):
               eval_counts={"tool": 10, "planning": 10}, matched_pairs=10, log=lambda *a: None)
     assert m["splits"]["eval"]["n"] == 20 and m["splits"]["train"]["n"] > 100
     assert all(s["malformed"] == 0 for s in m["sources"].values())
+
+
+def test_download_path_uses_pinned_revisions(tmp_path, tiny_tok, monkeypatch):
+    """Without --source-dir every raw file comes from hf_hub_download(repo_type='dataset', revision=<pinned>)."""
+    import huggingface_hub
+    calls = []
+
+    def fake_download(repo_id, filename, repo_type=None, revision=None, **kw):
+        calls.append((repo_id, filename, repo_type, revision))
+        snap = tmp_path / "cache" / "snapshots" / (revision or "f" * 40)  # the layout of the HF cache
+        dst = snap / filename
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        if not dst.exists():
+            shutil.copy(FIX / repo_id.split("/")[1] / filename, dst)
+        return str(dst)
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake_download)
+    m = build(tmp_path / "d", tiny_tok, "tiny", counts=ALL, eval_counts={"tool": 2, "planning": 2}, log=lambda *a: None)
+    assert {c[2] for c in calls} == {"dataset"}
+    assert ("NousResearch/hermes-function-calling-v1", "func-calling-singleturn.json", "dataset",
+            hermes.REVISION) in calls
+    assert ("openai/gsm8k", "main/test-00000-of-00001.parquet", "dataset", gsm8k.REVISION) in calls
+    assert m["sources"]["glaive"]["revision"] == glaive.REVISION
+    assert m["sources"]["turing"]["revision"] == "f" * 40, "unpinned: the manifest records the commit downloaded"
+
+
+def test_model_download_asks_for_the_needed_files_at_the_pinned_revision(tmp_path, tiny_dir, monkeypatch):
+    import huggingface_hub
+
+    from minroute.load import MODEL_FILES, PINNED_REVISIONS, load_model
+    seen = {}
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None, **kw):
+        seen.update(repo_id=repo_id, revision=revision, allow_patterns=allow_patterns)
+        return str(tiny_dir)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    load_model("Qwen/Qwen2.5-0.5B-Instruct")
+    assert seen == {"repo_id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": PINNED_REVISIONS["Qwen/Qwen2.5-0.5B-Instruct"],
+                    "allow_patterns": MODEL_FILES}
