@@ -84,7 +84,7 @@ def check_held_out(data_dir):
             raise SystemExit(f"error: {len(leak)} samples of {data_dir}/{split} are also in train/val; rebuild the data")
 
 
-def evaluate_run(path, args, which, model=None, data=None, device="cpu", autocast=contextlib.nullcontext):
+def evaluate_run(path, which, model=None, data=None, device="cpu", autocast=contextlib.nullcontext):
     route, meta = load_layerroute(path, which, model=model, device=device,
                                   dtype=torch.bfloat16 if torch.device(device).type == "cuda" else None)
     data = data or meta["args"]["data"]
@@ -115,7 +115,7 @@ def main(argv=None):
 
     results, csv_tables = {}, []
     if args.ckpt:
-        route, meta, data, pad_id = evaluate_run(args.ckpt, args, args.which, args.model, args.data, device, autocast)
+        route, meta, data, pad_id = evaluate_run(args.ckpt, args.which, args.model, args.data, device, autocast)
         results.update(evaluate_checkpoint(route, meta, data, pad_id, args, device, autocast, csv_tables))
     if args.runs:
         results["seeds"] = across_seeds(args, device, autocast, csv_tables)
@@ -155,7 +155,7 @@ def evaluate_checkpoint(route, meta, data, pad_id, args, device, autocast, csv_t
     rows = [["all open (LoRA)", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
     methods = [("LayerRoute", route, passes)]
     for path in args.compare:
-        r2, m2, _, _ = evaluate_run(path, args, args.which, args.model, data, device, autocast)
+        r2, m2, _, _ = evaluate_run(path, args.which, args.model, data, device, autocast)
         methods.append((Path(path).name, r2, {m: run_pass(r2, ev, pad_id, m, **kw) for m in ("full", "gated")}))
     res["methods"] = {}
     for name, _, ps in methods:
@@ -304,7 +304,7 @@ def timing(route, ev: TokenSplit, pad_id, g, args, device, csv_tables) -> dict:
 def across_seeds(args, device, autocast, csv_tables) -> dict:
     per = []
     for path in args.runs:
-        route, meta, data, pad_id = evaluate_run(path, args, args.which, args.model, args.data, device, autocast)
+        route, meta, data, pad_id = evaluate_run(path, args.which, args.model, args.data, device, autocast)
         check_held_out(data)
         ev = TokenSplit(data, "eval")
         kw = dict(batch_size=args.batch_size, device=device, autocast=autocast)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import hashlib
 import os
 import sys
 import time
@@ -36,8 +35,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from data_prep.build import sha256_file
 from minroute.checkpoint import (adapter_tensors, build_layerroute, check_same_shape, load_adapter, load_checkpoint,
-                                 restore_rng, rng_state_tensors, save_checkpoint)
+                                 model_shape, restore_rng, rng_state_tensors, save_checkpoint)
 from minroute.data import TokenSplit, collate, manifest_hash, read_manifest, update_batches
 from minroute.load import load_tokenizer, resolve_dir
 from minroute.loss import lm_loss, lm_loss_per_sample
@@ -134,17 +134,13 @@ def prepare_demo(out: Path, args):
         tok = load_tokenizer(model_dir).tokenizer
         build(data_dir, tok, str(model_dir), source_dir=demo, counts=DEMO_COUNTS,
               eval_counts={"tool": 10, "planning": 10}, matched_pairs=10, seed=args.seed,
-              tokenizer_sha256=sha256(model_dir / "tokenizer.json"))
+              tokenizer_sha256=sha256_file(model_dir / "tokenizer.json"))
     args.model, args.data = str(model_dir), str(data_dir)
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 def check_data_matches_model(manifest: dict, model_path: str, vocab_size: int, data_dir):
     tok_file = resolve_dir(model_path) / "tokenizer.json"
-    if manifest.get("tokenizer_sha256") and tok_file.exists() and sha256(tok_file) != manifest["tokenizer_sha256"]:
+    if manifest.get("tokenizer_sha256") and tok_file.exists() and sha256_file(tok_file) != manifest["tokenizer_sha256"]:
         raise SystemExit(f"error: {data_dir}/manifest.json was built with another tokenizer ({manifest['tokenizer']}) "
                          f"than {model_path}'s tokenizer.json; rebuild the data with --tokenizer {model_path}")
     if manifest["vocab_size"] > vocab_size:
@@ -299,9 +295,7 @@ def main(argv=None):
         restore_rng(opt_state)
         start, best = meta["step"], meta.get("best_val_ce", float("inf"))
         say(f"resumed {out} at update {start}/{updates}")
-    meta_base = {"args": vars(args), "model_config": {k: getattr(cfg, k) for k in (
-        "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-        "vocab_size")}, "manifest_sha256": manifest_hash(args.data)}
+    meta_base = {"args": vars(args), "model_config": model_shape(cfg), "manifest_sha256": manifest_hash(args.data)}
     say(f"LayerRoute on {args.model}: {cfg.num_hidden_layers} layers, trainable {sum(p.numel() for p in trainable):,} | "
         f"data {args.data}: train {len(train_split)} val {len(val_split)} | {updates} updates of {args.batch_size}x"
         f"{args.accum} on {world} process(es) | preset {args.preset} ablation {args.ablation} pool {args.pool} | "

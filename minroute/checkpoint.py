@@ -136,11 +136,18 @@ def load_layerroute(ckpt, which: str = "best", model=None, device="cpu", dtype=N
     return route.eval(), meta
 
 
+SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
+              "vocab_size")
+
+
+def model_shape(cfg) -> dict:
+    """What a checkpoint records of its base model, to refuse another shape on load."""
+    return {k: getattr(cfg, k) for k in SHAPE_KEYS}
+
+
 def check_same_shape(meta: dict, cfg, where):
     saved = meta.get("model_config", {})
-    keys = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-            "vocab_size")
-    diff = {k: (saved.get(k), getattr(cfg, k)) for k in keys if k in saved and saved[k] != getattr(cfg, k)}
+    diff = {k: (saved.get(k), getattr(cfg, k)) for k in SHAPE_KEYS if k in saved and saved[k] != getattr(cfg, k)}
     if diff:
         raise ValueError(f"{where}: checkpoint is from another model shape (checkpoint vs model: {diff}); pass the "
                          "base model it was trained on")

@@ -8,7 +8,7 @@ import pytest
 
 from data_prep import glaive, gsm8k, hermes, turing
 from data_prep.__main__ import main as cli
-from data_prep.build import build
+from data_prep.build import build, parse_in_order
 from data_prep.records import Malformed, read_json_records
 
 FIX = Path(__file__).parent / "fixtures"
@@ -21,15 +21,10 @@ def records(rel):
 
 
 def parse_all(rel, parse):
-    out, bad = [], {}
-    for i, r in enumerate(records(rel)):
-        try:
-            if isinstance(r, Malformed):
-                raise r
-            out.append(parse(r, i))
-        except Malformed as e:
-            bad[e.reason] = bad.get(e.reason, 0) + 1
-    return out, bad
+    """Every record of a fixture file: (samples, malformed counts by reason)."""
+    ok, bad, unused = parse_in_order("t", records(rel), parse, None)
+    assert unused == 0
+    return ok, bad
 
 
 def test_hermes_parses_repr_tools_and_calls():
