@@ -2,24 +2,36 @@
 
 For block i and each sequence b, with h the hidden state entering the block (B, T, d):
 
-    m   = mean of h over the sequence's real tokens (attention mask)   (`pool="all"`: over all T, padding
-          included, as the authors' code did)
+    m   = mean of h over the routed positions of the sequence (see below)
     p   = sigmoid(w_i . m + b_i)                                          soft gate, fp32
     z   = 1[p > 0.5]                                                      hard gate, exactly 0 or 1
-    g   = z + (p - p.detach())                                            straight-through estimator
-    h  <- h + g * (Block(h) - h)
+    h  <- select(z, Block(h), h) + (p - p.detach()) * (Block(h) - h).detach()
 
-Forward uses the hard gate z (the bracket is exactly 0); backward takes dg/dp = 1, so the router learns
-from sigma'(s) * <dL/dh_out, Block(h) - h> plus the regulariser's gradient. Training (`gated_hidden`)
-computes every block, because a closed gate needs Block(h) - h for its gradient: training compute stays
-dense. Inference (`hidden`) really skips: block i runs only on the rows whose gate is 1 (gather, block,
-scatter), not at all when every row is closed, and the decision is taken once per sequence at prefill;
-in KV-cache decoding a skipped block is never run and holds no cache for that sequence.
+The select gives exactly Block(h) or exactly h in any dtype (in bf16, `h + z * (Block(h) - h)` would round
+twice); the second term is exactly zero in the forward and carries the straight-through gradient
+dL/dp = <dL/dh_out, Block(h) - h>, so the router learns from sigma'(s) times that plus the regulariser's
+gradient. Gradients are those of h + g (Block(h) - h) with g = z + p - p.detach().
+
+Routed positions (`route_mask`, (B, T), 1 = pooled): by default the real tokens (attention mask). Training
+and evaluation pass the *prompt* (the context before the response) to route on what a deployment sees at
+prefill; with causal attention those states do not depend on the answer, so training gates = prefill
+gates. `pool="all"` is the authors' forward in full: the router pools over every position, padding
+included, and full-sequence forwards get no padding mask in attention (causal only; with right padding
+real tokens are unchanged and pad positions attend to everything before them, as in their code).
+Generation with a KV cache keeps the padding mask (the authors generated one unpadded row at a time).
+
+Training (`gated_hidden`) still computes Block(h) for closed rows, because the router's gradient needs
+Block(h) - h; but a closed row's block output is multiplied by an exact zero, so no gradient flows back
+through it: closed rows run their block without autograd (no activations kept, no backward), open rows
+with it (gather, block, scatter). `dense=True` runs every row with autograd (the reference path, same
+gradients). Inference (`hidden`) really skips: block i runs only on the rows whose gate is 1, not at all
+when every row is closed, and the decision is taken once per sequence at prefill; in KV-cache decoding
+a skipped block is never run and holds no cache for that sequence.
 
 Router init (REFERENCE.md §3): w = 0; b = -1 (p = 0.269, closed) on the middle band
 round(L/3) <= i < round(17L/24) (layers 8-16 of 24), b = +1 (p = 0.731, open) elsewhere; `init="uniform"`
 opens every layer (the UniformInit ablation). `self.last` keeps the gates of the latest call:
-soft (B, L), hard (B, L) and the number of rows each block ran on.
+soft (B, L), hard (B, L) and the number of rows each block ran on (with autograd, in training).
 """
 from __future__ import annotations
 
@@ -49,10 +61,10 @@ def init_routers(routers: nn.ModuleList, scheme: str = "band", bias: float = 1.0
             r.bias.fill_(-bias if i in band else bias)
 
 
-def pool_mean(h: torch.Tensor, key_mask: torch.Tensor | None, mode: str = "mask") -> torch.Tensor:
-    """(B, T, d) -> (B, d) fp32 mean over real tokens ('mask') or over all T positions ('all')."""
+def pool_mean(h: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    """(B, T, d) -> (B, d) fp32 mean over the positions where key_mask is 1 (all T when key_mask is None)."""
     h = h.float()
-    if mode == "all" or key_mask is None:
+    if key_mask is None:
         return h.mean(dim=1)
     w = key_mask.to(h.dtype)[:, :, None]  # (B, T, 1)
     return (h * w).sum(dim=1) / w.sum(dim=1).clamp(min=1.0)
@@ -114,7 +126,13 @@ class LayerRoute(nn.Module):
     def soft_gate(self, i: int, h: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """p (B,) of router i on the hidden state h (B, T, d) entering block i; fp32 even under autocast."""
         with torch.autocast(h.device.type, enabled=False):
-            return torch.sigmoid(self.routers[i](pool_mean(h, key_mask, self.pool))).squeeze(-1)
+            return torch.sigmoid(self.routers[i](pool_mean(h, key_mask))).squeeze(-1)
+
+    def _pooled_positions(self, attention_mask, route_mask):
+        """What the routers average over: route_mask if given, else real tokens ('mask') or everything ('all')."""
+        if route_mask is not None:
+            return route_mask
+        return None if self.pool == "all" else attention_mask
 
     def _hard(self, i: int, p: torch.Tensor) -> torch.Tensor:
         if self.forced is None:
@@ -122,35 +140,48 @@ class LayerRoute(nn.Module):
         f = self.forced.to(p.device)
         return (f[i].expand_as(p) if f.dim() == 1 else f[:, i]).clone()
 
-    def gated_hidden(self, input_ids, attention_mask=None):
-        """Training forward: every block computed, h <- h + g (Block(h) - h) with the STE gate g.
+    def gated_hidden(self, input_ids, attention_mask=None, route_mask=None, dense: bool = False):
+        """Training forward: h <- select(z, Block(h), h) + STE term, every block computed for every row.
 
+        Closed rows run their block without autograd (their output only feeds the router's gradient);
+        `dense=True` runs all rows with autograd instead (the reference; same values and gradients).
         Returns the final-norm hidden states (B, T, d), soft gates (B, L) and hard gates (B, L).
         """
-        h, cos, sin, mask = self.base.prepare(input_ids, attention_mask)
-        softs, hards = [], []
+        attn = None if self.pool == "all" else attention_mask  # authors': causal attention only
+        h, cos, sin, mask = self.base.prepare(input_ids, attn)
+        pooled = self._pooled_positions(attention_mask, route_mask)
+        softs, hards, rows_run = [], [], []
         for i, block in enumerate(self.base.layers):
-            p = self.soft_gate(i, h, attention_mask)  # (B,)
+            p = self.soft_gate(i, h, pooled)  # (B,)
             hard = self._hard(i, p)
-            g = straight_through(p, hard)  # (B,), forward exactly 0/1
-            h = h + g.to(h.dtype)[:, None, None] * (block(h, cos, sin, mask) - h)
+            if dense or not torch.is_grad_enabled() or bool(hard.all()):
+                out = block(h, cos, sin, mask)
+                rows_run.append(h.shape[0])
+            else:
+                out, n = _open_rows_with_grad(block, h, cos, sin, mask, hard)
+                rows_run.append(n)
+            ste = (p - p.detach()).to(h.dtype)[:, None, None]  # exactly 0 in the forward
+            h = torch.where(hard[:, None, None], out, h) + ste * (out - h).detach()
             softs.append(p)
             hards.append(hard)
         soft, hard = torch.stack(softs, 1), torch.stack(hards, 1)
-        self.last = RouteTrace(soft.detach(), hard, [input_ids.shape[0]] * len(softs))
+        self.last = RouteTrace(soft.detach(), hard, rows_run)
         return self.base.model.norm(h), soft, hard
 
     @torch.no_grad()
-    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+               route_mask=None):
         """Inference forward with real skipping; same signature as Qwen2.hidden (so `generate` takes either).
 
-        At prefill (no cache, or an empty one) each block's gates come from its router on the prompt; a
-        cache then keeps them, and later calls run each block only on the rows that ran it at prefill.
+        At prefill (no cache, or an empty one) each block's gates come from its router on the routed
+        positions (`route_mask`, default: the real tokens of the call); a cache then keeps them, and later
+        calls run each block only on the rows that ran it at prefill.
         """
         B, T = input_ids.shape
-        h, cos, sin, mask = self.base.prepare(input_ids, attention_mask, position_ids, cache)
+        attn = None if self.pool == "all" and cache is None else attention_mask
+        h, cos, sin, mask = self.base.prepare(input_ids, attn, position_ids, cache)
         decoding = cache is not None and cache.length > 0
-        key_mask = None if attention_mask is None else attention_mask[:, -T:]
+        key_mask = self._pooled_positions(None if attention_mask is None else attention_mask[:, -T:], route_mask)
         softs, hards, rows_run = [], [], []
         for i, block in enumerate(self.base.layers):
             if decoding:
@@ -193,6 +224,20 @@ class LayerRoute(nn.Module):
 
     def router_state_dict(self) -> dict[str, torch.Tensor]:
         return {f"routers.{k}": v for k, v in self.routers.state_dict().items()}
+
+
+def _open_rows_with_grad(block, h, cos, sin, mask, hard):
+    """Block(h) for every row: open rows (hard True) with autograd, closed rows without; (out, n open)."""
+    open_rows, closed = hard.nonzero().squeeze(1), (~hard).nonzero().squeeze(1)
+
+    def run(rows):
+        sub_mask = mask if mask is None or mask.shape[0] == 1 else mask[rows]
+        return block(h[rows], cos[rows], sin[rows], sub_mask)
+    with torch.no_grad():
+        out_closed = run(closed)
+    out_open = run(open_rows) if open_rows.numel() else h[:0]
+    inverse = torch.argsort(torch.cat([open_rows, closed]))
+    return torch.cat([out_open, out_closed])[inverse], open_rows.numel()
 
 
 def gate_regulariser(soft: torch.Tensor) -> torch.Tensor:

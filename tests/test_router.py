@@ -159,7 +159,7 @@ def test_router_gradient_equals_analytic(deep_dir):
     outs = {}
     hooks += [b.register_forward_hook(lambda mod, a, out, i=i: outs.__setitem__(i, out.detach()))
               for i, b in enumerate(blocks)]
-    h, soft, hard = m.gated_hidden(ids, mask)
+    h, soft, hard = m.gated_hidden(ids, mask, dense=True)  # every row through every block: hooks see all rows
     target = torch.randn_like(h)
     loss = (h * target).sum() + lam * gate_regulariser(soft)
     loss.backward()
@@ -257,3 +257,113 @@ def test_real_shape_trainable_counts():
     n_router = sum(p.numel() for p in m.routers.parameters())
     n_train = sum(p.numel() for p in m.parameters() if p.requires_grad)
     assert (n_lora, n_router, n_train) == (1_081_344, 21_528, 1_102_872)
+
+
+def grads_of(m, ids, mask, dense, route_mask=None, seed=0):
+    m.zero_grad(set_to_none=True)
+    h, soft, hard = m.gated_hidden(ids, mask, route_mask=route_mask, dense=dense)
+    target = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed))
+    ((h * target).sum() + 0.5 * gate_regulariser(soft)).backward()
+    # a tensor no row reached with autograd has no .grad; train.py steps it with a zero gradient, as dense would
+    g = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+         for n, p in m.named_parameters() if p.requires_grad}
+    return h.detach(), soft.detach(), hard, g
+
+
+@pytest.mark.parametrize("gates", ["mixed", "open", "closed"])
+def test_closed_rows_skip_backward_same_gradients(deep_dir, gates):
+    """Closed rows run their block without autograd: values and every LoRA / router gradient equal the dense path."""
+    m = routed(deep_dir)
+    m.train()
+    ids, mask = batch(m.config.vocab_size, B=6)
+    L = m.config.num_hidden_layers
+    if gates == "mixed":
+        mixed_routers(m, ids, mask)
+    else:
+        set_routers(m, 1, scale=0.0)
+        with torch.no_grad():
+            for r in m.routers:
+                r.bias.fill_(2.0 if gates == "open" else -2.0)
+    h_d, s_d, hard_d, g_d = grads_of(m, ids, mask, dense=True)
+    h_s, s_s, hard_s, g_s = grads_of(m, ids, mask, dense=False)
+    assert torch.equal(hard_d, hard_s) and torch.equal(s_d, s_s)
+    assert (h_d - h_s).abs().max().item() <= 1e-6
+    assert set(g_d) == set(g_s)
+    lora_b = [n for n in g_d if n.endswith("lora_B")]
+    if gates == "closed":  # nothing ran with autograd: no gradient reaches any LoRA tensor
+        assert all(g_s[n].abs().max() == 0 for n in lora_b) and all(g_d[n].abs().max() == 0 for n in lora_b)
+    for n in g_d:
+        scale = max(g_d[n].abs().max().item(), 1e-12)
+        rel = (g_d[n] - g_s[n]).abs().max().item() / scale
+        assert rel <= 1e-6, f"{n}: skipping-backward gradient differs from dense by {rel:.3g} (relative)"
+    if gates == "mixed":
+        assert sum(m.last.rows_run) < hard_s.numel(), "closed rows must not run with autograd"
+        assert m.last.rows_run == hard_s.sum(0).tolist()
+
+
+def test_bf16_training_forward_is_inference_forward(deep_dir):
+    """Under CPU bf16 autocast a closed gate gives exactly h and an open one exactly Block(h), as inference does."""
+    m = routed(deep_dir)
+    ids, mask = batch(m.config.vocab_size)
+    mixed_routers(m, ids, mask)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        h_train, _, hard = m.gated_hidden(ids, mask)
+        h_inf = m.hidden(ids, mask)
+    assert torch.equal(m.last.hard, hard)
+    real = mask.bool()
+    assert torch.equal(h_train[real], h_inf[real]), \
+        f"bf16 training vs inference path: max diff {(h_train - h_inf)[real].abs().max().item():.3g}"
+
+
+def authors_forward(m, ids):
+    """The authors' released forward, written out: causal attention without a padding mask, the router on the
+    mean over all T positions (padding included), g = z + p - sg(p), h = g Block(h) + (1 - g) h."""
+    base = m.base
+    h, cos, sin, _ = base.prepare(ids, None)
+    softs = []
+    for i, block in enumerate(base.layers):
+        p = torch.sigmoid(m.routers[i](h.float().mean(1))).squeeze(-1)
+        g = (p > 0.5).float() + p - p.detach()
+        h = g[:, None, None] * block(h, cos, sin, None) + (1 - g[:, None, None]) * h
+        softs.append(p)
+    return base.model.norm(h), torch.stack(softs, 1)
+
+
+def test_pool_all_is_the_authors_forward(deep_dir):
+    m = routed(deep_dir, pool="all")
+    ids, mask = batch(m.config.vocab_size, B=6, T=20)
+    mixed_routers(m, ids, mask)
+    with torch.no_grad():
+        h, soft, _ = m.gated_hidden(ids, mask)
+        h_ref, soft_ref = authors_forward(m, ids)
+        h_inf = m.hidden(ids, mask)
+    assert (soft - soft_ref).abs().max().item() <= 1e-5
+    assert (h - h_ref).abs().max().item() <= 1e-5, "pool='all' must be the authors' forward at every position"
+    assert torch.equal(m.last.hard, (soft > 0.5)), "eval passes of pool='all' use the same forward"
+    assert (h_inf - h)[mask.bool()].abs().max().item() <= 1e-5
+    masked = routed(deep_dir, pool="mask")
+    masked.load_state_dict(m.state_dict())
+    with torch.no_grad():
+        masked.gated_hidden(ids, mask, route_mask=torch.ones_like(mask))  # pooled over all T, pads masked in attention
+    assert not torch.allclose(masked.last.soft, soft, atol=1e-4), "pads attending everything must change the pool"
+
+
+def test_prompt_routed_training_gates_equal_generate_prefill_gates(deep_dir):
+    """Routing on the prompt: the training forward over prompt + answer takes generate's prefill gates exactly."""
+    m = routed(deep_dir)
+    B, T = 5, 22
+    ids, _ = batch(m.config.vocab_size, B=B, T=T, pad=False)
+    prompt_len = torch.tensor([6, 9, 12, 7, 15])
+    lengths = torch.tensor([22, 14, 19, 20, 17])
+    mask = (torch.arange(T)[None] < lengths[:, None]).long()
+    route_mask = (torch.arange(T)[None] < prompt_len[:, None]).long()
+    mixed_routers(m, ids[:, :6], None)
+    with torch.no_grad():
+        m.gated_hidden(ids, mask, route_mask=route_mask)
+        train_soft, train_hard = m.last.soft.clone(), m.last.hard.clone()
+        m.gated_hidden(ids, mask)
+        seq_hard = m.last.hard.clone()
+    for b in range(B):
+        generate_ids(m, ids[b:b + 1, :prompt_len[b]], 2)
+        assert torch.equal(m.last.hard[0], train_hard[b]), f"row {b}: prefill gates differ from training gates"
+    assert not torch.equal(seq_hard, train_hard), "routing on the answer too should change some gate here"
