@@ -1,32 +1,40 @@
 """Train LayerRoute: rank-8 LoRA on q/k/v/o and one router per block, jointly, on a frozen Qwen2.
 
-    loss = CE (token mean over the counted tokens) + lambda * R,  R = mean soft gate over layers and batch
+    loss = CE + lambda * R,  R = mean soft gate over layers and the update's sequences
 
 The paper's setup, as written (REFERENCE.md §3): 3,000 optimizer updates of 4 x 4 = 16 sequences,
-AdamW lr 2e-4, cosine to 1e-6 over the run, clipping 1.0, mask-aware router pooling:
+AdamW lr 2e-4, cosine to 1e-6 over the run, clipping 1.0, routers on the mean over the *prompt's* real
+tokens (what a deployment has at prefill), and CE = token mean over every counted token of the update (all
+micro-batches, all processes), so how the 16 sequences are cut into micro-batches changes nothing:
 
     python -m data_prep --out data/agentic
     python train.py --data data/agentic --out runs/paper-s42 --seed 42
 
 What the authors' code actually ran (REFERENCE.md §2): 3,000 micro-batches = 750 updates, cosine with
-T_max 3000 (so the LR only decays to 1.71e-4), pooling over positions padded to 512, decay on every tensor:
+T_max 3000 (so the LR only decays to 1.71e-4), right padding to 512 with no padding mask in attention, the
+routers on the mean over all 512 positions of prompt + answer (padding included), CE = the mean of the
+micro-batch token means, and weight decay on every tensor:
 
     python train.py --data data/agentic --out runs/author-s42 --preset author --seed 42
 
-Ablations (Table 2 rows): --ablation noreg | uniform-init | bce [--bce-target open|skip].
+Ablations (Table 2 rows): --ablation noreg | uniform-init | bce [--bce-target open|skip] (bce default
+'open': tool calls = 1, the paper's text).
 Offline CPU demo (a tiny random Qwen2 and the bundled demo corpus; about a minute):
 
     python train.py --demo --out runs/demo && python eval.py --demo --ckpt runs/demo
 
 On CUDA the frozen weights are bf16 under autocast; LoRA, routers and AdamW state stay fp32. On CPU all
-is fp32. Checkpoints (adapters + optimizer + RNG, safetensors + JSON) are atomic; `--resume RUN_DIR`
-continues exactly. The best checkpoint is the one with the lowest validation CE (the regulariser is left
-out, so "best" means best language model, not most skipping).
+is fp32. Closed gates skip their block's backward (router.py). Checkpoints (adapters + optimizer + RNG,
+safetensors + JSON with each file's sha256) are atomic; `--resume RUN_DIR` continues exactly, and with
+`--steps N` extends the run. An existing run folder is never overwritten: `--out` refuses it (resume it,
+or `--restart`, which moves the old run aside). The best checkpoint is the one with the lowest validation
+CE (the regulariser is left out, so "best" means best language model, not most skipping).
 """
 from __future__ import annotations
 
 import argparse
 import csv
+import json
 import os
 import sys
 import time
@@ -35,79 +43,110 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from data_prep.build import sha256_file
 from minroute.checkpoint import (adapter_tensors, build_layerroute, check_same_shape, load_adapter, load_checkpoint,
-                                 model_shape, restore_rng, rng_state_tensors, save_checkpoint)
-from minroute.data import TokenSplit, collate, manifest_hash, read_manifest, update_batches
+                                 model_shape, restore_rng, rng_state_tensors, run_dir_of, save_checkpoint,
+                                 trained_rows_text)
+from minroute.data import ROUTE_ON, TokenSplit, collate, counted_tokens, manifest_hash, read_manifest, update_batches
 from minroute.load import load_tokenizer, resolve_dir
-from minroute.loss import lm_loss, lm_loss_per_sample
+from minroute.loss import lm_loss_per_sample
 from minroute.optim import AdamW, get_lr
 from minroute.router import bce_gate_loss, gate_regulariser
+from minroute.safety import (RunLock, UserError, default_device, device, nonneg_float, nonneg_int, positive_float,
+                             positive_int, probability, run_cli, sha256_file)
 
 DEFAULTS = dict(batch_size=4, accum=4, lr=2e-4, save_every=200, log_every=10, t_max=None)
 PRESETS = {
-    "paper": dict(steps=3000, step_unit="update", pool="mask", pad_to=0, sort_by_length=1, decay_biases=False,
-                  eval_every=200, val_batches=30),
-    "author": dict(steps=3000, step_unit="micro", t_max=3000, pool="all", pad_to=512, sort_by_length=0,
-                   decay_biases=True, eval_every=50, val_batches=30),
+    "paper": dict(steps=3000, step_unit="update", pool="mask", route_on="prompt", ce_mean="update", pad_to=0,
+                  sort_by_length=1, decay_biases=False, eval_every=200, val_batches=30),
+    "author": dict(steps=3000, step_unit="micro", t_max=3000, pool="all", route_on="sequence", ce_mean="micro",
+                   pad_to=512, sort_by_length=0, decay_biases=True, eval_every=50, val_batches=30),
 }
+FIXED = ("step_unit", "decay_biases", "ce_mean")  # set by the preset alone
+RUN_FILES = ("latest.json", "best.json", "train_log.csv", "gates.csv")  # a folder holding any of these is a run
+RESUME_MAY_CHANGE = {"steps", "device", "resume", "out"}  # what a resumed run may be given again with a new value
 DEMO = dict(steps=120, batch_size=4, accum=2, lr=3e-3, eval_every=20, val_batches=4, save_every=40, log_every=10)
 DEMO_COUNTS = {"hermes": 40, "glaive": 40, "gsm8k": 40, "turing": None}
 
 
-def parse_args(argv=None):
+def build_parser(suppress: bool = False):
+    """The command line; with suppress, unset options stay absent (to see what a resume command changes)."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("run")
-    g.add_argument("--out", required=True, help="run folder: checkpoints, train_log.csv, gates.csv")
+    g.add_argument("--out", help="run folder: checkpoints, train_log.csv, gates.csv (must not hold a run)")
     g.add_argument("--data", help="folder built by `python -m data_prep`")
     g.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="base model: local folder or Hub repo id")
     g.add_argument("--preset", choices=list(PRESETS), default="paper", help="paper (as written) or author (as run)")
     g.add_argument("--demo", action="store_true", help="offline CPU demo: tiny random model + bundled corpus")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (exactly)")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (exactly); "
+                                                       "with --steps N, extend it to N")
+    g.add_argument("--restart", action="store_true", help="start a new run in an --out folder that holds one: the "
+                                                          "old run is moved to OUT.replaced-<time>, not deleted")
     g.add_argument("--seed", type=int, default=42, help="data order, LoRA init and dropout")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--device", type=device, default=default_device(), help="cpu, cuda or cuda:N")
     g = ap.add_argument_group("optimisation")
-    g.add_argument("--steps", type=int, help="optimizer updates (paper preset) or micro-batches (author preset); 3000")
-    g.add_argument("--batch-size", type=int, help="sequences per micro-batch (4)")
-    g.add_argument("--accum", type=int, help="micro-batches per optimizer update (4)")
-    g.add_argument("--lr", type=float, help="peak learning rate (2e-4)")
-    g.add_argument("--min-lr", type=float, default=1e-6, help="cosine floor")
-    g.add_argument("--warmup", type=int, default=0, help="linear warmup updates (authors: 0)")
-    g.add_argument("--t-max", type=int, help="cosine length in updates (default: the run's updates; author: 3000)")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--clip", type=float, default=1.0, help="global gradient-norm clip (0 = off)")
-    g.add_argument("--chunk", type=int, default=512, help="tokens per LM-head chunk in the loss")
+    g.add_argument("--steps", type=positive_int,
+                   help="optimizer updates (paper preset) or micro-batches (author preset); 3000")
+    g.add_argument("--batch-size", type=positive_int, help="sequences per micro-batch (4)")
+    g.add_argument("--accum", type=positive_int, help="micro-batches per optimizer update (4)")
+    g.add_argument("--lr", type=positive_float, help="peak learning rate (2e-4)")
+    g.add_argument("--min-lr", type=nonneg_float, default=1e-6, help="cosine floor")
+    g.add_argument("--warmup", type=nonneg_int, default=0, help="linear warmup updates (authors: 0)")
+    g.add_argument("--t-max", type=positive_int, help="cosine length in updates (default: the run's updates; "
+                                                      "author: 3000)")
+    g.add_argument("--weight-decay", type=nonneg_float, default=0.01)
+    g.add_argument("--clip", type=nonneg_float, default=1.0, help="global gradient-norm clip (0 = off)")
+    g.add_argument("--chunk", type=positive_int, default=512, help="tokens per LM-head chunk in the loss")
     g = ap.add_argument_group("method")
-    g.add_argument("--lora-r", type=int, default=8)
-    g.add_argument("--lora-alpha", type=float, default=16)
-    g.add_argument("--lora-dropout", type=float, default=0.05)
-    g.add_argument("--gate-reg", type=float, default=1.0, help="lambda of the gate regulariser")
+    g.add_argument("--lora-r", type=positive_int, default=8)
+    g.add_argument("--lora-alpha", type=positive_float, default=16)
+    g.add_argument("--lora-dropout", type=probability, default=0.05)
+    g.add_argument("--gate-reg", type=nonneg_float, default=1.0, help="lambda of the gate regulariser")
     g.add_argument("--ablation", choices=["none", "noreg", "uniform-init", "bce"], default="none",
                    help="noreg: lambda 0; uniform-init: every router starts open; bce: BCE on step type")
-    g.add_argument("--bce-target", choices=["open", "skip"], default="skip",
-                   help="bce label: 'open' = tool calls open (authors' bce_naive), 'skip' = tool calls skip")
-    g.add_argument("--pool", choices=["mask", "all"], help="router input: mean over real tokens, or over all "
-                                                           "positions incl. padding (authors')")
-    g.add_argument("--pad-to", type=int, help="pad batches to this length (0 = longest in batch; author: 512)")
+    g.add_argument("--bce-target", choices=["open", "skip"], default="open",
+                   help="bce label: 'open' = tool calls 1 (the paper's text; authors' bce_naive), "
+                        "'skip' = tool calls 0 (authors' bce_corrected)")
+    g.add_argument("--pool", choices=["mask", "all"], help="router input: mean over real tokens, or the authors' "
+                   "forward (all positions incl. padding, no padding mask in attention)")
+    g.add_argument("--route-on", choices=ROUTE_ON, help="positions the routers pool: the prompt (what deployment "
+                   "sees at prefill; paper preset) or prompt + answer (authors': author preset)")
+    g.add_argument("--pad-to", type=nonneg_int, help="pad batches to this length (0 = longest in batch; author: 512)")
     g.add_argument("--sort-by-length", type=int, choices=[0, 1], help="sort each update's sequences by length "
                    "before cutting micro-batches, so less compute goes to padding (paper 1, author 0)")
     g = ap.add_argument_group("logging and checkpoints")
-    g.add_argument("--log-every", type=int, help="updates between log lines (10)")
-    g.add_argument("--eval-every", type=int, help="updates between validations (paper 200, author 50)")
-    g.add_argument("--val-batches", type=int, help="validation micro-batches, 0 = the whole val split (30)")
-    g.add_argument("--save-every", type=int, help="updates between checkpoints (200)")
-    return ap.parse_args(argv)
+    g.add_argument("--log-every", type=positive_int, help="updates between log lines (10)")
+    g.add_argument("--eval-every", type=positive_int, help="updates between validations (paper 200, author 50)")
+    g.add_argument("--val-batches", type=nonneg_int, help="validation micro-batches, 0 = the whole val split (30)")
+    g.add_argument("--save-every", type=positive_int, help="updates between checkpoints (200)")
+    if suppress:  # argparse keeps the defaults on the actions; SUPPRESS leaves unset options out of the namespace
+        for action in ap._actions:
+            action.default = argparse.SUPPRESS
+    return ap
+
+
+def parse_args(argv=None):
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if not args.resume and not args.out:
+        ap.error("--out RUN_DIR is required for a new run (or --resume RUN_DIR to continue one)")
+    args.given = vars(build_parser(suppress=True).parse_args(argv))  # only what the command line set
+    return args
 
 
 def resolve(args):
     """Fill what the command line left unset: defaults, then the preset, then the demo's; return the updates."""
     layers = [DEFAULTS, PRESETS[args.preset], DEMO if args.demo else {}]
-    for key in set().union(*layers) - {"step_unit", "decay_biases"}:
+    for key in set().union(*layers) - set(FIXED):
         if getattr(args, key, None) is None:
             setattr(args, key, next(layer[key] for layer in reversed(layers) if key in layer))
-    args.decay_biases = PRESETS[args.preset]["decay_biases"]
-    args.step_unit = PRESETS[args.preset]["step_unit"]
+    for key in FIXED:
+        setattr(args, key, PRESETS[args.preset][key])
     updates = args.steps // args.accum if args.step_unit == "micro" else args.steps
+    if updates == 0:
+        raise UserError(f"--steps {args.steps} micro-batches with --accum {args.accum} make no optimizer update; "
+                        f"use --steps >= {args.accum}")
+    if args.min_lr > args.lr:
+        raise UserError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
     args.t_max = args.t_max or updates
     if args.ablation == "noreg":
         args.gate_reg = 0.0
@@ -141,10 +180,57 @@ def prepare_demo(out: Path, args):
 def check_data_matches_model(manifest: dict, model_path: str, vocab_size: int, data_dir):
     tok_file = resolve_dir(model_path) / "tokenizer.json"
     if manifest.get("tokenizer_sha256") and tok_file.exists() and sha256_file(tok_file) != manifest["tokenizer_sha256"]:
-        raise SystemExit(f"error: {data_dir}/manifest.json was built with another tokenizer ({manifest['tokenizer']}) "
-                         f"than {model_path}'s tokenizer.json; rebuild the data with --tokenizer {model_path}")
+        raise UserError(f"{data_dir}/manifest.json was built with another tokenizer ({manifest['tokenizer']}) than "
+                        f"{model_path}'s tokenizer.json; rebuild the data with --tokenizer {model_path}")
     if manifest["vocab_size"] > vocab_size:
-        raise SystemExit(f"error: {data_dir} uses {manifest['vocab_size']} token ids, the model has {vocab_size}")
+        raise UserError(f"{data_dir} uses {manifest['vocab_size']} token ids, the model {model_path} has {vocab_size}")
+
+
+def check_new_run_folder(out: Path, restart: bool, say=print):
+    """A new run needs a folder without a run in it; --restart moves an existing run aside (never deletes it)."""
+    held = [f for f in RUN_FILES if (out / f).exists()] + sorted(p.name for p in out.glob("ckpt-*"))[:1]
+    if not held:
+        return False
+    if not restart:
+        raise UserError(f"{out} already holds a run ({', '.join(held)}). To continue it: python train.py --resume "
+                        f"{out}  (add --steps N to extend it). To start over: choose another --out, or add --restart "
+                        f"(the old run is moved to {out}.replaced-<time>, nothing is deleted)")
+    aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.replace(out, aside)
+    out.mkdir()
+    say(f"moved the previous run in {out} to {aside}")
+    return True
+
+
+def resume_args(args):
+    """The recorded settings of the run to resume, with --steps (extension) and --device taken from the command
+    line; any other setting given with a different value is refused by name."""
+    run = run_dir_of(Path(args.resume))
+    if args.out and Path(args.out).resolve() != run.resolve():
+        raise UserError(f"--resume {args.resume} continues {run}; drop --out {args.out} (a run cannot move)")
+    _, _, meta = load_checkpoint(run, "latest")
+    saved = meta["args"]
+    changed = sorted(k for k, v in args.given.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')} {args.given[k]} (run: {saved.get(k)})" for k in changed)
+        raise UserError(f"{run} was trained with other settings than {detail}; resume with the run's own settings "
+                        "(only --steps and --device may change), or start a new run in another --out")
+    new = argparse.Namespace(**{**saved, "resume": str(run), "out": str(run), "device": args.device,
+                                "given": args.given, "restart": False})
+    new.extensions = list(saved.get("extensions", []))
+    if "steps" in args.given and args.given["steps"] != saved["steps"]:
+        if args.given["steps"] < saved["steps"]:
+            raise UserError(f"--steps {args.given['steps']} is fewer than the run's {saved['steps']}; a run can "
+                            "only be extended")
+        new.steps = args.given["steps"]
+        new.updates = new.steps // new.accum if new.step_unit == "micro" else new.steps
+        new.extensions.append({"from_steps": saved["steps"], "to_steps": new.steps, "at_update": meta["step"],
+                               "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+    return new, meta
+
+
+def nonfinite_tensors(tensors: dict) -> list[str]:
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def param_groups(route, weight_decay: float, decay_biases: bool):
@@ -156,16 +242,48 @@ def param_groups(route, weight_decay: float, decay_biases: bool):
             {"params": r_b, "weight_decay": weight_decay if decay_biases else 0.0, "name": "router_bias"}]
 
 
-def forward_loss(route, batch, args, autocast):
-    """CE + regulariser (or BCE ablation) of one micro-batch, and its gates."""
+def forward_loss(route, batch, args, autocast, n_tokens: int, n_seqs: int):
+    """Loss of one micro-batch, scaled so that the update's sum of them is its loss; and its gates.
+
+    ce_mean 'update' (paper): CE summed here / the update's counted tokens (n_tokens), so the update's CE is a
+    token mean over all of its micro-batches and processes; the regulariser (or BCE) is weighted by this
+    micro-batch's share of the update's sequences (n_seqs). ce_mean 'micro' (authors'): each micro-batch's token
+    mean CE plus lambda R, divided by accum. Returns (loss, ce part, reg part, soft, hard), scaled alike.
+    """
     with autocast():
-        h, soft, hard = route.gated_hidden(batch["input_ids"], batch["attention_mask"])
-        ce = lm_loss(h, route.lm_head.weight, batch["labels"], chunk=args.chunk)
+        h, soft, hard = route.gated_hidden(batch["input_ids"], batch["attention_mask"], batch.get("route_mask"))
+        ce_sums, counts = lm_loss_per_sample(h, route.lm_head.weight, batch["labels"], chunk=args.chunk)
     if args.ablation == "bce":  # LayerRoute-BCE: the regulariser replaced by BCE on the step type
         reg = bce_gate_loss(soft, batch["is_tool"], args.bce_target)
     else:
         reg = gate_regulariser(soft)
+    if args.ce_mean == "update":
+        ce, reg = ce_sums.sum() / n_tokens, reg * (soft.shape[0] / n_seqs)
+    else:
+        ce, reg = ce_sums.sum() / counts.sum().clamp(min=1) / args.accum, reg / args.accum
     return ce + args.gate_reg * reg, ce, reg, soft, hard
+
+
+def accumulate_update(route, split: TokenSplit, u: int, args, pad_id, autocast, device, acc=None, rank=0, world=1):
+    """Forward and backward of this process's micro-batches of update u (gradients accumulate in .grad).
+
+    Returns the update's [loss, ce, reg, real tokens] on the device; appends gates to acc (no host sync)."""
+    sums = torch.zeros(4, dtype=torch.float32, device=device)
+    micro_batches = update_batches(split, u, args.batch_size, args.accum, args.seed, args.sort_by_length)
+    n_tokens = counted_tokens(split, np.concatenate(micro_batches)) if args.ce_mean == "update" else 0
+    for m in range(rank, args.accum, world):  # this process's share of the update's micro-batches
+        torch.manual_seed(args.seed * 1_000_003 + u * args.accum + m)  # dropout masks: per micro-batch, any process
+        batch = {k: v.to(device) for k, v in
+                 collate(split, micro_batches[m], pad_id, args.pad_to or None, route_on=args.route_on).items()}
+        loss, ce, reg, soft, hard = forward_loss(route, batch, args, autocast, max(n_tokens, 1),
+                                                 args.batch_size * args.accum)
+        loss.backward()
+        sums += torch.stack([loss.detach(), ce.detach(), reg.detach(), batch["attention_mask"].sum().float()])
+        if acc is not None:
+            acc["soft"].append(soft.detach().float())
+            acc["hard"].append(hard)
+            acc["tool"].append(batch["is_tool"])
+    return sums
 
 
 @torch.no_grad()
@@ -173,38 +291,50 @@ def validate(route, val: TokenSplit, args, pad_id, autocast, device):
     """Validation CE (token mean, no regulariser) and skip% per step type, with real skipping."""
     route.eval()
     n = len(val) if args.val_batches == 0 else min(len(val), args.val_batches * args.batch_size)
-    ce_sum, tok, skips = 0.0, 0, {0: [], 1: []}
+    ce_sum = torch.zeros((), dtype=torch.float64, device=device)
+    tok, skips = 0, {0: [], 1: []}
     for a in range(0, n, args.batch_size):
-        batch = collate(val, range(a, min(n, a + args.batch_size)), pad_id, args.pad_to or None)
+        batch = collate(val, range(a, min(n, a + args.batch_size)), pad_id, args.pad_to or None,
+                        route_on=args.route_on)
         batch = {k: v.to(device) for k, v in batch.items()}
         with autocast():
-            h = route.hidden(batch["input_ids"], batch["attention_mask"])
+            h = route.hidden(batch["input_ids"], batch["attention_mask"], route_mask=batch.get("route_mask"))
             sums, counts = lm_loss_per_sample(h, route.lm_head.weight, batch["labels"], args.chunk)
-        ce_sum += float(sums.sum())
+        ce_sum += sums.sum()
         tok += int(counts.sum())
+        skip = 1 - route.last.hard.float().mean(1)
         for b, tool in enumerate(batch["is_tool"].tolist()):
-            skips[0 if tool else 1].append(1 - route.last.hard[b].float().mean().item())
+            skips[0 if tool else 1].append(float(skip[b]))
     route.train()
     pct = {k: 100 * float(np.mean(v)) if v else float("nan") for k, v in skips.items()}
-    return ce_sum / max(tok, 1), pct[0], pct[1]
+    return float(ce_sum) / max(tok, 1), pct[0], pct[1]
 
 
 class RunLog:
-    """train_log.csv (one row per log interval / validation) and gates.csv (per layer), appended on resume."""
+    """train_log.csv (one row per log interval / validation) and gates.csv (per layer).
+
+    A resumed run first drops the rows written after its checkpoint (by the interrupted process), so the
+    logs hold each step once."""
 
     FIELDS = ["step", "loss", "ce", "reg", "skip_tool", "skip_plan", "lr", "grad_norm", "dt", "tok_s", "val_ce",
               "val_skip_tool", "val_skip_plan"]
+    GATE_FIELDS = ["step", "layer", "mean_soft", "hard_skip_rate", "bias", "w_norm"]
 
-    def __init__(self, out: Path, fresh: bool):
-        if fresh:
-            for name in ("train_log.csv", "gates.csv"):
-                (out / name).unlink(missing_ok=True)
-        new = not (out / "train_log.csv").exists()
+    def __init__(self, out: Path, start: int):
+        for name, header in (("train_log.csv", self.FIELDS), ("gates.csv", self.GATE_FIELDS)):
+            path = out / name
+            rows = []
+            if start > 0 and path.exists():
+                with open(path, newline="") as f:
+                    rows = [r for r in csv.reader(f)][1:]
+                rows = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= start]
+            with open(path.with_name(name + ".tmp"), "w", newline="") as f:
+                w = csv.writer(f)
+                w.writerow(header)
+                w.writerows(rows)
+            os.replace(path.with_name(name + ".tmp"), path)
         self.log_f, self.gates_f = open(out / "train_log.csv", "a", newline=""), open(out / "gates.csv", "a", newline="")
         self.log, self.gates = csv.DictWriter(self.log_f, self.FIELDS), csv.writer(self.gates_f)
-        if new:
-            self.log.writeheader()
-            self.gates.writerow(["step", "layer", "mean_soft", "hard_skip_rate", "bias", "w_norm"])
 
     def write(self, row: dict | None, gate_rows=()):
         self.gates.writerows(gate_rows)
@@ -225,42 +355,58 @@ def setup_distributed(args):
         return 0, 1
     import torch.distributed as dist
     if args.demo:
-        raise SystemExit("error: --demo runs in one process; build the data and model first for torchrun")
+        raise UserError("--demo runs in one process; build the data and model first for torchrun")
+    if args.accum % world:
+        raise UserError(f"--accum {args.accum} must be a multiple of the {world} processes (the global batch "
+                        f"stays batch_size x accum = {args.batch_size * args.accum} sequences)")
     if args.device.startswith("cuda"):
         args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(args.device)
     dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
-    if args.accum % world:
-        raise SystemExit(f"error: --accum {args.accum} must be a multiple of the {world} processes (the global batch "
-                         f"stays batch_size x accum = {args.batch_size * args.accum} sequences)")
     return dist.get_rank(), world
 
 
-def all_reduce_(tensors: list[torch.Tensor]):
-    """Sum tensors across processes in one flat all-reduce (gradients of the ~1.1M trainable parameters)."""
+def all_reduce_(tensors: list[torch.Tensor], device: torch.device):
+    """Sum tensors across processes in one flat all-reduce. Every tensor must live on the training device:
+    NCCL (CUDA) refuses CPU tensors, so a stray CPU tensor would stop multi-GPU training at its first update."""
     import torch.distributed as dist
+    stray = [tuple(t.shape) for t in tensors if t.device != device]
+    if stray:
+        raise RuntimeError(f"all_reduce_: tensors of shape {stray} are not on {device}, the process group's device")
     flat = torch.cat([t.reshape(-1) for t in tensors])
     dist.all_reduce(flat)
     for t, chunk in zip(tensors, flat.split([t.numel() for t in tensors])):
         t.copy_(chunk.view_as(t))
 
 
+def trained_row_hashes(data_dir) -> list[str]:
+    """Content hashes of every row the run can learn from or select on (train and val)."""
+    return sorted({r["hash"] for split in ("train", "val") for r in TokenSplit(data_dir, split).rows})
+
+
 def main(argv=None):
     args = parse_args(argv)
-    out = Path(args.resume or args.out)
-    resume = None
+    resume_meta = None
     if args.resume:
-        adapter, opt_state, meta = load_checkpoint(out, "latest")
-        args = argparse.Namespace(**{**meta["args"], "resume": args.resume, "out": str(out)})
-        resume = (adapter, opt_state, meta)
+        args, resume_meta = resume_args(args)
+        out = Path(args.out)
     else:
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UserError(f"--out {out} is a file; give a folder")
         out.mkdir(parents=True, exist_ok=True)
+    lock = RunLock(out)  # held until this process exits: no second writer
+    if not args.resume:
+        if check_new_run_folder(out, args.restart):  # the old run (and its lock file) moved aside
+            lock.release()
+            lock = RunLock(out)
         if args.demo:
             args.device = "cpu"
             prepare_demo(out, args)
         if not args.data:
-            raise SystemExit("error: --data DIR is required (build it with `python -m data_prep --out DIR`), or use --demo")
+            raise UserError("--data DIR is required (build it with `python -m data_prep --out DIR`), or use --demo")
         args.updates = resolve(args)
+        args.extensions = []
     updates = args.updates
     rank, world = setup_distributed(args)
     main_proc = rank == 0
@@ -273,7 +419,7 @@ def main(argv=None):
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    manifest = read_manifest(args.data)
+    manifest = read_manifest(args.data, verify=True)
     train_split, val_split = TokenSplit(args.data, "train"), TokenSplit(args.data, "val")
     route = build_layerroute(args.model, {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout},
                              pool=args.pool, init=args.init, device=device, dtype=dtype)
@@ -285,66 +431,69 @@ def main(argv=None):
     names = {p: n for n, p in route.named_parameters()}
     trainable = [p for g in groups for p in g["params"]]
     start, best = 0, float("inf")
-    if resume:
-        adapter, opt_state, meta = resume
-        if meta.get("manifest_sha256") != manifest_hash(args.data):
-            raise SystemExit(f"error: {args.data}/manifest.json changed since this run started; resume needs the same data")
-        check_same_shape(meta, cfg, out)
+    data_hash = manifest_hash(args.data)
+    if resume_meta:
+        if resume_meta.get("manifest_sha256") != data_hash:
+            raise UserError(f"{args.data}/manifest.json changed since this run started; resume needs the same data")
+        check_same_shape(resume_meta, cfg, out)
+        adapter, opt_state, _ = load_checkpoint(out, "latest")
         load_adapter(route, adapter, out)
-        opt.load_state_tensors(opt_state, names, meta["step"])
+        opt.load_state_tensors(opt_state, names, resume_meta["step"])
         restore_rng(opt_state)
-        start, best = meta["step"], meta.get("best_val_ce", float("inf"))
+        start, best = resume_meta["step"], resume_meta.get("best_val_ce", float("inf"))
         say(f"resumed {out} at update {start}/{updates}")
-    meta_base = {"args": vars(args), "model_config": model_shape(cfg), "manifest_sha256": manifest_hash(args.data)}
+        if args.extensions and args.extensions[-1]["at_update"] == start:
+            say(f"extended to {updates} updates; the LR schedule is unchanged (T_max {args.t_max}, then "
+                f"min-lr {args.min_lr:g})")
+    run_args = {k: v for k, v in vars(args).items() if k not in ("given", "restart")}
+    meta_base = {"args": run_args, "model_config": model_shape(cfg), "manifest_sha256": data_hash}
+    rows_text = trained_rows_text(trained_row_hashes(args.data))
     say(f"LayerRoute on {args.model}: {cfg.num_hidden_layers} layers, trainable {sum(p.numel() for p in trainable):,} | "
         f"data {args.data}: train {len(train_split)} val {len(val_split)} | {updates} updates of {args.batch_size}x"
-        f"{args.accum} on {world} process(es) | preset {args.preset} ablation {args.ablation} pool {args.pool} | "
-        f"{device} {dtype}")
-    log = RunLog(out, fresh=start == 0) if main_proc else None
+        f"{args.accum} on {world} process(es) | preset {args.preset} ablation {args.ablation} pool {args.pool} "
+        f"route-on {args.route_on} CE mean per {args.ce_mean} | {device} {dtype}")
+    log = RunLog(out, start) if main_proc else None
 
     def fresh_acc():
-        return {"sums": torch.zeros(4, dtype=torch.float64), "n": 0, "dt": 0.0, "soft": [], "hard": [], "tool": []}
+        return {"sums": torch.zeros(4, dtype=torch.float64, device=device), "n": 0, "t0": time.time(),
+                "soft": [], "hard": [], "tool": []}
+
+    def last_good_checkpoint() -> str:
+        if not (out / "latest.json").exists():
+            return f"no checkpoint was written in {out} yet"
+        d = out / json.loads((out / "latest.json").read_text())["dir"]
+        bad = nonfinite_tensors(load_checkpoint(d)[0])
+        return f"the last good checkpoint is {d}" if not bad else f"{d} holds non-finite {bad[:2]}"
 
     route.train()
     acc, t_run = fresh_acc(), time.time()
     for u in range(start, updates):
-        t0 = time.time()
         lr = get_lr(u, args.lr, args.t_max, args.warmup, args.min_lr)
         opt.set_lr(lr)
-        sums = torch.zeros(4, dtype=torch.float64)  # loss, ce, reg (each / accum), real tokens
-        micro_batches = update_batches(train_split, u, args.batch_size, args.accum, args.seed, args.sort_by_length)
-        for m in range(rank, args.accum, world):  # this process's share of the update's micro-batches
-            torch.manual_seed(args.seed * 1_000_003 + u * args.accum + m)  # dropout masks: per micro-batch, any process
-            batch = {k: v.to(device) for k, v in
-                     collate(train_split, micro_batches[m], pad_id, args.pad_to or None).items()}
-            loss, ce, reg, soft, hard = forward_loss(route, batch, args, autocast)
-            if not torch.isfinite(loss):
-                if log:
-                    log.close()
-                sys.exit(f"error: non-finite loss ({loss.item()}) at update {u} micro-batch {m} (ce {ce.item()}, reg "
-                         f"{reg.item()}); stopped without saving. The last good checkpoint is in {out} (latest.json); "
-                         "try a lower --lr or --clip")
-            (loss / args.accum).backward()
-            sums += torch.tensor([loss.item(), ce.item(), reg.item(), 0.0], dtype=torch.float64) / args.accum
-            sums[3] += int(batch["attention_mask"].sum())
-            acc["soft"].append(soft.detach().float().cpu())
-            acc["hard"].append(hard.cpu())
-            acc["tool"].append(batch["is_tool"].cpu())
+        sums = accumulate_update(route, train_split, u, args, pad_id, autocast, device, acc, rank, world)
+        for p in trainable:  # a tensor no open row reached still takes its (zero-gradient) AdamW step, as dense would
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
         if world > 1:  # sum gradients (and the logged sums) over processes: the update sees all 16 sequences
-            all_reduce_([p.grad if p.grad is not None else p.new_zeros(p.shape) for p in trainable])
-            all_reduce_([sums])
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf")))
+            all_reduce_([p.grad for p in trainable] + [sums], device)  # one flat fp32 reduction
+        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf"))
+        if not bool(torch.isfinite(grad_norm) & torch.isfinite(sums[0])):  # one host read per update
+            if log:
+                log.close()
+            raise UserError(f"non-finite loss or gradient at update {u} (loss {sums[0].item():.4g}, ce "
+                            f"{sums[1].item():.4g}, reg {sums[2].item():.4g}, grad norm {grad_norm.item():.4g}); "
+                            f"stopped before the update, nothing saved; {last_good_checkpoint()}. Resume from it "
+                            "with a lower --lr in a new run, or check the data")
         opt.step()
         opt.zero_grad()
-        if cuda:
-            torch.cuda.synchronize()
         acc["sums"] += sums
-        acc["dt"] += time.time() - t0
         acc["n"] += 1
         step = u + 1
         row, gate_rows = None, []
         if step % args.log_every == 0 or step == updates:
-            row, gate_rows = interval_stats(acc, route, step, lr, grad_norm)  # gate stats: this process's batches
+            if cuda:
+                torch.cuda.synchronize()
+            row, gate_rows = interval_stats(acc, route, step, lr, float(grad_norm))  # this process's batches
             say(f"{step:5d}/{updates} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | reg {row['reg']:.4f} | "
                 f"skip% tool {row['skip_tool']:5.1f} plan {row['skip_plan']:5.1f} | lr {lr:.3e} | "
                 f"dt {row['dt'] * 1000:.0f} ms | tok/s {row['tok_s']:.0f} | "
@@ -363,21 +512,23 @@ def main(argv=None):
             if periodic or improved:
                 opt_t = {**opt.state_tensors(names), **rng_state_tensors()}
                 save_checkpoint(out, step, adapter_tensors(route), opt_t, {**meta_base, "best_val_ce": best},
-                                (["latest"] if periodic else []) + (["best"] if improved else []))
+                                (["latest"] if periodic else []) + (["best"] if improved else []),
+                                extra={"trained_rows.txt": rows_text})
     if log:
         log.close()
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
+    lock.release()
     say(f"done: {updates} updates in {time.time() - t_run:.1f}s; best val CE {best:.4f}; checkpoints in {out}")
     return 0
 
 
 def interval_stats(acc, route, step, lr, grad_norm):
-    """The log row and the per-layer gate rows of one log interval."""
-    soft, hard, tool = torch.cat(acc["soft"]), torch.cat(acc["hard"]), torch.cat(acc["tool"])
+    """The log row and the per-layer gate rows of one log interval (the only place statistics leave the device)."""
+    soft, hard, tool = torch.cat(acc["soft"]).cpu(), torch.cat(acc["hard"]).cpu(), torch.cat(acc["tool"]).cpu()
     skip = 100 * (1 - hard.float().mean(1))
-    n, dt = acc["n"], acc["dt"]
+    n, dt = acc["n"], time.time() - acc["t0"]
     loss, ce, reg, tok = acc["sums"].tolist()
     row = {"step": step, "loss": loss / n, "ce": ce / n, "reg": reg / n,
            "skip_tool": float(skip[tool].mean()) if tool.any() else float("nan"),
@@ -390,4 +541,4 @@ def interval_stats(acc, route, step, lr, grad_norm):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

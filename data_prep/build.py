@@ -1,11 +1,18 @@
 """Build the mixture: fetch raw files, parse, count, split, tokenise, store, and write manifest.json.
 
+The build writes into a temporary folder beside --out and renames it into place at the end, so an
+interrupted build never leaves new arrays under an old manifest; an existing data folder is replaced only
+with overwrite=True (`--overwrite`). manifest.json records every file's size and sha256 (`files`), which
+train.py and eval.py verify.
+
 Accounting: every record of every source file is exactly one of used / malformed (by reason) / unused, so
 read = used + malformed + unused. Records are taken in file order until a source's count is met
 (Glaive: the first 5,000 *usable*); the rest are unused. Training pool = the used samples of the four
 sources, shuffled with the seed and split 90/10 into train / val.
 
-Held-out evaluation, never in training (checked by content hash and by the first user prompt):
+Held-out evaluation, never in training (checked by content hash and by the first user prompt), and never
+truncated (a held-out row longer than --max-len is left out and counted as `truncated`; an eval row cut short
+would measure schema text instead of its question and reference call):
 - tool: Hermes' multi-turn file `func-calling.json` (not the singleturn file trained on), cut to the
   prompt plus the first assistant tool call; a seeded sample of its eligible rows;
 - planning: the first rows of GSM8K `test` that carry a final "#### N" answer;
@@ -14,9 +21,9 @@ Held-out evaluation, never in training (checked by content hash and by the first
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +31,7 @@ from pathlib import Path
 import numpy as np
 
 from minroute.chat import encode_chat
+from minroute.safety import MissingFile, UserError, file_records, sha256_file
 
 from . import glaive, gsm8k, hermes, turing
 from .records import PLANNING, TOOL, Malformed, Sample, read_json_records
@@ -59,27 +67,19 @@ EVAL_SOURCES = {
 }
 
 
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def fetch(name: str, spec: SourceFile, source_dir: Path | None) -> tuple[Path, str | None]:
     """Local path of a raw file and the revision it came from."""
     if source_dir is not None:
         path = Path(source_dir) / spec.local_name
         if not path.exists():
-            raise FileNotFoundError(f"{name}: {path} not found; --source-dir must hold the files as on the Hub "
+            raise MissingFile(f"{name}: {path} not found; --source-dir must hold the files as on the Hub "
                                     f"(<dir>/{spec.local_name})")
         return path, spec.revision
     from huggingface_hub import hf_hub_download
     try:
         path = Path(hf_hub_download(spec.repo, spec.file, repo_type="dataset", revision=spec.revision))
     except Exception as e:
-        raise FileNotFoundError(f"{name}: could not download {spec.file} from dataset {spec.repo} "
+        raise MissingFile(f"{name}: could not download {spec.file} from dataset {spec.repo} "
                                 f"(revision {spec.revision or 'main'}): {type(e).__name__}: {e}. Use --source-dir "
                                 "with the raw files if you are offline") from e
     parts = path.parts  # <cache>/snapshots/<commit>/<file>: record the commit actually downloaded
@@ -131,6 +131,8 @@ def write_split(out: Path, name: str, samples: list[Sample], encoded: list, with
     mask = np.concatenate([e.loss_mask for e in encoded]).astype(np.uint8) if encoded else np.zeros(0, np.uint8)
     np.save(d / "ids.npy", ids)
     np.save(d / "loss_mask.npy", mask)
+    amask = np.concatenate([e.assistant_mask for e in encoded]).astype(np.uint8) if encoded else np.zeros(0, np.uint8)
+    np.save(d / "assistant_mask.npy", amask)
     np.save(d / "offsets.npy", offsets)
     np.save(d / "step_type.npy", np.array([STEP_CODE[s.step_type] for s in samples], dtype=np.uint8))
     np.save(d / "prompt_len.npy", np.array([e.prompt_len for e in encoded], dtype=np.int32))
@@ -171,11 +173,47 @@ def match_by_length(tool: list[tuple[int, int]], plan: list[tuple[int, int]], pa
 
 def build(out_dir, tokenizer, tokenizer_name: str, tokenizer_sha256: str | None = None, source_dir=None, counts=None, eval_counts=None,
           matched_pairs: int = 50, seed: int = 42, max_len: int = 512, loss_on: str = "all",
-          val_fraction: float = 0.1, glaive_candidates: int = 2000, log=print) -> dict:
-    """Build everything under out_dir; return the manifest (also written to out_dir/manifest.json)."""
+          val_fraction: float = 0.1, glaive_candidates: int = 2000, overwrite: bool = False, log=print) -> dict:
+    """Build everything under out_dir (atomically); return the manifest (also written to out_dir/manifest.json)."""
     t0 = time.time()
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    final = Path(out_dir)
+    if final.exists() and any(final.iterdir()) and not overwrite:
+        what = "a data folder" if (final / "manifest.json").exists() else "files"
+        raise UserError(f"{final} already holds {what}; pass --overwrite to replace it, or choose another --out")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    out = final.parent / f".{final.name}.building-{os.getpid()}"
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir()
+    try:
+        manifest = _build(out, tokenizer, tokenizer_name, tokenizer_sha256, source_dir, counts, eval_counts,
+                          matched_pairs, seed, max_len, loss_on, val_fraction, glaive_candidates, log)
+        manifest["build_seconds"] = round(time.time() - t0, 2)
+        (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
+        _fsync_tree(out)
+        if final.exists():  # --overwrite: move the old folder aside first, so a crash here loses neither
+            old = final.parent / f".{final.name}.replaced-{os.getpid()}"
+            os.replace(final, old)
+            os.replace(out, final)
+            shutil.rmtree(old)
+        else:
+            os.replace(out, final)
+    finally:
+        shutil.rmtree(out, ignore_errors=True)
+    log(f"[data_prep] train {manifest['splits']['train']['n']}  val {manifest['splits']['val']['n']}  eval "
+        f"{manifest['splits']['eval']['n']}  matched pairs {manifest['splits']['eval_matched']['pairs']}  -> {final} "
+        f"({manifest['build_seconds']}s)")
+    return manifest
+
+
+def _fsync_tree(root: Path):
+    for path in sorted(root.rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+
+
+def _build(out: Path, tokenizer, tokenizer_name, tokenizer_sha256, source_dir, counts, eval_counts, matched_pairs,
+           seed, max_len, loss_on, val_fraction, glaive_candidates, log) -> dict:
     counts = {**PAPER_COUNTS, **(counts or {})}
     eval_counts = {**PAPER_EVAL_COUNTS, **(eval_counts or {})}
     source_dir = Path(source_dir) if source_dir is not None else None
@@ -194,15 +232,15 @@ def build(out_dir, tokenizer, tokenizer_name: str, tokenizer_sha256: str | None 
         path, revision = fetch(name, spec, source_dir)
         records = read_records(name, path)
         if not records:
-            raise ValueError(f"{name}: {path} holds no records")
+            raise UserError(f"{name}: {path} holds no records")
         used, malformed, unused = parse_in_order(name, records, spec.parse, counts[name])
         want = counts[name]
         if want is not None and len(used) < want:
-            raise ValueError(f"{name}: only {len(used)} usable rows in {path} ({len(records)} read, "
+            raise UserError(f"{name}: only {len(used)} usable rows in {path} ({len(records)} read, "
                              f"{sum(malformed.values())} malformed: {malformed}); {want} requested. Lower it with "
                              f"--counts {name}={len(used)}")
         if not used:
-            raise ValueError(f"{name}: no usable rows in {path} ({len(records)} read, malformed: {malformed})")
+            raise UserError(f"{name}: no usable rows in {path} ({len(records)} read, malformed: {malformed})")
         enc = [encode(s) for s in used]
         leftovers[name] = (records, len(records) - unused)  # unused rows start at this index
         n_no_call = sum(1 for s in used if s.step_type == TOOL and
@@ -226,7 +264,7 @@ def build(out_dir, tokenizer, tokenizer_name: str, tokenizer_sha256: str | None 
     for name, spec in EVAL_SOURCES.items():
         path, revision = fetch(name, spec, source_dir)
         records = read_records(name, path)
-        eligible, malformed, overlap = [], {}, 0
+        eligible, malformed, overlap, truncated = [], {}, 0, 0
         for i, rec in enumerate(records):
             try:
                 if isinstance(rec, Malformed):
@@ -238,21 +276,25 @@ def build(out_dir, tokenizer, tokenizer_name: str, tokenizer_sha256: str | None 
             if s.content_hash() in train_hashes or first_user(s) in train_prompts:
                 overlap += 1
                 continue
+            if encode(s).truncated:  # never evaluate a row cut short: it would score schema text
+                truncated += 1
+                continue
             eligible.append(s)
         eval_pools[name] = eligible
         manifest["eval_sources"][name] = {
             "repo": spec.repo, "file": spec.file, "revision": revision, "sha256": sha256_file(path),
             "read": len(records), "eligible": len(eligible), "malformed": sum(malformed.values()),
-            "malformed_by_reason": malformed, "overlap_with_training": overlap}
+            "malformed_by_reason": malformed, "overlap_with_training": overlap, "truncated": truncated}
+        assert len(records) == len(eligible) + sum(malformed.values()) + overlap + truncated
         log(f"[data_prep] {name:14s} read {len(records):5d}  eligible {len(eligible):5d}  malformed "
-            f"{sum(malformed.values()):4d}  in training already {overlap}")
+            f"{sum(malformed.values()):4d}  in training already {overlap}  longer than {max_len} tokens {truncated}")
 
     rng = np.random.default_rng(seed)
     tool_pool = [eval_pools["hermes_heldout"][k] for k in rng.permutation(len(eval_pools["hermes_heldout"]))]
     plan_pool = eval_pools["gsm8k_test"]
     for kind, avail, name in (("tool", tool_pool, "hermes_heldout"), ("planning", plan_pool, "gsm8k_test")):
         if len(avail) < eval_counts[kind]:
-            raise ValueError(f"{name}: only {len(avail)} held-out rows available for the {kind} eval set, "
+            raise UserError(f"{name}: only {len(avail)} held-out rows available for the {kind} eval set, "
                              f"{eval_counts[kind]} requested; lower it with --eval-counts {kind}={len(avail)}")
     eval_samples = tool_pool[: eval_counts["tool"]] + plan_pool[: eval_counts["planning"]]
     manifest["eval_sources"]["hermes_heldout"]["chosen_rows"] = [s.row for s in tool_pool[: eval_counts["tool"]]]
@@ -268,7 +310,7 @@ def build(out_dir, tokenizer, tokenizer_name: str, tokenizer_sha256: str | None 
             s = None
         has_call = s is not None and any(m.get("tool_calls") for m in s.messages)
         if has_call and s.content_hash() not in train_hashes and first_user(s) not in train_prompts:
-            tool_cands.append(s)
+            tool_cands.append(s)  # truncated ones are left out by the pairing below
     plan_cands = plan_pool[eval_counts["planning"]:]
     tool_enc, plan_enc = [encode(s) for s in tool_cands], [encode(s) for s in plan_cands]
     pairs = match_by_length([(len(e.ids), k) for k, e in enumerate(tool_enc) if not e.truncated],
@@ -299,10 +341,5 @@ def build(out_dir, tokenizer, tokenizer_name: str, tokenizer_sha256: str | None 
     diffs = [abs(len(tool_enc[a].ids) - len(plan_enc[b].ids)) for a, b in pairs]
     manifest["splits"]["eval_matched"].update(pairs=len(pairs), requested_pairs=matched_pairs,
                                               mean_abs_len_diff=round(float(np.mean(diffs)), 2) if diffs else None)
-    manifest["build_seconds"] = round(time.time() - t0, 2)
-    tmp = out / "manifest.json.tmp"
-    tmp.write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-    os.replace(tmp, out / "manifest.json")
-    log(f"[data_prep] train {len(splits['train'])}  val {n_val}  eval {len(eval_samples)}  matched pairs "
-        f"{len(pairs)}  -> {out} ({manifest['build_seconds']}s)")
+    manifest["files"] = file_records(out, sorted(str(f.relative_to(out)) for f in out.rglob("*") if f.is_file()))
     return manifest

@@ -8,6 +8,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from minroute.safety import UserError
+
 from .records import PLANNING, Malformed, Sample, require
 
 REPO = "openai/gsm8k"
@@ -25,7 +27,7 @@ def read_parquet(path: Path, source: str) -> list:
     try:
         return pq.read_table(str(path)).to_pylist()
     except Exception as e:
-        raise ValueError(f"{source}: cannot read parquet file {path} ({e}); re-download it") from e
+        raise UserError(f"{source}: cannot read parquet file {path} ({e}); re-download it") from e
 
 
 def final_answer(answer: str) -> str | None:

@@ -7,6 +7,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from minroute.safety import MissingFile, UserError
+
 TOOL, PLANNING = "tool_call", "planning"
 
 
@@ -65,13 +67,13 @@ def read_json_records(path: Path, source: str) -> list:
     try:
         text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape")
     except OSError as e:
-        raise FileNotFoundError(f"{source}: cannot read {path} ({e})") from e
+        raise MissingFile(f"{source}: cannot read {path} ({e})") from e
     stripped = text.lstrip()
     if stripped.startswith("["):
         try:
             rows = json.loads(stripped)
         except json.JSONDecodeError as e:
-            raise ValueError(f"{source}: {path} starts like a JSON array but does not parse ({e}); re-download it") from e
+            raise UserError(f"{source}: {path} starts like a JSON array but does not parse ({e}); re-download it") from e
     else:
         rows = []
         for line in text.splitlines():
@@ -82,7 +84,7 @@ def read_json_records(path: Path, source: str) -> list:
             except json.JSONDecodeError:
                 rows.append(Malformed("not_json", line[:80]))
         if rows and all(isinstance(r, Malformed) for r in rows):
-            raise ValueError(f"{source}: {path} is neither a JSON array nor JSON lines; re-download it")
+            raise UserError(f"{source}: {path} is neither a JSON array nor JSON lines; re-download it")
     return [Malformed("invalid_utf8") if has_bad_utf8(r) else r for r in rows]
 
 

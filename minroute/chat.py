@@ -91,6 +91,7 @@ class Encoded:
     truncated: bool
     tool_call_cut: bool  # truncation removed (part of) the last </tool_call>
     prompt_len: int  # tokens up to and including the last assistant header (the generation prompt)
+    assistant_mask: np.ndarray  # (n,) uint8: 1 = the token starts inside an assistant output span
 
 
 def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None, max_len: int = 512,
@@ -125,5 +126,5 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
         end = text.rfind("</tool_call>")
         kept_end = enc.offsets[max_len - 1][1]
         cut = end >= 0 and kept_end < end + len("</tool_call>")
-        ids, mask = ids[:max_len], mask[:max_len]
-    return Encoded(ids, mask, n_full, truncated, cut, min(prompt_len, len(ids)))
+        ids, mask, in_output = ids[:max_len], mask[:max_len], in_output[:max_len]
+    return Encoded(ids, mask, n_full, truncated, cut, min(prompt_len, len(ids)), in_output.astype(np.uint8))

@@ -1,9 +1,12 @@
 """Checkpoints: adapters (LoRA + routers) and optimizer state in safetensors, meta in JSON; atomic.
 
 A run folder holds complete checkpoint folders `ckpt-<step>/` (adapter.safetensors, optimizer.safetensors,
-meta.json) and two pointer files, `latest.json` and `best.json`. A checkpoint folder is written under a
-temporary name, fsynced and renamed; only then is the pointer replaced (write temp, fsync, rename). A crash
-at any moment leaves the pointers naming complete checkpoints. Nothing here is pickled.
+trained_rows.txt, meta.json) and two pointer files, `latest.json` and `best.json`. A checkpoint folder is
+written under a temporary name, fsynced and renamed; only then is the pointer replaced (write temp, fsync,
+rename). A crash at any moment leaves the pointers naming complete checkpoints. meta.json records each
+file's size and sha256, checked on load, so a corrupt or missing file is named; `trained_rows.txt` lists the
+content hashes of the rows the run trained and selected on, so eval.py can prove its rows are held out.
+Files get the permissions of the run folder's other files (umask). Nothing here is pickled.
 """
 from __future__ import annotations
 
@@ -14,6 +17,8 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+
+from .safety import MissingFile, UserError, file_records, verify_files
 
 
 def _fsync_dir(path: Path):
@@ -41,8 +46,22 @@ def _save_tensors(tensors: dict, path: Path):
         os.fsync(f.fileno())
 
 
-def save_checkpoint(run_dir, step: int, adapter: dict, optimizer: dict, meta: dict, pointers=("latest",)) -> Path:
-    """Write ckpt-<step>/ atomically and point `pointers` (latest and/or best) at it; prune unreferenced ones."""
+def _write_text(path: Path, text: str):
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def trained_rows_text(hashes) -> str:
+    return "".join(f"{h}\n" for h in hashes)
+
+
+def save_checkpoint(run_dir, step: int, adapter: dict, optimizer: dict, meta: dict, pointers=("latest",),
+                    extra: dict[str, str] | None = None) -> Path:
+    """Write ckpt-<step>/ atomically and point `pointers` (latest and/or best) at it; prune unreferenced ones.
+
+    `extra` maps file names to text files written beside the tensors (trained_rows.txt)."""
     run = Path(run_dir)
     run.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:06d}"
@@ -51,10 +70,10 @@ def save_checkpoint(run_dir, step: int, adapter: dict, optimizer: dict, meta: di
     tmp.mkdir()
     _save_tensors(adapter, tmp / "adapter.safetensors")
     _save_tensors(optimizer, tmp / "optimizer.safetensors")
-    with open(tmp / "meta.json", "w", encoding="utf-8") as f:
-        json.dump({**meta, "step": step}, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
+    for fname, text in (extra or {}).items():
+        _write_text(tmp / fname, text)
+    files = file_records(tmp, ["adapter.safetensors", "optimizer.safetensors", *sorted(extra or {})])
+    _write_text(tmp / "meta.json", json.dumps({**meta, "step": step, "files": files}, indent=2))
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -69,28 +88,70 @@ def save_checkpoint(run_dir, step: int, adapter: dict, optimizer: dict, meta: di
     return final
 
 
+def is_checkpoint_dir(p: Path) -> bool:
+    return p.name.startswith("ckpt-") and (p / "meta.json").exists()
+
+
+def run_dir_of(path) -> Path:
+    """The run folder of a run folder or of one of its ckpt-* folders."""
+    p = Path(path)
+    if not p.exists():
+        raise MissingFile(f"{p}: no such run folder")
+    return p.parent if is_checkpoint_dir(p) else p
+
+
 def resolve_checkpoint(path, which: str = "latest") -> Path:
     """A run folder (follow latest.json / best.json) or a ckpt-* folder itself."""
     p = Path(path)
-    if (p / "meta.json").exists() and (p / "adapter.safetensors").exists():
+    if not p.exists():
+        raise MissingFile(f"{p}: no such folder; pass a train.py --out folder or one of its ckpt-* folders")
+    if (p / "meta.json").exists():
         return p
     pointer = p / f"{which}.json"
     if not pointer.exists():
-        raise FileNotFoundError(f"{p}: no {which}.json and no checkpoint files; pass a train.py --out folder "
-                                "or one of its ckpt-* folders")
-    return p / json.loads(pointer.read_text())["dir"]
+        raise MissingFile(f"{p}: no {which}.json and no checkpoint files; pass a train.py --out folder "
+                          "or one of its ckpt-* folders")
+    try:
+        d = p / json.loads(pointer.read_text())["dir"]
+    except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
+        raise UserError(f"{pointer}: unreadable ({type(e).__name__}); point it at a ckpt-* folder or pass one "
+                        "directly") from None
+    if not d.is_dir():
+        raise MissingFile(f"{pointer} names {d.name}, which is missing; pass an existing ckpt-* folder")
+    return d
+
+
+def read_meta(d: Path) -> dict:
+    path = d / "meta.json"
+    if not path.exists():
+        raise MissingFile(f"{path}: missing; the checkpoint is incomplete")
+    try:
+        return json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); the checkpoint is corrupt") from None
 
 
 def load_checkpoint(path, which: str = "latest") -> tuple[dict, dict, dict]:
-    """(adapter tensors, optimizer tensors, meta) of a checkpoint folder or a run folder's pointer."""
+    """(adapter tensors, optimizer tensors, meta) of a checkpoint folder or a run folder's pointer; every file
+    is checked against the size and sha256 that meta.json records."""
     d = resolve_checkpoint(path, which)
-    for f in ("meta.json", "adapter.safetensors"):
-        if not (d / f).exists():
-            raise FileNotFoundError(f"{d / f}: missing; the checkpoint is incomplete")
-    meta = json.loads((d / "meta.json").read_text())
-    adapter = load_file(str(d / "adapter.safetensors"))
-    opt = load_file(str(d / "optimizer.safetensors")) if (d / "optimizer.safetensors").exists() else {}
+    meta = read_meta(d)
+    if "files" in meta:
+        verify_files(d, meta["files"], f"checkpoint {d}")
+    elif not (d / "adapter.safetensors").exists():
+        raise MissingFile(f"{d / 'adapter.safetensors'}: missing; the checkpoint is incomplete")
+    try:
+        adapter = load_file(str(d / "adapter.safetensors"))
+        opt = load_file(str(d / "optimizer.safetensors")) if (d / "optimizer.safetensors").exists() else {}
+    except Exception as e:  # safetensors raises its own error type for corrupt headers and data
+        raise UserError(f"{d}: cannot read the checkpoint's tensors ({e}); it is corrupt") from None
     return adapter, opt, meta
+
+
+def trained_rows(d: Path) -> set[str] | None:
+    """Content hashes of the rows a checkpoint's run trained and selected on (None for older checkpoints)."""
+    path = Path(d) / "trained_rows.txt"
+    return set(path.read_text().split()) if path.exists() else None
 
 
 def rng_state_tensors() -> dict[str, torch.Tensor]:
@@ -124,7 +185,7 @@ def build_layerroute(model_path, lora: dict, pool: str = "mask", init: str = "ba
     return LayerRoute(base, pool=pool, init=init)
 
 
-def load_layerroute(ckpt, which: str = "best", model=None, device="cpu", dtype=None):
+def load_layerroute(ckpt, which: str = "latest", model=None, device="cpu", dtype=None):
     """(LayerRoute with the checkpoint's adapters, meta). `model` overrides the base model path in meta."""
     adapter, _, meta = load_checkpoint(ckpt, which)
     a = meta["args"]
@@ -132,6 +193,10 @@ def load_layerroute(ckpt, which: str = "best", model=None, device="cpu", dtype=N
                                                    "dropout": a["lora_dropout"]}, pool=a["pool"], device=device,
                              dtype=dtype)
     check_same_shape(meta, route.config, ckpt)
+    bad = [k for k, v in adapter.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"{resolve_checkpoint(ckpt, which)}: non-finite weights in {len(bad)} tensors ({bad[0]}, ...); "
+                        "this checkpoint cannot be evaluated, use an earlier one")
     load_adapter(route, adapter, ckpt)
     return route.eval(), meta
 
@@ -149,7 +214,7 @@ def check_same_shape(meta: dict, cfg, where):
     saved = meta.get("model_config", {})
     diff = {k: (saved.get(k), getattr(cfg, k)) for k in SHAPE_KEYS if k in saved and saved[k] != getattr(cfg, k)}
     if diff:
-        raise ValueError(f"{where}: checkpoint is from another model shape (checkpoint vs model: {diff}); pass the "
+        raise UserError(f"{where}: checkpoint is from another model shape (checkpoint vs model: {diff}); pass the "
                          "base model it was trained on")
 
 
@@ -157,11 +222,11 @@ def load_adapter(route, tensors: dict, where):
     params = adapter_tensors(route)
     missing, unexpected = sorted(set(params) - set(tensors)), sorted(k for k in tensors if k not in params)
     if missing or unexpected:
-        raise ValueError(f"{where}: adapter tensors do not match the model (missing {missing[:3]}, unexpected "
+        raise UserError(f"{where}: adapter tensors do not match the model (missing {missing[:3]}, unexpected "
                          f"{unexpected[:3]}); was it trained with other LoRA settings or another model?")
     with torch.no_grad():
         for k, p in params.items():
             if tensors[k].shape != p.shape:
-                raise ValueError(f"{where}: '{k}' has shape {tuple(tensors[k].shape)}, the model expects "
+                raise UserError(f"{where}: '{k}' has shape {tuple(tensors[k].shape)}, the model expects "
                                  f"{tuple(p.shape)}: a checkpoint from another model shape")
             p.copy_(tensors[k])

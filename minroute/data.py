@@ -1,8 +1,15 @@
 """Reading what data_prep built: memory-mapped token arrays, padded batches with labels, a pure sampler.
 
-A split folder holds ids.npy (flat uint32), loss_mask.npy (flat uint8), offsets.npy (n + 1), step_type.npy
-(0 = tool_call, 1 = planning), prompt_len.npy and samples.jsonl. `batch_indices(step)` is a pure function
-of (seed, step), so a resumed run sees exactly the batches an uninterrupted one would.
+A split folder holds ids.npy (flat uint32), loss_mask.npy (flat uint8), assistant_mask.npy (flat uint8: the
+tokens of assistant outputs), offsets.npy (n + 1), step_type.npy (0 = tool_call, 1 = planning), prompt_len.npy
+and samples.jsonl. `manifest.json` records every file's size and sha256; `read_manifest(verify=True)` checks
+them and names a file that does not match. `batch_indices(step)` is a pure function of (seed, step), so a
+resumed run sees exactly the batches an uninterrupted one would.
+
+The prompt of a sample (`prompt_len`) is the context before its response: every token up to and including
+the header of the *last* assistant turn (system + tools + all earlier turns). For single-turn rows that is
+the question; for multi-turn rows (Glaive) the whole conversation before the final answer, which is what a
+deployment has in hand when it decides the gates for that answer. Routing on the prompt pools over it.
 """
 from __future__ import annotations
 
@@ -13,17 +20,30 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .safety import MissingFile, UserError, verify_files
+
 TOOL, PLANNING = 0, 1
 
 
-def read_manifest(data_dir) -> dict:
+def read_manifest(data_dir, verify: bool = False) -> dict:
+    """manifest.json of a data folder; with verify, every split file is checked against its size and sha256."""
     path = Path(data_dir) / "manifest.json"
     if not Path(data_dir).is_dir():
-        raise FileNotFoundError(f"{data_dir}: data directory not found; build it with `python -m data_prep --out "
-                                f"{data_dir}` (or use --demo)")
+        raise MissingFile(f"{data_dir}: data directory not found; build it with `python -m data_prep --out "
+                          f"{data_dir}` (or use --demo)")
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest.json; {data_dir} was not built by data_prep")
-    return json.loads(path.read_text())
+        raise MissingFile(f"{path}: no manifest.json; {data_dir} was not built by data_prep (or its build was "
+                          "interrupted); rebuild it")
+    try:
+        manifest = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise UserError(f"{path}: not valid JSON ({e}); rebuild the data folder") from None
+    if verify:
+        if "files" not in manifest:
+            raise UserError(f"{path}: records no file hashes (built by an older data_prep); rebuild the data "
+                            "folder so it can be verified")
+        verify_files(data_dir, manifest["files"], f"manifest of {data_dir}")
+    return manifest
 
 
 def manifest_hash(data_dir) -> str:
@@ -36,13 +56,15 @@ class TokenSplit:
     def __init__(self, data_dir, name: str):
         d = Path(data_dir) / name
         if not (d / "ids.npy").exists():
-            raise FileNotFoundError(f"{d}: split '{name}' not found in {data_dir}")
+            raise MissingFile(f"{d}: split '{name}' not found in {data_dir}")
         self.dir, self.name = d, name
         self.ids = np.load(d / "ids.npy", mmap_mode="r")
         self.loss_mask = np.load(d / "loss_mask.npy", mmap_mode="r")
         self.offsets = np.load(d / "offsets.npy")
         self.step_type = np.load(d / "step_type.npy")
         self.prompt_len = np.load(d / "prompt_len.npy")
+        am = d / "assistant_mask.npy"
+        self.assistant_mask = np.load(am, mmap_mode="r") if am.exists() else None
         self._rows = None
 
     def __len__(self):
@@ -64,33 +86,62 @@ class TokenSplit:
         return self._rows
 
 
+ROUTE_ON = ("prompt", "sequence")
+
+
 def collate(split: TokenSplit, indices, pad_id: int, pad_to: int | None = None, side: str = "right",
-            prompt_only: bool = False) -> dict:
-    """Padded batch: input_ids, attention_mask (1 = real), labels (-100 = not counted), is_tool (B,).
+            prompt_only: bool = False, route_on: str = "sequence") -> dict:
+    """Padded batch: input_ids, attention_mask (1 = real), labels (-100 = not counted), is_tool (B,);
+    route_mask (1 = pooled by the routers) when route_on is 'prompt'; assistant_labels (labels of the
+    assistant-output tokens only) when the split records them.
 
     Labels are unshifted (HF convention); the loss shifts them. Padding never counts. pad_to None pads
     to the longest sequence of the batch; prompt_only keeps each sample's generation prompt only.
     """
+    if route_on not in ROUTE_ON:
+        raise ValueError(f"route_on {route_on!r}: expected one of {ROUTE_ON}")
     seqs = []
     for i in indices:
         ids, mask = split.get(int(i))
-        if prompt_only:
-            ids, mask = ids[: split.prompt_len[i]], mask[: split.prompt_len[i]]
-        seqs.append((ids, mask))
+        a, b = split.offsets[int(i)], split.offsets[int(i) + 1]
+        amask = None if split.assistant_mask is None else np.asarray(split.assistant_mask[a:b])
+        n = len(ids) if not prompt_only else int(split.prompt_len[i])
+        seqs.append((ids[:n], mask[:n], None if amask is None else amask[:n], int(split.prompt_len[i])))
     T = max(len(s[0]) for s in seqs) if pad_to is None else pad_to
     B = len(seqs)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attn = torch.zeros((B, T), dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)
-    for b, (ids, mask) in enumerate(seqs):
+    route = torch.zeros((B, T), dtype=torch.long)
+    a_labels = torch.full((B, T), -100, dtype=torch.long) if split.assistant_mask is not None else None
+    for b, (ids, mask, amask, plen) in enumerate(seqs):
         if len(ids) > T:
-            raise ValueError(f"sample of {len(ids)} tokens does not fit pad_to={T}")
-        sl = slice(0, len(ids)) if side == "right" else slice(T - len(ids), T)
-        input_ids[b, sl] = torch.from_numpy(ids)
+            raise UserError(f"{split.dir}: a sample of {len(ids)} tokens does not fit a batch padded to {T}")
+        start = 0 if side == "right" else T - len(ids)
+        sl = slice(start, start + len(ids))
+        tokens = torch.from_numpy(ids)
+        input_ids[b, sl] = tokens
         attn[b, sl] = 1
-        labels[b, sl] = torch.where(torch.from_numpy(mask.astype(bool)), torch.from_numpy(ids), -100)
+        route[b, start:start + min(plen, len(ids))] = 1
+        labels[b, sl] = torch.where(torch.from_numpy(mask.astype(bool)), tokens, -100)
+        if a_labels is not None:
+            a_labels[b, sl] = torch.where(torch.from_numpy(amask.astype(bool)), tokens, -100)
     is_tool = torch.tensor([split.step_type[int(i)] == TOOL for i in indices])
-    return {"input_ids": input_ids, "attention_mask": attn, "labels": labels, "is_tool": is_tool}
+    out = {"input_ids": input_ids, "attention_mask": attn, "labels": labels, "is_tool": is_tool}
+    if route_on == "prompt":
+        out["route_mask"] = route
+    if a_labels is not None:
+        out["assistant_labels"] = a_labels
+    return out
+
+
+def counted_tokens(split: TokenSplit, indices) -> int:
+    """Tokens the LM loss counts in these samples: positions t >= 1 whose loss mask is 1 (t predicts from t-1)."""
+    total = 0
+    for i in indices:
+        a, b = split.offsets[int(i)], split.offsets[int(i) + 1]
+        total += int(np.asarray(split.loss_mask[a + 1:b]).sum())
+    return total
 
 
 def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> np.ndarray:

@@ -17,6 +17,7 @@ import torch
 from safetensors import safe_open
 
 from .model import Qwen2, Qwen2Config
+from .safety import MissingFile, UserError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 # Known-good Hub revisions; a repo id not listed here is fetched at the revision asked for (or main).
@@ -42,7 +43,7 @@ def resolve_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None)
         return path
     repo_id = str(path_or_repo_id)
     if os.path.isabs(repo_id) or repo_id.startswith(".") or repo_id.count("/") != 1:
-        raise FileNotFoundError(f"{repo_id}: no such directory, and not a Hub repo id of the form 'owner/name'")
+        raise MissingFile(f"{repo_id}: no such directory, and not a Hub repo id of the form 'owner/name'")
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
@@ -50,7 +51,7 @@ def resolve_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None)
     try:
         return Path(snapshot_download(repo_id, revision=revision, allow_patterns=MODEL_FILES))
     except (LocalEntryNotFoundError, OSError) as e:
-        raise FileNotFoundError(
+        raise MissingFile(
             f"could not get '{repo_id}' (revision {revision or 'main'}) from the Hugging Face Hub and it is not in "
             f"the local cache ({type(e).__name__}: {e}). Connect to the Hub (HF_HUB_OFFLINE unset), or pass a local "
             "directory holding config.json and model.safetensors") from e
@@ -61,15 +62,15 @@ def read_json(path: Path) -> dict:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: file not found") from None
+        raise MissingFile(f"{path}: file not found") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
+        raise UserError(f"{path}: not valid JSON ({e})") from e
 
 
 def load_config(model_dir: Path) -> Qwen2Config:
     path = model_dir / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no config.json in {model_dir}; point to a Hugging Face model directory "
+        raise MissingFile(f"{path}: no config.json in {model_dir}; point to a Hugging Face model directory "
                                 "(config.json + model.safetensors) or a Hub repo id")
     return Qwen2Config.from_dict(read_json(path), source=str(path))
 
@@ -80,11 +81,11 @@ def safetensors_files(model_dir: Path) -> list[Path]:
     if index.exists():
         weight_map = read_json(index).get("weight_map")
         if not isinstance(weight_map, dict):
-            raise ValueError(f"{index}: no 'weight_map' object")
+            raise UserError(f"{index}: no 'weight_map' object")
         files = [model_dir / f for f in sorted(set(weight_map.values()))]
         for f in files:
             if not f.exists():
-                raise FileNotFoundError(f"{f}: shard listed in {index.name} is missing; re-download the model")
+                raise MissingFile(f"{f}: shard listed in {index.name} is missing; re-download the model")
         return files
     single = model_dir / "model.safetensors"
     if single.exists():
@@ -94,10 +95,10 @@ def safetensors_files(model_dir: Path) -> list[Path]:
         return others
     pickles = sorted(p.name for p in model_dir.iterdir() if p.suffix in PICKLE_SUFFIXES)
     if pickles:
-        raise ValueError(f"{model_dir}: only pickle weights ({', '.join(pickles)}); minroute loads safetensors only "
+        raise UserError(f"{model_dir}: only pickle weights ({', '.join(pickles)}); minroute loads safetensors only "
                          "and never unpickles. Convert them with transformers' save_pretrained(..., "
                          "safe_serialization=True) in a trusted environment, or download the safetensors files")
-    raise FileNotFoundError(f"{model_dir}: no model.safetensors (or sharded *.safetensors with an index)")
+    raise MissingFile(f"{model_dir}: no model.safetensors (or sharded *.safetensors with an index)")
 
 
 def read_safetensors(files: list[Path], device="cpu") -> dict[str, tuple[torch.Tensor, Path]]:
@@ -108,12 +109,12 @@ def read_safetensors(files: list[Path], device="cpu") -> dict[str, tuple[torch.T
             with safe_open(str(f), framework="pt", device=str(device)) as sf:
                 for name in sf.keys():
                     if name in out:
-                        raise ValueError(f"{f}: tensor '{name}' also appears in {out[name][1]}")
+                        raise UserError(f"{f}: tensor '{name}' also appears in {out[name][1]}")
                     out[name] = (sf.get_tensor(name), f)
         except ValueError:
             raise
         except Exception as e:  # safetensors raises its own error type for truncated/corrupt headers and data
-            raise ValueError(f"{f}: cannot read safetensors file, it is truncated or corrupt ({e}); "
+            raise UserError(f"{f}: cannot read safetensors file, it is truncated or corrupt ({e}); "
                              "re-download or re-save it") from e
     return out
 
@@ -138,16 +139,16 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, dtype: torch.
     unexpected = sorted(set(tensors) - set(expected))
     where = ", ".join(sorted({str(f) for _, f in tensors.values()})) or str(model_dir)
     if missing:
-        raise ValueError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
+        raise UserError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
                          f"({len(missing)} in all) for a {cfg.num_hidden_layers}-layer Qwen2 per config.json")
     if unexpected:
-        raise ValueError(f"{unexpected[0]} in {tensors[unexpected[0]][1]}: unexpected tensor "
+        raise UserError(f"{unexpected[0]} in {tensors[unexpected[0]][1]}: unexpected tensor "
                          f"({len(unexpected)} in all: {unexpected[:5]}); is this a Qwen2 checkpoint?")
     state = {}
     for name, shape in expected.items():
         t, f = tensors[name]
         if t.shape != shape:
-            raise ValueError(f"{name} in {f}: shape {tuple(t.shape)}, but config.json implies {tuple(shape)}")
+            raise UserError(f"{name} in {f}: shape {tuple(t.shape)}, but config.json implies {tuple(shape)}")
         state[name] = t.to(dtype) if dtype is not None else t
     if cfg.tie_word_embeddings:  # one tensor for both, as HF ties them (a stored lm_head copy is ignored)
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
@@ -175,11 +176,11 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, revision:
     model_dir = resolve_dir(path_or_repo_id, revision)
     path = model_dir / "tokenizer.json"
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no tokenizer.json in {model_dir}")
+        raise MissingFile(f"{path}: no tokenizer.json in {model_dir}")
     try:
         tok = Tokenizer.from_file(str(path))
     except Exception as e:
-        raise ValueError(f"{path}: not a valid tokenizers JSON file ({e})") from e
+        raise UserError(f"{path}: not a valid tokenizers JSON file ({e})") from e
 
     def token_id(value, field, source):
         if isinstance(value, dict):  # {"content": "<|im_end|>", ...}
@@ -188,7 +189,7 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, revision:
             return value
         i = tok.token_to_id(value) if isinstance(value, str) else None
         if i is None:
-            raise ValueError(f"{source}: field '{field}' = {value!r} is not a token of {path}")
+            raise UserError(f"{source}: field '{field}' = {value!r} is not a token of {path}")
         return i
 
     gen = read_json(model_dir / "generation_config.json") if (model_dir / "generation_config.json").exists() else {}
@@ -201,7 +202,7 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, revision:
     else:
         eos_ids = [i for i in (tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")) if i is not None]
     if not eos_ids:
-        raise ValueError(f"{model_dir}: no eos id in generation_config.json or tokenizer_config.json, and the "
+        raise UserError(f"{model_dir}: no eos id in generation_config.json or tokenizer_config.json, and the "
                          "tokenizer has no <|im_end|> / <|endoftext|> token")
     if gen.get("pad_token_id") is not None:
         pad_id = int(gen["pad_token_id"])

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .safety import UserError
+
 
 @dataclass
 class Qwen2Config:
@@ -53,16 +55,16 @@ class Qwen2Config:
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for name in required:
             if name not in d:
-                raise ValueError(f"{source}: required field '{name}' is missing; is this a Qwen2 config.json?")
+                raise UserError(f"{source}: required field '{name}' is missing; is this a Qwen2 config.json?")
         if d.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{source}: field 'hidden_act' is {d['hidden_act']!r}; only 'silu' (Qwen2) is supported")
+            raise UserError(f"{source}: field 'hidden_act' is {d['hidden_act']!r}; only 'silu' (Qwen2) is supported")
         if d.get("use_sliding_window", False):
-            raise ValueError(f"{source}: field 'use_sliding_window' is true; sliding-window attention is not "
+            raise UserError(f"{source}: field 'use_sliding_window' is true; sliding-window attention is not "
                              "supported (Qwen2.5 checkpoints ship it false)")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise ValueError(f"{source}: field 'rope_type' is {rope_type!r}; only 'default' RoPE is supported")
+            raise UserError(f"{source}: field 'rope_type' is {rope_type!r}; only 'default' RoPE is supported")
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         eos = d.get("eos_token_id")
         known = {f.name for f in fields(cls)}
@@ -71,7 +73,7 @@ class Qwen2Config:
         kwargs["torch_dtype"] = d.get("dtype") or d.get("torch_dtype") or "float32"
         cfg = cls(**kwargs, rope_theta=float(theta), eos_token_id=eos[0] if isinstance(eos, list) else eos)
         if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise ValueError(f"{source}: num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
+            raise UserError(f"{source}: num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
                              f"num_key_value_heads ({cfg.num_key_value_heads})")
         return cfg
 

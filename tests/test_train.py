@@ -1,4 +1,5 @@
-"""train.py: the demo end to end, exact resume after a kill, atomic checkpoints, NaN stop, bad input."""
+"""train.py: the demo end to end, exact resume after a kill, atomic checkpoints, NaN stop, bad input, runs that
+cannot be destroyed, and the update's CE as a token mean over the whole update."""
 import json
 import os
 import signal
@@ -7,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -68,9 +70,14 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, small_setup):
     proc.wait()
     at = json.loads((killed / "latest.json").read_text())["step"]
     assert 4 <= at < 16, f"the kill should land mid-run (latest checkpoint at step {at})"
-    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--out", "ignored", "--resume", str(killed)],
+    res = subprocess.run([sys.executable, str(ROOT / "train.py"), "--resume", str(killed)],
                          check=True, env=env(), capture_output=True, text=True)
     assert f"resumed {killed} at update {at}/16" in res.stdout
+    log_full, log_killed = read_log(full), read_log(killed)
+    assert [r["step"] for r in log_killed] == [r["step"] for r in log_full], "a resumed run logs each step once"
+    assert [r["ce"] for r in log_killed] == [r["ce"] for r in log_full]
+    gates = (killed / "gates.csv").read_text().splitlines()
+    assert gates == (full / "gates.csv").read_text().splitlines()
     a, _, ma = load_checkpoint(full, "latest")
     b, _, mb = load_checkpoint(killed, "latest")
     assert ma["step"] == mb["step"] == 16
@@ -95,18 +102,19 @@ def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     assert meta["step"] == 1 and torch.equal(adapter["w"], torch.ones(3)) and "m.w" in opt
 
 
-def test_nan_loss_stops_with_message_and_keeps_last_checkpoint(tmp_path, small_setup, monkeypatch):
+def test_nan_loss_stops_with_message_and_names_last_good_checkpoint(tmp_path, small_setup, monkeypatch):
     model, data = small_setup
     calls = {"n": 0}
-    real = train.lm_loss
+    real = train.lm_loss_per_sample
 
     def flaky(*a, **k):
-        calls["n"] += 1
-        loss = real(*a, **k)
-        return loss * float("nan") if calls["n"] > 5 else loss
-    monkeypatch.setattr(train, "lm_loss", flaky)
+        sums, counts = real(*a, **k)
+        calls["n"] += 1 if sums.requires_grad else 0
+        return (sums * float("nan") if calls["n"] > 5 else sums), counts
+    monkeypatch.setattr(train, "lm_loss_per_sample", flaky)
     args = run_args(model, data, tmp_path / "r")[2:]
-    with pytest.raises(SystemExit, match=r"non-finite loss \(nan\) at update 5 .* last good checkpoint"):
+    with pytest.raises(train.UserError, match=r"non-finite loss or gradient at update 5 .*nothing saved; the last "
+                                              r"good checkpoint is .*ckpt-000004"):
         train.main(args)
     assert json.loads((tmp_path / "r" / "latest.json").read_text())["step"] == 4
 
@@ -115,7 +123,7 @@ def test_bad_inputs(tmp_path, small_setup, tiny_dir):
     model, data = small_setup
     with pytest.raises(FileNotFoundError, match=r"data directory not found"):
         train.main(["--model", str(model), "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "o")])
-    with pytest.raises(SystemExit, match=r"built with another tokenizer"):
+    with pytest.raises(train.UserError, match=r"built with another tokenizer"):
         train.main(["--model", str(tiny_dir), "--data", str(data), "--out", str(tmp_path / "o2")])
 
 
@@ -129,10 +137,12 @@ def test_checkpoint_from_another_model_shape(tmp_path, demo_run):
 @pytest.mark.parametrize("extra,check", [
     (["--ablation", "noreg"], lambda a: a["gate_reg"] == 0.0 and a["init"] == "band"),
     (["--ablation", "uniform-init"], lambda a: a["init"] == "uniform"),
-    (["--ablation", "bce", "--bce-target", "open"], lambda a: a["ablation"] == "bce" and a["bce_target"] == "open"),
+    (["--ablation", "bce"], lambda a: a["ablation"] == "bce" and a["bce_target"] == "open"),  # the paper's text
+    (["--ablation", "bce", "--bce-target", "skip"], lambda a: a["bce_target"] == "skip"),
     (["--preset", "author", "--steps", "8", "--accum", "4"],
      lambda a: a["updates"] == 2 and a["t_max"] == 3000 and a["pool"] == "all" and a["pad_to"] == 512
-     and a["decay_biases"] and not a["sort_by_length"]),
+     and a["decay_biases"] and not a["sort_by_length"] and a["route_on"] == "sequence" and a["ce_mean"] == "micro"),
+    ([], lambda a: a["route_on"] == "prompt" and a["ce_mean"] == "update" and a["pool"] == "mask"),
 ])
 def test_ablations_and_author_preset_run(tmp_path, small_setup, extra, check):
     model, data = small_setup
@@ -144,3 +154,180 @@ def test_ablations_and_author_preset_run(tmp_path, small_setup, extra, check):
     if "uniform-init" in extra:  # every router starts open: biases +1 (moved by 2 small updates at most)
         biases = torch.stack([adapter[f"routers.{i}.bias"] for i in range(8)])
         assert (biases > 0.9).all(), biases.flatten().tolist()
+
+
+# ----------------------------------------------------------------------------- the update's CE
+
+def one_update_grads(route, split, args, pad_id):
+    route.zero_grad(set_to_none=True)
+    train.accumulate_update(route, split, 3, args, pad_id, lambda: torch.autocast("cpu", enabled=False), "cpu")
+    return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
+            for n, p in route.named_parameters() if p.requires_grad}
+
+
+def test_update_ce_is_token_mean_whatever_the_micro_batch_cut(small_setup):
+    """Paper preset: sorting the update's 16 sequences by length (or not) gives the same gradients; the authors'
+    mean of micro-batch means does not (that is the bias the token mean removes)."""
+    from argparse import Namespace
+
+    from minroute.checkpoint import build_layerroute
+    from minroute.data import TokenSplit
+    from minroute.load import load_tokenizer
+    model, data = small_setup
+    split, pad_id = TokenSplit(data, "train"), load_tokenizer(model).pad_id
+    route = build_layerroute(str(model), {"r": 4, "alpha": 8, "dropout": 0.0})
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for n, prm in route.named_parameters():
+            if prm.requires_grad:
+                prm.copy_(0.05 * torch.randn(prm.shape, generator=g))
+    base = dict(batch_size=2, accum=4, seed=1, pad_to=0, chunk=64, ablation="none", gate_reg=1.0, route_on="prompt",
+                bce_target="open")
+    lengths = split.lengths()[np.concatenate(train.update_batches(split, 3, 2, 4, 1, False))]
+    assert lengths.max() > 2 * lengths.min(), f"the update should mix lengths: {lengths}"
+    for ce_mean, same in (("update", True), ("micro", False)):
+        a = one_update_grads(route, split, Namespace(**base, ce_mean=ce_mean, sort_by_length=0), pad_id)
+        b = one_update_grads(route, split, Namespace(**base, ce_mean=ce_mean, sort_by_length=1), pad_id)
+        rel = max(((a[n] - b[n]).norm() / a[n].norm().clamp(min=1e-12)).item() for n in a)  # per tensor, L2
+        if same:
+            assert rel <= 1e-6, f"token-mean CE: sorted vs unsorted gradients differ by {rel:.3g} (relative)"
+        else:
+            assert rel > 1e-3, "the mean of micro-batch means should depend on the cut (else this test shows nothing)"
+
+
+# ----------------------------------------------------------------------------- never lose a run
+
+def snapshot(folder: Path) -> dict:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()
+            and p.name != ".lock"}
+
+
+def cli(argv, capsys):
+    code = train.run_cli(train.main, argv)
+    return code, capsys.readouterr()
+
+
+@pytest.fixture(scope="module")
+def short_run(tmp_path_factory, small_setup):
+    model, data = small_setup
+    out = tmp_path_factory.mktemp("short") / "run"
+    assert train.main(run_args(model, data, out, steps=4)[2:]) == 0
+    return out
+
+
+def test_rerun_same_out_is_refused_and_nothing_changes(tmp_path, short_run, small_setup, capsys):
+    model, data = small_setup
+    before = snapshot(short_run)
+    code, io = cli(run_args(model, data, short_run, steps=4)[2:], capsys)
+    assert code == 2 and "Traceback" not in io.err
+    assert io.err.startswith(f"error: {short_run} already holds a run")
+    assert f"python train.py --resume {short_run}" in io.err and "--restart" in io.err
+    assert snapshot(short_run) == before, "a refused command must not touch the run"
+
+
+def test_restart_moves_the_old_run_aside(tmp_path, short_run, small_setup):
+    import shutil
+    model, data = small_setup
+    run = tmp_path / "r"
+    shutil.copytree(short_run, run)
+    before = snapshot(run)
+    assert train.main(run_args(model, data, run, steps=2)[2:] + ["--restart"]) == 0
+    aside = [p for p in tmp_path.iterdir() if p.name.startswith("r.replaced-")]
+    assert len(aside) == 1 and snapshot(aside[0]) == before, "the old run must survive, whole, beside the new one"
+    assert json.loads((run / "latest.json").read_text())["step"] == 2
+
+
+def test_resume_extends_refuses_changed_settings_and_resolves_ckpt_folder(tmp_path, short_run, capsys):
+    import shutil
+    run = tmp_path / "r"
+    shutil.copytree(short_run, run)
+    before = snapshot(run)
+    code, io = cli(["--resume", str(run), "--lr", "1e-3", "--seed", "7"], capsys)
+    assert code == 2 and "--lr 0.001 (run: 0.003)" in io.err and "--seed 7 (run: 42)" in io.err
+    code, io = cli(["--resume", str(run), "--steps", "2"], capsys)
+    assert code == 2 and "only be extended" in io.err
+    code, io = cli(["--resume", str(run), "--out", str(tmp_path / "elsewhere")], capsys)
+    assert code == 2 and "drop --out" in io.err
+    assert snapshot(run) == before
+    ckpt = next(run.glob("ckpt-000004"))
+    assert train.main(["--resume", str(ckpt), "--steps", "6"]) == 0  # a ckpt-* folder resolves to its run
+    _, _, meta = load_checkpoint(run, "latest")
+    assert meta["step"] == 6 and meta["args"]["steps"] == 6
+    assert meta["args"]["extensions"][0]["from_steps"] == 4 and meta["args"]["extensions"][0]["at_update"] == 4
+    assert train.main(["--resume", str(run)]) == 0  # finished: nothing to do, nothing lost
+    assert load_checkpoint(run, "latest")[2]["step"] == 6
+
+
+def test_two_writers_cannot_share_a_run(tmp_path, small_setup, capsys):
+    from minroute.safety import RunLock
+    model, data = small_setup
+    out = tmp_path / "r"
+    out.mkdir()
+    lock = RunLock(out)
+    try:
+        code, io = cli(run_args(model, data, out, steps=2)[2:], capsys)
+    finally:
+        lock.release()
+    assert code == 2 and "is being written by pid" in io.err
+    assert not (out / "latest.json").exists()
+
+
+@pytest.mark.parametrize("flag,value,msg", [
+    ("--steps", "0", "must be a whole number > 0"), ("--lr", "-1", "must be a number > 0"),
+    ("--accum", "0", "must be a whole number > 0"), ("--batch-size", "0", "must be a whole number > 0"),
+    ("--lora-r", "0", "must be a whole number > 0"), ("--eval-every", "0", "must be a whole number > 0"),
+    ("--save-every", "-2", "must be a whole number > 0"), ("--lora-dropout", "1.5", "must be a number in [0, 1)"),
+    ("--val-batches", "-1", "must be a whole number >= 0"), ("--steps", "ten", "is not a int"),
+])
+def test_numbers_are_checked_up_front(tmp_path, small_setup, capsys, flag, value, msg):
+    model, data = small_setup
+    with pytest.raises(SystemExit) as e:
+        train.main(run_args(model, data, tmp_path / "r")[2:] + [flag, value])
+    assert e.value.code == 2 and msg in capsys.readouterr().err
+    assert not (tmp_path / "r").exists(), "nothing is created for a refused command"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_device_cuda_without_cuda_says_so(tmp_path, small_setup, capsys):
+    model, data = small_setup
+    with pytest.raises(SystemExit):
+        train.main(run_args(model, data, tmp_path / "r")[2:] + ["--device", "cuda"])
+    assert "this machine has no CUDA device" in capsys.readouterr().err
+
+
+def test_corrupt_checkpoint_and_data_files_are_named(tmp_path, short_run, small_setup, capsys):
+    import shutil
+    model, data = small_setup
+    run = tmp_path / "r"
+    shutil.copytree(short_run, run)
+    ckpt = run / json.loads((run / "latest.json").read_text())["dir"]
+    good = (ckpt / "adapter.safetensors").read_bytes()
+    blob = bytearray(good)
+    blob[-5] ^= 0xFF
+    (ckpt / "adapter.safetensors").write_bytes(bytes(blob))
+    code, io = cli(["--resume", str(run)], capsys)
+    assert code == 2 and f"{ckpt / 'adapter.safetensors'}: size or sha256 does not match" in io.err
+    (ckpt / "adapter.safetensors").write_bytes(good)
+    (ckpt / "optimizer.safetensors").unlink()
+    code, io = cli(["--resume", str(run)], capsys)
+    assert code == 2 and f"{ckpt / 'optimizer.safetensors'}: missing" in io.err
+    data2 = tmp_path / "data"
+    shutil.copytree(data, data2)
+    ids = np.load(data2 / "train" / "ids.npy")
+    ids[3] = (ids[3] + 1) % 50
+    np.save(data2 / "train" / "ids.npy", ids)
+    code, io = cli(run_args(model, data2, tmp_path / "new")[2:], capsys)
+    assert code == 2 and f"{data2 / 'train' / 'ids.npy'}: size or sha256 does not match" in io.err
+
+
+def test_script_errors_are_one_line_without_traceback(tmp_path):
+    """As a user types them: exit code 2, one `error:` line, no traceback."""
+    missing = tmp_path / "missing"
+    for argv in (["train.py", "--resume", str(missing)], ["train.py", "--out", str(tmp_path / "o"), "--data",
+                 str(missing)], ["eval.py", "--ckpt", str(missing)],
+                 ["-m", "data_prep", "--source-dir", str(missing), "--out", str(tmp_path / "d"), "--tokenizer",
+                  str(ROOT / "tests" / "fixtures")]):
+        res = subprocess.run([sys.executable, *argv], env=env(), capture_output=True, text=True, cwd=ROOT)
+        assert res.returncode == 2, (argv, res.stderr[-500:])
+        assert "Traceback" not in res.stderr and res.stderr.strip().splitlines()[-1].startswith("error: "), res.stderr
+        assert str(missing) in res.stderr

@@ -1,0 +1,132 @@
+"""What keeps a run safe to use for days: user errors as one line, file hashes, a run-folder lock, checked numbers.
+
+- `UserError` (a ValueError) and `MissingFile` (also a FileNotFoundError) are mistakes a user can fix: a bad
+  path, a corrupt file, mismatched data. The scripts end them with one line `error: ...` and exit code 2
+  (`run_cli`); any other exception is an internal bug and keeps its traceback.
+- `file_records` / `verify_files`: size and sha256 of the files a manifest or checkpoint promises, checked on
+  load so that a corrupt, truncated or swapped file is named instead of silently used.
+- `RunLock`: an exclusive, non-blocking `flock` on `<run>/.lock`, so two processes never write one run. The
+  kernel drops it when the process dies (also on SIGKILL), so a crash never leaves a stale lock.
+- argparse types that refuse impossible numbers up front (`positive_int`, `positive_float`, ...), and
+  `device` which refuses `cuda` on a machine without CUDA.
+"""
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+
+class UserError(ValueError):
+    """A mistake the user can fix (bad path, file, setting or data); the message says what to do."""
+
+
+class MissingFile(UserError, FileNotFoundError):
+    """A file or folder that should exist does not; the message names it."""
+
+
+def run_cli(main, argv=None) -> int:
+    """Run a script's main: a UserError becomes `error: ...` on stderr and exit code 2, without a traceback."""
+    try:
+        return main(argv)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("error: interrupted", file=sys.stderr)
+        return 130
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def file_records(root, names) -> dict[str, dict]:
+    """{relative name: {"bytes", "sha256"}} of files under root."""
+    root = Path(root)
+    return {n: {"bytes": (root / n).stat().st_size, "sha256": sha256_file(root / n)} for n in names}
+
+
+def verify_files(root, records: dict[str, dict], what: str):
+    """Check that every recorded file exists with its size and sha256; name the first one that does not."""
+    root = Path(root)
+    for name, rec in records.items():
+        path = root / name
+        if not path.is_file():
+            raise MissingFile(f"{path}: missing ({what} lists it); the {what} is incomplete")
+        if path.stat().st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
+            raise UserError(f"{path}: size or sha256 does not match the {what} (corrupt, truncated or replaced "
+                            "file); restore it or rebuild")
+
+
+class RunLock:
+    """Exclusive lock on a run folder for the life of the process (or until release)."""
+
+    def __init__(self, run_dir):
+        self.path = Path(run_dir) / ".lock"
+        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self.fd)
+            holder = self.path.read_text().strip() or "another process"
+            raise UserError(f"{run_dir} is being written by {holder}; wait for it to finish or use another --out "
+                            "folder") from None
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"pid {os.getpid()}\n".encode())
+
+    def release(self):
+        if self.fd is not None:
+            fcntl.flock(self.fd, fcntl.LOCK_UN)
+            os.close(self.fd)
+            self.fd = None
+
+
+# ----------------------------------------------------------------------------- argparse types
+
+def _number(kind, test, what):
+    def parse(text: str):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+        if not test(value):
+            raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
+        return value
+    parse.__name__ = what
+    return parse
+
+
+positive_int = _number(int, lambda v: v > 0, "a whole number > 0")
+nonneg_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
+positive_float = _number(float, lambda v: v > 0 and v < float("inf"), "a number > 0")
+nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+probability = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+
+
+def device(text: str) -> str:
+    """'cpu', 'cuda' or 'cuda:N'; refuses CUDA where torch has none."""
+    import torch
+    if text == "cpu":
+        return text
+    if text == "cuda" or text.startswith("cuda:"):
+        if not torch.cuda.is_available():
+            raise argparse.ArgumentTypeError(f"{text!r}: this machine has no CUDA device (torch "
+                                             f"{torch.__version__}); use --device cpu")
+        idx = text.partition(":")[2]
+        if idx and (not idx.isdigit() or int(idx) >= torch.cuda.device_count()):
+            raise argparse.ArgumentTypeError(f"{text!r}: there are {torch.cuda.device_count()} CUDA devices")
+        return text
+    raise argparse.ArgumentTypeError(f"{text!r}: expected cpu, cuda or cuda:N")
+
+
+def default_device() -> str:
+    import torch
+    return "cuda" if torch.cuda.is_available() else "cpu"
