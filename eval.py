@@ -19,18 +19,20 @@ import argparse
 import contextlib
 import csv
 import json
+import os
 import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minroute.checkpoint import load_layerroute, resolve_checkpoint
-from minroute.data import TOOL, TokenSplit, collate, read_manifest
-from minroute.evaluate import (STEP_NAMES, bootstrap_ci, length_regression, random_masks, run_pass, static_mask)
+from minroute.checkpoint import load_layerroute, resolve_checkpoint, trained_rows
+from minroute.data import TOOL, TokenSplit, collate, manifest_hash, read_manifest
+from minroute.evaluate import (STEP_NAMES, bootstrap_ci, differential_stats, length_regression, random_masks, run_pass,
+                               static_mask)
 from minroute.flops import paper_flops, sequence_flops, skip_bound_speedup
-from minroute.load import load_tokenizer
-from minroute.lora import merge_lora, unmerge_lora
+from minroute.load import load_tokenizer, resolve_dir
+from minroute.safety import UserError, default_device, device, nonneg_int, positive_int, run_cli, sha256_file
 from minroute.timing import decode_ms_per_token, measure, prefill
 
 TYPES = (TOOL, 1)
@@ -39,22 +41,24 @@ TYPES = (TOOL, 1)
 def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", help="a train.py run folder (or one of its ckpt-* folders)")
-    ap.add_argument("--which", choices=["best", "latest"], default="best", help="checkpoint of the run folder")
+    ap.add_argument("--which", choices=["latest", "best"], default="latest",
+                    help="checkpoint of a run folder: latest = the final one (what the paper reports), best = lowest "
+                         "validation CE")
     ap.add_argument("--compare", nargs="*", default=[], help="more checkpoints (ablations) as Table 2 rows")
     ap.add_argument("--runs", nargs="*", default=[], help="run folders of several seeds: mean, sd, bootstrap CI")
     ap.add_argument("--data", help="data folder (default: the one the checkpoint was trained on)")
     ap.add_argument("--model", help="base model (default: the one the checkpoint was trained on)")
-    ap.add_argument("--batch-size", type=int, default=8)
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--batch-size", type=positive_int, default=8)
+    ap.add_argument("--device", type=device, default=default_device(), help="cpu, cuda or cuda:N")
     ap.add_argument("--json", help="write all results to this JSON file (default: <ckpt>/eval.json)")
     ap.add_argument("--csv", help="folder for the CSV tables (default: <ckpt>/eval)")
     ap.add_argument("--no-timing", action="store_true", help="skip the wall-clock measurements")
-    ap.add_argument("--time-prompts", type=int, default=8, help="held-out prompts to time")
-    ap.add_argument("--new-tokens", type=int, default=16, help="decode steps timed per prompt")
-    ap.add_argument("--repeats", type=int, default=3, help="timed repeats (after one warm-up)")
+    ap.add_argument("--time-prompts", type=positive_int, default=8, help="held-out prompts to time")
+    ap.add_argument("--new-tokens", type=positive_int, default=16, help="decode steps timed per prompt")
+    ap.add_argument("--repeats", type=positive_int, default=3, help="timed repeats (after one warm-up)")
     ap.add_argument("--tasks", action="store_true", help="generate and score tool calls and GSM8K answers")
-    ap.add_argument("--max-new-tokens", type=int, default=256, help="generation cap for --tasks")
-    ap.add_argument("--seed", type=int, default=0, help="random-mask control and bootstrap seed")
+    ap.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation cap for --tasks")
+    ap.add_argument("--seed", type=nonneg_int, default=0, help="random-mask control and bootstrap seed")
     ap.add_argument("--demo", action="store_true", help="evaluate the demo checkpoint (CPU, offline)")
     return ap.parse_args(argv)
 
@@ -73,23 +77,51 @@ def table(title: str, header: list[str], rows: list[list], out: list | None = No
     return text
 
 
-def check_held_out(data_dir):
-    """The evaluated rows must not be in train or val (content hash)."""
-    def hashes(split):
-        return {json.loads(line)["hash"] for line in open(Path(data_dir) / split / "samples.jsonl", encoding="utf-8")}
-    trained = hashes("train") | hashes("val")
+def check_data(data_dir, meta: dict, ckpt_dir: Path, model_path: str, say=print) -> dict:
+    """The data an evaluation may use: verified files, the checkpoint's tokenizer, rows it never trained on."""
+    manifest = read_manifest(data_dir, verify=True)
+    tok_file = resolve_dir(model_path) / "tokenizer.json"
+    if manifest.get("tokenizer_sha256") and tok_file.exists() and sha256_file(tok_file) != manifest["tokenizer_sha256"]:
+        raise UserError(f"{data_dir} was tokenised by {manifest['tokenizer']}, not by {model_path}'s tokenizer, "
+                        "which the checkpoint's model uses; evaluate on data built with that tokenizer")
+    if manifest_hash(data_dir) != meta.get("manifest_sha256"):
+        say(f"note: {data_dir} is not the data folder {ckpt_dir.name} was trained on (its manifest differs); its "
+            "held-out rows are checked against the rows the run trained on")
+    trained = trained_rows(ckpt_dir)
+    if trained is None:  # checkpoints written before trained_rows.txt: the data folder's own train/val
+        trained = {r["hash"] for split in ("train", "val") for r in TokenSplit(data_dir, split).rows}
     for split in ("eval", "eval_matched"):
-        leak = hashes(split) & trained
+        leak = [r for r in TokenSplit(data_dir, split).rows if r["hash"] in trained]
         if leak:
-            raise SystemExit(f"error: {len(leak)} samples of {data_dir}/{split} are also in train/val; rebuild the data")
+            raise UserError(f"{len(leak)} rows of {data_dir}/{split} (e.g. {leak[0]['source']} row {leak[0]['row']}) "
+                            f"were trained on by {ckpt_dir}; evaluate on held-out data (rebuild it without them)")
+    return manifest
 
 
-def evaluate_run(path, which, model=None, data=None, device="cpu", autocast=contextlib.nullcontext):
-    route, meta = load_layerroute(path, which, model=model, device=device,
-                                  dtype=torch.bfloat16 if torch.device(device).type == "cuda" else None)
+def load_run(path, which, model=None, data=None, device="cpu", say=lambda *a: None):
+    """(LayerRoute, meta, checkpoint dir, data dir, pad id): fp32 on CPU (as trained there), bf16 on CUDA."""
+    ckpt_dir = resolve_checkpoint(path, which)
+    route, meta = load_layerroute(ckpt_dir, which, model=model, device=device,
+                                  dtype=torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32)
     data = data or meta["args"]["data"]
-    pad_id = load_tokenizer(model or meta["args"]["model"]).pad_id
-    return route, meta, data, pad_id
+    model = model or meta["args"]["model"]
+    check_data(data, meta, ckpt_dir, model, say=say)
+    return route, meta, ckpt_dir, data, load_tokenizer(model).pad_id
+
+
+def describe_checkpoint(ckpt_dir: Path, meta: dict, which: str) -> str:
+    a = meta["args"]
+    total = a.get("updates")
+    final = total is not None and meta["step"] == total
+    kind = "final" if final else ("best validation CE" if which == "best" else "latest, run not finished")
+    return f"{ckpt_dir} (update {meta['step']} of {total}: {kind})"
+
+
+def eval_padding(meta: dict) -> int | None:
+    """Authors' forward (pool 'all'): evaluate at the padded length it was trained with, so no row's gates
+    depend on its batch-mates; mask-aware pooling needs no fixed length."""
+    a = meta["args"]
+    return (a.get("pad_to") or None) if a.get("pool") == "all" else None
 
 
 def demo_defaults(args):
@@ -101,12 +133,35 @@ def demo_defaults(args):
     args.tasks = True
 
 
+def check_outputs(args) -> tuple[Path, Path]:
+    """Where results go, checked before any work: a finished evaluation is never lost to a bad path."""
+    if args.ckpt:
+        out_dir = Path(resolve_checkpoint(args.ckpt, args.which)).parent
+    else:
+        out_dir = Path(args.runs[0]).resolve().parent
+    json_path = Path(args.json) if args.json else out_dir / "eval.json"
+    csv_dir = Path(args.csv) if args.csv else out_dir / "eval"
+    if json_path.is_dir():
+        raise UserError(f"--json {json_path} is a folder; give a file path")
+    if not json_path.parent.is_dir():
+        raise UserError(f"--json {json_path}: folder {json_path.parent} does not exist")
+    if not os.access(json_path.parent, os.W_OK):
+        raise UserError(f"--json {json_path}: folder {json_path.parent} is not writable")
+    if csv_dir.exists() and not csv_dir.is_dir():
+        raise UserError(f"--csv {csv_dir} is a file; give a folder")
+    anchor = next((p for p in [csv_dir, *csv_dir.parents] if p.exists()), None)
+    if anchor is None or not os.access(anchor, os.W_OK):
+        raise UserError(f"--csv {csv_dir}: cannot create it (no writable parent folder)")
+    return json_path, csv_dir
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.demo:
         demo_defaults(args)
     if not args.ckpt and not args.runs:
-        raise SystemExit("error: pass --ckpt RUN_DIR (or --runs DIR...)")
+        raise UserError("pass --ckpt RUN_DIR (or --runs DIR...)")
+    json_path, csv_dir = check_outputs(args)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
 
@@ -115,14 +170,12 @@ def main(argv=None):
 
     results, csv_tables = {}, []
     if args.ckpt:
-        route, meta, data, pad_id = evaluate_run(args.ckpt, args.which, args.model, args.data, device, autocast)
-        results.update(evaluate_checkpoint(route, meta, data, pad_id, args, device, autocast, csv_tables))
+        route, meta, ckpt_dir, data, pad_id = load_run(args.ckpt, args.which, args.model, args.data, device, say=print)
+        print(f"checkpoint: {describe_checkpoint(ckpt_dir, meta, args.which)}")
+        results.update(evaluate_checkpoint(route, meta, ckpt_dir, data, pad_id, args, device, autocast, csv_tables))
     if args.runs:
         results["seeds"] = across_seeds(args, device, autocast, csv_tables)
-    out_dir = Path(resolve_checkpoint(args.ckpt, args.which)).parent if args.ckpt else Path(args.runs[0]).parent
-    json_path = Path(args.json) if args.json else out_dir / "eval.json"
     json_path.write_text(json.dumps(results, indent=2, default=float))
-    csv_dir = Path(args.csv) if args.csv else out_dir / "eval"
     csv_dir.mkdir(parents=True, exist_ok=True)
     for k, (title, header, rows) in enumerate(csv_tables):
         name = "".join(ch if ch.isalnum() else "_" for ch in title.lower()).strip("_")[:60]
@@ -134,42 +187,78 @@ def main(argv=None):
     return 0
 
 
-def evaluate_checkpoint(route, meta, data, pad_id, args, device, autocast, csv_tables) -> dict:
+def method_name(path, meta) -> str:
+    a = meta["args"]
+    name = Path(path).name
+    if a.get("ablation") == "bce":
+        name += f" (BCE, tool = {'1: open' if a.get('bce_target') == 'open' else '0: skip'})"
+    return name
+
+
+def evaluate_checkpoint(route, meta, ckpt_dir, data, pad_id, args, device, autocast, csv_tables) -> dict:
     cfg, L = route.config, route.config.num_hidden_layers
     lam = meta["args"].get("gate_reg", 1.0)
-    read_manifest(data)
-    check_held_out(data)
     ev, matched = TokenSplit(data, "eval"), TokenSplit(data, "eval_matched")
-    kw = dict(batch_size=args.batch_size, device=device, autocast=autocast)
+    pad_to = eval_padding(meta)
+    kw = dict(batch_size=args.batch_size, device=device, autocast=autocast, pad_to=pad_to)
     passes = {m: run_pass(route, ev, pad_id, m, **kw) for m in ("base", "full", "gated")}
-    g = passes["gated"]
-    res = {"checkpoint": str(resolve_checkpoint(args.ckpt, args.which)), "data": str(data), "n_eval": len(ev),
+    g = passes["gated"]  # deployment gates: routed on the prompt, as at prefill
+    tf = run_pass(route, ev, pad_id, "gated", route_on="sequence", **kw)  # teacher-forced: prompt + reference answer
+    stats = differential_stats(g, seed=args.seed)
+    how = (f"right-padded to {pad_to} tokens as in training (the authors' forward pools over padding)" if pad_to
+           else "padding excluded from pooling and attention")
+    print(f"gates: routed on each eval row's prompt (deployment: prefill gates); {how}. Teacher-forced gates (prompt "
+          "+ reference answer, as the authors evaluated) beside them.")
+    res = {"checkpoint": str(ckpt_dir), "step": meta["step"], "updates": meta["args"].get("updates"),
+           "which": args.which, "data": str(data), "n_eval": len(ev), "route_on": "prompt", "eval_pad_to": pad_to,
            "skip_pct": {STEP_NAMES[t]: g.skip_pct(t) for t in TYPES},
-           "skip_diff": g.skip_pct(TOOL) - g.skip_pct(1),
+           "skip_diff": g.skip_pct(TOOL) - g.skip_pct(1), "skip_diff_ci95": stats["ci95"],
+           "skip_diff_p_permutation": stats["p_permutation"],
+           "teacher_forced": {"skip_pct": {STEP_NAMES[t]: tf.skip_pct(t) for t in TYPES},
+                              "skip_diff": tf.skip_pct(TOOL) - tf.skip_pct(1),
+                              "gates_differ_pct": 100 * float((tf.hard != g.hard).any(1).mean())},
            "layers_run": {STEP_NAMES[t]: float(g.layers_run[g.sel(t)].mean()) for t in TYPES},
            "ppl": {STEP_NAMES[t]: {m: passes[m].ppl(t) for m in passes} for t in TYPES},
+           "ppl_assistant": {STEP_NAMES[t]: {m: passes[m].ppl(t, assistant=True) for m in passes} for t in TYPES},
            "ppl_paper_definition": {STEP_NAMES[t]: {m: passes[m].paper_ppl(t, lam, forced=m != "gated")
                                                     for m in passes} for t in TYPES}}
+    table(f"Skip differential of this run: tool - planning = {res['skip_diff']:+.2f} points, 95% CI "
+          f"[{stats['ci95'][0]:+.2f}, {stats['ci95'][1]:+.2f}] (stratified bootstrap over {stats.get('n_tool', 0)} + "
+          f"{stats.get('n_planning', 0)} eval rows), permutation p = {stats['p_permutation']:.4f}",
+          ["gates", "skip% tool", "skip% plan", "diff", "rows whose gates differ %"],
+          [["prompt (deployment)", g.skip_pct(TOOL), g.skip_pct(1), res["skip_diff"], 0.0],
+           ["prompt + answer (teacher-forced)", tf.skip_pct(TOOL), tf.skip_pct(1), res["teacher_forced"]["skip_diff"],
+            res["teacher_forced"]["gates_differ_pct"]]], csv_tables)
 
     # ---- Table 2: methods
-    rows = [["all open (LoRA)", 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]]
-    methods = [("LayerRoute", route, passes)]
+    rows = [["all open (LoRA)", 0.0, 0.0, 0.0, "", 0.0, 0.0, 0.0, 0.0, "", ""]]
+    methods = [(method_name(ckpt_dir.parent, meta), passes, tf)]
     for path in args.compare:
-        r2, m2, _, _ = evaluate_run(path, args.which, args.model, data, device, autocast)
-        methods.append((Path(path).name, r2, {m: run_pass(r2, ev, pad_id, m, **kw) for m in ("full", "gated")}))
+        r2, m2, c2, _, _ = load_run(path, args.which, args.model, data, device)
+        kw2 = {**kw, "pad_to": eval_padding(m2)}
+        ps = {m: run_pass(r2, ev, pad_id, m, **kw2) for m in ("full", "gated")}
+        name = method_name(c2.parent, m2)
+        name = name if name not in [m[0] for m in methods] else f"{name} #{len(methods) + 1}"
+        methods.append((name, ps, run_pass(r2, ev, pad_id, "gated", route_on="sequence", **kw2)))
     res["methods"] = {}
-    for name, _, ps in methods:
+    for name, ps, tfp in methods:
         gp, fp = ps["gated"], ps["full"]
+        ci = differential_stats(gp, seed=args.seed)["ci95"]
         row = {"skip_tool": gp.skip_pct(TOOL), "skip_planning": gp.skip_pct(1),
-               "diff": gp.skip_pct(TOOL) - gp.skip_pct(1),
+               "diff": gp.skip_pct(TOOL) - gp.skip_pct(1), "diff_ci95": ci,
                "flops_red_tool_paper": gp.flops_reduction(cfg, TOOL, whole_model=False),
                "flops_red_tool_whole": gp.flops_reduction(cfg, TOOL),
-               "dppl_tool": gp.ppl(TOOL) - fp.ppl(TOOL), "dppl_planning": gp.ppl(1) - fp.ppl(1)}
+               "dppl_tool": gp.ppl(TOOL) - fp.ppl(TOOL), "dppl_planning": gp.ppl(1) - fp.ppl(1),
+               "tf_skip_tool": tfp.skip_pct(TOOL), "tf_skip_planning": tfp.skip_pct(1)}
         res["methods"][name] = row
-        rows.append([name, *row.values()])
-    table("Table 2: skipping by method (held-out eval; dPPL = gated - all open, same checkpoint)",
-          ["method", "skip% tool", "skip% plan", "diff", "FLOPs red. tool (paper: blocks, T=512)",
-           "FLOPs red. tool (whole model, real T)", "dPPL tool", "dPPL plan"], rows, csv_tables)
+        rows.append([name, row["skip_tool"], row["skip_planning"], row["diff"], f"[{ci[0]:+.2f}, {ci[1]:+.2f}]",
+                     row["flops_red_tool_paper"], row["flops_red_tool_whole"], row["dppl_tool"], row["dppl_planning"],
+                     f"{row['tf_skip_tool']:.2f}", f"{row['tf_skip_planning']:.2f}"])
+    table("Table 2: skipping by method (held-out eval, prompt-routed gates; dPPL = gated - all open, same checkpoint; "
+          "tf = teacher-forced gates)",
+          ["method", "skip% tool", "skip% plan", "diff", "diff 95% CI", "FLOPs red. tool (paper: blocks, T=512)",
+           "FLOPs red. tool (whole model, real T)", "dPPL tool", "dPPL plan", "tf skip% tool", "tf skip% plan"],
+          rows, csv_tables)
 
     # ---- Table 3: per step type
     rows, res["per_type"] = [], {}
@@ -201,11 +290,13 @@ def evaluate_checkpoint(route, meta, data, pad_id, args, device, autocast, csv_t
     rows = []
     for t in TYPES:
         p, q = res["ppl"][STEP_NAMES[t]], res["ppl_paper_definition"][STEP_NAMES[t]]
-        rows.append([STEP_NAMES[t], p["base"], p["full"], p["gated"], p["gated"] - p["full"], q["full"], q["gated"],
-                     q["gated"] - q["full"]])
-    table(f"Table 5: PPL = exp(token-mean CE) on held-out rows; beside it the paper's exp(CE + {lam:g} x mean soft gate)",
-          ["step type", "base", "full (LoRA)", "gated", "dPPL", "paper-def full", "paper-def gated",
-           "paper-def dPPL"], rows, csv_tables)
+        a = res["ppl_assistant"][STEP_NAMES[t]]
+        rows.append([STEP_NAMES[t], p["base"], p["full"], p["gated"], p["gated"] - p["full"], a["base"], a["full"],
+                     a["gated"], q["full"], q["gated"], q["gated"] - q["full"]])
+    table(f"Table 5: PPL = exp(token-mean CE) on held-out rows, over all tokens and over the assistant's output alone "
+          f"(asst; a tool row's all-token PPL is mostly its schema); beside them the paper's exp(CE + {lam:g} x mean "
+          "soft gate)", ["step type", "base", "full (LoRA)", "gated", "dPPL", "asst base", "asst full", "asst gated",
+                         "paper-def full", "paper-def gated", "paper-def dPPL"], rows, csv_tables)
 
     # ---- per-layer gates
     res["per_layer"] = {}
@@ -222,7 +313,7 @@ def evaluate_checkpoint(route, meta, data, pad_id, args, device, autocast, csv_t
               f"p {vals[2]:.3f} {bar(vals[2])} skip {100 * vals[3]:5.1f}%")
         rows.append([i, *vals])
     csv_tables.append(("per-layer gates", ["layer", "p_tool", "skip_tool", "p_plan", "skip_plan"], rows))
-    plot_figures(res, Path(res["checkpoint"]).parent)
+    plot_figures(res, ckpt_dir.parent)
 
     # ---- matched-compute controls
     controls = {"learned routing": g, "static mask": run_pass(route, ev, pad_id, "gated", np.tile(static_mask(g), (len(ev), 1)), **kw),
@@ -266,59 +357,83 @@ def evaluate_checkpoint(route, meta, data, pad_id, args, device, autocast, csv_t
 
 
 def timing(route, ev: TokenSplit, pad_id, g, args, device, csv_tables) -> dict:
-    """Prefill (batch 1 and 8) and decode ms/token with the KV cache: gated vs all open, LoRA merged."""
+    """Prefill (batch 1 and 8) and decode ms/token with the KV cache, gated vs all open.
+
+    The timed model is the evaluated model: LoRA unmerged (merging into bf16 weights would round most of the
+    update away), routers deciding at prefill. Each bound uses k from the gates of the prompts it timed."""
     cfg, L = route.config, route.config.num_hidden_layers
     n = min(args.time_prompts, len(ev))
     order = np.concatenate([np.flatnonzero(g.sel(t))[: max(1, n // 2)] for t in TYPES])[:max(n, 2)]
-    merge_lora(route.base)
-    out, rows = {}, []
-    try:
-        for name, forced in (("all open", torch.ones(L, dtype=torch.bool)), ("gated", None)):
-            with route.forcing(forced):
-                for bs in (1, 8):
-                    batch = collate(ev, order[:bs], pad_id, side="left", prompt_only=True)
-                    ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
-                    stats = measure(lambda: prefill(route, ids, mask), 1, args.repeats, device)
-                    out[f"prefill_b{bs}_{name}"] = stats
-                one = collate(ev, order[:1], pad_id, prompt_only=True)["input_ids"].to(device)
-                out[f"decode_{name}"] = decode_ms_per_token(route, one, args.new_tokens, 1, args.repeats, device)
-    finally:
-        unmerge_lora(route.base)
-    k = L - float(g.layers_run[order].mean())  # layers skipped on the timed prompts
-    dec_bound, pre_bound = skip_bound_speedup(cfg, k)
-    for what in ("prefill_b1", "prefill_b8"):
-        a, b = out[f"{what}_all open"], out[f"{what}_gated"]
-        rows.append([what, a["median_ms"], b["median_ms"], f"{b['p25_ms']:.2f}-{b['p75_ms']:.2f}",
-                     a["median_ms"] / b["median_ms"], pre_bound])
-    a, b = out["decode_all open"], out["decode_gated"]
-    rows.append(["decode ms/token (b1)", a["ms_per_token"], b["ms_per_token"], f"iqr {b['iqr_ms_per_token']:.2f}",
-                 a["ms_per_token"] / b["ms_per_token"], dec_bound])
-    out["layers_skipped_on_timed_prompts"] = k
-    out["bound"] = {"prefill": pre_bound, "decode": dec_bound}
-    table(f"Wall-clock on {len(order)} held-out prompts ({device}, LoRA merged, median of {args.repeats} after 1 "
-          f"warm-up; {k:.2f} of {L} blocks skipped)", ["measure", "all open ms", "gated ms", "gated spread",
-                                                         "speedup", "bound"], rows, csv_tables)
+    out, gates, rows = {}, {}, []
+    sizes = sorted({1, min(8, len(order))})
+    for name, forced in (("all open", torch.ones(L, dtype=torch.bool)), ("gated", None)):
+        with route.forcing(forced):
+            for bs in sizes:
+                batch = collate(ev, order[:bs], pad_id, side="left", prompt_only=True)
+                ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+                out[f"prefill_b{bs}_{name}"] = measure(lambda: prefill(route, ids, mask), 1, args.repeats, device)
+                gates[f"prefill_b{bs}"] = route.last.hard.cpu()
+            one = collate(ev, order[:1], pad_id, prompt_only=True)["input_ids"].to(device)
+            out[f"decode_{name}"] = decode_ms_per_token(route, one, args.new_tokens, 1, args.repeats, device)
+            gates["decode"] = route.last.hard.cpu()
+    out["timed_gates"] = {k: ["".join("1" if x else "0" for x in row) for row in v.tolist()] for k, v in gates.items()}
+    out["layers_skipped"], out["bound"] = {}, {}
+    for what in [f"prefill_b{bs}" for bs in sizes] + ["decode"]:
+        k = L - float(gates[what].float().sum(1).mean())
+        dec_bound, pre_bound = skip_bound_speedup(cfg, k)
+        bound = dec_bound if what == "decode" else pre_bound
+        out["layers_skipped"][what], out["bound"][what] = k, bound
+        if what == "decode":
+            a, b = out["decode_all open"], out["decode_gated"]
+            rows.append(["decode ms/token (b1)", a["ms_per_token"], b["ms_per_token"],
+                         f"iqr {b['iqr_ms_per_token']:.2f}", a["ms_per_token"] / b["ms_per_token"], k, bound])
+        else:
+            a, b = out[f"{what}_all open"], out[f"{what}_gated"]
+            rows.append([what, a["median_ms"], b["median_ms"], f"{b['p25_ms']:.2f}-{b['p75_ms']:.2f}",
+                         a["median_ms"] / b["median_ms"], k, bound])
+    table(f"Wall-clock on {len(order)} held-out prompts ({device}, LoRA unmerged = the evaluated model, median of "
+          f"{args.repeats} after 1 warm-up; k = blocks skipped by the timed prompts' own gates)",
+          ["measure", "all open ms", "gated ms", "gated spread", "speedup", "k", "bound"], rows, csv_tables)
     return out
 
 
 def across_seeds(args, device, autocast, csv_tables) -> dict:
-    per = []
+    """Each run evaluated alone; a run that cannot be used (unreadable, refused data, non-finite metrics) is
+    named and left out of the means and CIs, and the others still count."""
+    per, skipped = [], []
     for path in args.runs:
-        route, meta, data, pad_id = evaluate_run(path, args.which, args.model, args.data, device, autocast)
-        check_held_out(data)
+        try:
+            route, meta, ckpt_dir, data, pad_id = load_run(path, args.which, args.model, args.data, device)
+        except (UserError, OSError) as e:
+            skipped.append({"run": str(path), "why": str(e)})
+            print(f"skipped {path}: {e}")
+            continue
         ev = TokenSplit(data, "eval")
-        kw = dict(batch_size=args.batch_size, device=device, autocast=autocast)
+        kw = dict(batch_size=args.batch_size, device=device, autocast=autocast, pad_to=eval_padding(meta))
         gp, fp = run_pass(route, ev, pad_id, "gated", **kw), run_pass(route, ev, pad_id, "full", **kw)
-        per.append({"run": str(path), "seed": meta["args"].get("seed"), "skip_tool": gp.skip_pct(TOOL),
-                    "skip_planning": gp.skip_pct(1), "diff": gp.skip_pct(TOOL) - gp.skip_pct(1),
-                    "ppl_gated_tool": gp.ppl(TOOL), "ppl_gated_planning": gp.ppl(1),
-                    "dppl_tool": gp.ppl(TOOL) - fp.ppl(TOOL), "dppl_planning": gp.ppl(1) - fp.ppl(1)})
+        st = differential_stats(gp, seed=args.seed)
+        rec = {"run": str(path), "checkpoint": str(ckpt_dir), "step": meta["step"], "seed": meta["args"].get("seed"),
+               "skip_tool": gp.skip_pct(TOOL), "skip_planning": gp.skip_pct(1), "diff": gp.skip_pct(TOOL) - gp.skip_pct(1),
+               "diff_ci95": st["ci95"], "diff_p_permutation": st["p_permutation"],
+               "ppl_gated_tool": gp.ppl(TOOL), "ppl_gated_planning": gp.ppl(1),
+               "dppl_tool": gp.ppl(TOOL) - fp.ppl(TOOL), "dppl_planning": gp.ppl(1) - fp.ppl(1)}
         if args.tasks:  # task accuracy of LoRA all open vs gated, per seed
             from minroute.tasks import run_tasks
             tok = load_tokenizer(args.model or meta["args"]["model"])
             t = run_tasks(route, ev, gp, tok, args, device, [], lambda *a, **k: None, include_base=False)["summary"]
             for m in ("full", "gated"):
-                per[-1].update({f"tool_exact_{m}": t[m]["tool"]["exact"], f"gsm8k_acc_{m}": t[m]["planning"]["accuracy"]})
+                rec.update({f"tool_exact_{m}": t[m]["tool"]["exact"], f"gsm8k_acc_{m}": t[m]["planning"]["accuracy"]})
+        bad = [k for k, v in rec.items() if isinstance(v, float) and not np.isfinite(v)]
+        if bad:
+            skipped.append({"run": str(path), "why": f"non-finite {', '.join(bad)}"})
+            print(f"skipped {path}: non-finite {', '.join(bad)}")
+            continue
+        per.append(rec)
+    print(f"used {len(per)} of {len(args.runs)} runs" + (f"; left out: {', '.join(x['run'] for x in skipped)}"
+                                                        if skipped else ""))
+    if not per:
+        raise UserError(f"none of the {len(args.runs)} runs could be evaluated: "
+                        + "; ".join(f"{x['run']}: {x['why']}" for x in skipped))
     table("Per seed", ["run", "seed", "skip% tool", "skip% plan", "diff", "dPPL tool", "dPPL plan"],
           [[p["run"], p["seed"], p["skip_tool"], p["skip_planning"], p["diff"], p["dppl_tool"], p["dppl_planning"]]
            for p in per], csv_tables)
@@ -333,9 +448,10 @@ def across_seeds(args, device, autocast, csv_tables) -> dict:
                         "ci95": [lo, hi]}
         rows.append([key, summary[key]["mean"], summary[key]["sd"], lo, hi])
     positive = sum(p["diff"] > 0 for p in per)
-    table(f"Across {len(per)} seeds (bootstrap 95% CI of the mean); differential > 0 in {positive} of {len(per)}",
-          ["metric", "mean", "sd", "CI low", "CI high"], rows, csv_tables)
-    return {"runs": per, "summary": summary, "positive_diff": positive, "n": len(per)}
+    table(f"Across {len(per)} of {len(args.runs)} runs (bootstrap 95% CI of the mean); differential > 0 in {positive} "
+          f"of {len(per)}", ["metric", "mean", "sd", "CI low", "CI high"], rows, csv_tables)
+    return {"runs": per, "summary": summary, "positive_diff": positive, "n": len(per), "n_given": len(args.runs),
+            "left_out": skipped}
 
 
 def plot_figures(res, out_dir: Path):
@@ -373,4 +489,4 @@ def plot_figures(res, out_dir: Path):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_cli(main))

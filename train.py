@@ -395,11 +395,13 @@ def main(argv=None):
         if out.exists() and not out.is_dir():
             raise UserError(f"--out {out} is a file; give a folder")
         out.mkdir(parents=True, exist_ok=True)
-    lock = RunLock(out)  # held until this process exits: no second writer
-    if not args.resume:
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the run folder
+    lock = RunLock(out) if writer else None  # held until this process exits: no second writer
+    if not args.resume and writer:
         if check_new_run_folder(out, args.restart):  # the old run (and its lock file) moved aside
             lock.release()
             lock = RunLock(out)
+    if not args.resume:
         if args.demo:
             args.device = "cpu"
             prepare_demo(out, args)
@@ -421,6 +423,10 @@ def main(argv=None):
 
     manifest = read_manifest(args.data, verify=True)
     train_split, val_split = TokenSplit(args.data, "train"), TokenSplit(args.data, "val")
+    longest = max(int(train_split.lengths().max()), int(val_split.lengths().max()) if len(val_split) else 0)
+    if args.pad_to and args.pad_to < longest:
+        raise UserError(f"--pad-to {args.pad_to} is shorter than the longest sample of {args.data} ({longest} tokens); "
+                        f"use --pad-to {manifest['max_len']} (the data's --max-len) or 0")
     route = build_layerroute(args.model, {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout},
                              pool=args.pool, init=args.init, device=device, dtype=dtype)
     cfg = route.config
@@ -519,7 +525,8 @@ def main(argv=None):
     if world > 1:
         import torch.distributed as dist
         dist.destroy_process_group()
-    lock.release()
+    if lock:
+        lock.release()
     say(f"done: {updates} updates in {time.time() - t_run:.1f}s; best val CE {best:.4f}; checkpoints in {out}")
     return 0
 

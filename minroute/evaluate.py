@@ -1,10 +1,14 @@
 """The measurements behind eval.py: one pass over an eval split per method, and what is computed from it.
 
-A pass records per sample: step type, real length, summed CE and counted tokens, the soft gates p (L,)
-and the hard gates (L,, True = block ran). Methods: `base` (no LoRA, every block), `full` (LoRA, every
-block), `gated` (LoRA + routers, real skipping), or any imposed gate mask (the matched-compute controls).
-PPL is exp(token-mean CE) and nothing else; the paper's definition exp(CE + lambda * mean soft gate)
-is computed beside it only to show the artefact (REFERENCE.md §2, defect 1).
+A pass records per sample: step type, real length, summed CE and counted tokens (all counted tokens, and
+the assistant-output tokens alone), the soft gates p (L,) and the hard gates (L,, True = block ran).
+Methods: `base` (no LoRA, every block), `full` (LoRA, every block), `gated` (LoRA + routers, real
+skipping), or any imposed gate mask (the matched-compute controls). The routers pool over the prompt
+(`route_on="prompt"`: the gates a deployment takes at prefill) or over prompt + reference answer
+(`"sequence"`: teacher forcing, as the authors evaluated). PPL is exp(token-mean CE) and nothing else; the
+paper's definition exp(CE + lambda * mean soft gate) is computed beside it only to show the artefact
+(REFERENCE.md §2, defect 1). `differential_stats` gives the tool-minus-planning skip differential of one
+run with a stratified bootstrap CI over eval samples and a permutation-test p-value.
 """
 from __future__ import annotations
 
@@ -31,6 +35,8 @@ class PassResult:
     n_counted: np.ndarray  # (N,) tokens in the loss
     soft: np.ndarray  # (N, L) router p (what the routers think, even when gates are imposed)
     hard: np.ndarray  # (N, L) bool, True = block ran
+    asst_sum: np.ndarray | None = None  # (N,) summed CE of the assistant-output tokens
+    asst_counted: np.ndarray | None = None  # (N,) assistant-output tokens
 
     def sel(self, t: int) -> np.ndarray:
         return self.step_type == t
@@ -43,12 +49,20 @@ class PassResult:
         h = self.hard if t is None else self.hard[self.sel(t)]
         return 100.0 * float(1 - h.mean()) if h.size else float("nan")
 
-    def ce(self, t: int | None = None) -> float:
+    @property
+    def skip_per_sample(self) -> np.ndarray:
+        return 100.0 * (1 - self.hard.mean(1))
+
+    def ce(self, t: int | None = None, assistant: bool = False) -> float:
         m = np.ones_like(self.step_type, bool) if t is None else self.sel(t)
+        if assistant:
+            if self.asst_sum is None or self.asst_counted[m].sum() == 0:
+                return float("nan")
+            return float(self.asst_sum[m].sum() / self.asst_counted[m].sum())
         return float(self.ce_sum[m].sum() / max(1, self.n_counted[m].sum()))
 
-    def ppl(self, t: int | None = None) -> float:
-        return math.exp(self.ce(t))
+    def ppl(self, t: int | None = None, assistant: bool = False) -> float:
+        return math.exp(self.ce(t, assistant))
 
     def paper_ppl(self, t: int, lam: float, forced: bool) -> float:
         """The authors' 'PPL': exp(CE + lambda * mean soft gate); all-open methods count their gates as 1."""
@@ -69,30 +83,39 @@ class PassResult:
 
 @torch.no_grad()
 def run_pass(route, split: TokenSplit, pad_id: int, mode: str = "gated", gates: np.ndarray | None = None,
-             batch_size: int = 8, device="cpu", autocast=contextlib.nullcontext, chunk: int = 1024) -> PassResult:
-    """Evaluate every sample of `split` under one method (see module docstring); real skipping throughout."""
+             batch_size: int = 8, device="cpu", autocast=contextlib.nullcontext, chunk: int = 1024,
+             route_on: str = "prompt", pad_to: int | None = None) -> PassResult:
+    """Evaluate every sample of `split` under one method (see module docstring); real skipping throughout.
+
+    pad_to pads every batch to a fixed length (right padding): for the authors' forward (pool='all'), whose
+    routers see the padding, so that no row's gates depend on its batch-mates' lengths."""
     if mode not in ("base", "full", "gated"):
         raise ValueError(f"mode {mode!r}")
     route.eval()
     L = route.config.num_hidden_layers
-    ce_sum, counted, soft, hard = [], [], [], []
+    ce_sum, counted, soft, hard, a_sum, a_counted = [], [], [], [], [], []
     for a in range(0, len(split), batch_size):
         idx = list(range(a, min(len(split), a + batch_size)))
-        batch = {k: v.to(device) for k, v in collate(split, idx, pad_id).items()}
+        batch = {k: v.to(device) for k, v in collate(split, idx, pad_id, pad_to, route_on=route_on).items()}
         if mode in ("base", "full"):
             forced = torch.ones(L, dtype=torch.bool)
         else:
             forced = None if gates is None else torch.as_tensor(gates[idx])
         lora = lora_disabled(route.base) if mode == "base" else contextlib.nullcontext()
         with lora, route.forcing(forced), autocast():
-            h = route.hidden(batch["input_ids"], batch["attention_mask"])
+            h = route.hidden(batch["input_ids"], batch["attention_mask"], route_mask=batch.get("route_mask"))
             s, c = lm_loss_per_sample(h, route.lm_head.weight, batch["labels"], chunk)
+            if "assistant_labels" in batch:
+                sa, ca = lm_loss_per_sample(h, route.lm_head.weight, batch["assistant_labels"], chunk)
+                a_sum.append(sa.cpu().numpy())
+                a_counted.append(ca.cpu().numpy())
         ce_sum.append(s.cpu().numpy())
         counted.append(c.cpu().numpy())
         soft.append(route.last.soft.float().cpu().numpy())
         hard.append(route.last.hard.cpu().numpy())
     return PassResult(np.asarray(split.step_type, dtype=np.int64), split.lengths(), np.concatenate(ce_sum),
-                      np.concatenate(counted), np.concatenate(soft), np.concatenate(hard).astype(bool))
+                      np.concatenate(counted), np.concatenate(soft), np.concatenate(hard).astype(bool),
+                      np.concatenate(a_sum) if a_sum else None, np.concatenate(a_counted) if a_counted else None)
 
 
 def static_mask(gated: PassResult) -> np.ndarray:
@@ -126,6 +149,25 @@ def bootstrap_ci(values, n: int = 10_000, seed: int = 0, level: float = 0.95) ->
     means = np.random.default_rng(seed).choice(v, size=(n, v.size), replace=True).mean(1)
     a = (1 - level) / 2
     return float(np.quantile(means, a)), float(np.quantile(means, 1 - a))
+
+
+def differential_stats(result: PassResult, n: int = 10_000, seed: int = 0, level: float = 0.95) -> dict:
+    """Tool-minus-planning skip% of one run: a stratified percentile-bootstrap CI (tool and planning samples
+    resampled separately) and a two-sided permutation test of 'step type does not matter' (labels shuffled)."""
+    skip, tool = result.skip_per_sample, result.step_type == 0
+    a, b = skip[tool], skip[~tool]
+    if a.size < 2 or b.size < 2:
+        return {"diff": float("nan"), "ci95": [float("nan"), float("nan")], "p_permutation": float("nan"), "n": n}
+    diff = float(a.mean() - b.mean())
+    rng = np.random.default_rng(seed)
+    boot = rng.choice(a, (n, a.size)).mean(1) - rng.choice(b, (n, b.size)).mean(1)
+    q = (1 - level) / 2
+    perm = np.argsort(rng.random((n, skip.size)), axis=1)  # n label shuffles
+    shuffled = skip[perm]
+    perm_diff = shuffled[:, :a.size].mean(1) - shuffled[:, a.size:].mean(1)
+    p = (1 + int((np.abs(perm_diff) >= abs(diff) - 1e-12).sum())) / (n + 1)
+    return {"diff": diff, "ci95": [float(np.quantile(boot, q)), float(np.quantile(boot, 1 - q))], "p_permutation": p,
+            "n_tool": int(a.size), "n_planning": int(b.size), "n": n}
 
 
 def length_regression(n_tokens, is_tool, score) -> dict:

@@ -84,29 +84,40 @@ def chat_main(argv=None):
     from .chat import render
     from .checkpoint import load_layerroute
     from .load import load_tokenizer
+    from .safety import UserError, default_device, device, nonneg_float, nonneg_int, positive_float, positive_int
 
     ap = argparse.ArgumentParser(prog="python -m minroute.generate", description=chat_main.__doc__)
     ap.add_argument("--ckpt", required=True, help="train.py run folder or ckpt-* folder")
-    ap.add_argument("--which", choices=["best", "latest"], default="best")
+    ap.add_argument("--which", choices=["latest", "best"], default="latest")
     ap.add_argument("--model", help="base model (default: the one the checkpoint was trained on)")
     ap.add_argument("--prompt", help="one user turn, then exit")
     ap.add_argument("--tools", help="JSON file with a list of tool schemas for the system turn")
     ap.add_argument("--system", help="system prompt (default: Qwen's)")
-    ap.add_argument("--max-new-tokens", type=int, default=256)
-    ap.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=float, default=1.0)
-    ap.add_argument("--top-k", type=int, default=0)
+    ap.add_argument("--max-new-tokens", type=positive_int, default=256)
+    ap.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
+    ap.add_argument("--top-p", type=positive_float, default=1.0)
+    ap.add_argument("--top-k", type=nonneg_int, default=0)
     ap.add_argument("--all-open", action="store_true", help="ignore the routers: run every block")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device, default=default_device(), help="cpu, cuda or cuda:N")
     a = ap.parse_args(argv)
+    if a.top_p > 1:
+        ap.error(f"--top-p {a.top_p}: must be in (0, 1]")
+    tools = None
+    if a.tools:  # checked before the model is loaded
+        try:
+            tools = json.loads(open(a.tools, encoding="utf-8").read())
+        except OSError as e:
+            raise UserError(f"--tools {a.tools}: cannot read it ({e.strerror})") from None
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise UserError(f"--tools {a.tools}: not valid JSON ({e})") from None
+        if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+            raise UserError(f"--tools {a.tools} must hold a JSON list of tool objects")
     cuda = a.device.startswith("cuda")
     route, meta = load_layerroute(a.ckpt, a.which, model=a.model, device=a.device,
-                                  dtype=torch.bfloat16 if cuda else None)
+                                  dtype=torch.bfloat16 if cuda else torch.float32)
     tok = load_tokenizer(a.model or meta["args"]["model"])
-    tools = json.loads(open(a.tools, encoding="utf-8").read()) if a.tools else None
-    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
-        raise SystemExit(f"error: {a.tools} must hold a JSON list of tool objects")
     L = route.config.num_hidden_layers
+    context = route.config.max_position_embeddings
     messages = [{"role": "system", "content": a.system}] if a.system else []
     gen = torch.Generator(device=a.device).manual_seed(0)
 
@@ -114,9 +125,14 @@ def chat_main(argv=None):
         messages.append({"role": "user", "content": user})
         ids = torch.tensor([tok.tokenizer.encode(render(messages, tools, add_generation_prompt=True),
                                                  add_special_tokens=False).ids], device=a.device)
+        if ids.shape[1] >= context:
+            raise UserError(f"the conversation is {ids.shape[1]} tokens, the model's context is {context}")
+        room = context - ids.shape[1]
+        if a.max_new_tokens > room:
+            print(f"[note: --max-new-tokens {a.max_new_tokens} capped at {room}, the context left]", flush=True)
         out, shown, t0 = [], "", time.perf_counter()
         with route.forcing(torch.ones(L, dtype=torch.bool) if a.all_open else None):
-            for nxt in generate(route, ids, a.max_new_tokens, eos_ids=tok.eos_ids, pad_id=tok.pad_id,
+            for nxt in generate(route, ids, min(a.max_new_tokens, room), eos_ids=tok.eos_ids, pad_id=tok.pad_id,
                                 temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, generator=gen):
                 t = int(nxt[0])
                 if t in tok.eos_ids:
@@ -143,4 +159,5 @@ def chat_main(argv=None):
 
 
 if __name__ == "__main__":
-    raise SystemExit(chat_main())
+    from .safety import run_cli
+    raise SystemExit(run_cli(chat_main))

@@ -18,7 +18,8 @@ prefill; with causal attention those states do not depend on the answer, so trai
 gates. `pool="all"` is the authors' forward in full: the router pools over every position, padding
 included, and full-sequence forwards get no padding mask in attention (causal only; with right padding
 real tokens are unchanged and pad positions attend to everything before them, as in their code).
-Generation with a KV cache keeps the padding mask (the authors generated one unpadded row at a time).
+Generation with a KV cache keeps the padding mask and pools the prompt's real tokens (the authors generated
+one unpadded row at a time, where the two agree).
 
 Training (`gated_hidden`) still computes Block(h) for closed rows, because the router's gradient needs
 Block(h) - h; but a closed row's block output is multiplied by an exact zero, so no gradient flows back
@@ -181,7 +182,11 @@ class LayerRoute(nn.Module):
         attn = None if self.pool == "all" and cache is None else attention_mask
         h, cos, sin, mask = self.base.prepare(input_ids, attn, position_ids, cache)
         decoding = cache is not None and cache.length > 0
-        key_mask = self._pooled_positions(None if attention_mask is None else attention_mask[:, -T:], route_mask)
+        real = None if attention_mask is None else attention_mask[:, -T:]
+        # with a cache (generation) the routers pool the prompt's real tokens whatever `pool`: the authors generated
+        # one unpadded row at a time, where 'all positions' are exactly those
+        key_mask = (route_mask if route_mask is not None else real) if cache is not None else \
+            self._pooled_positions(real, route_mask)
         softs, hards, rows_run = [], [], []
         for i, block in enumerate(self.base.layers):
             if decoding:

@@ -8,6 +8,7 @@ import pytest
 
 from data_prep import glaive, gsm8k, hermes, turing
 from data_prep.__main__ import main as cli
+from minroute.safety import run_cli
 from data_prep.build import build, parse_in_order
 from data_prep.records import Malformed, read_json_records
 
@@ -192,8 +193,9 @@ def test_cli_on_fixtures(tmp_path, tiny_dir, capsys):
         assert f"[data_prep] {name}" in out
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["sources"]["glaive"]["used"] == 3 and m["tokenizer_sha256"]
-    rc = cli(["--source-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"), "--tokenizer", str(tiny_dir)])
-    assert rc == 1 and "not found" in capsys.readouterr().err
+    rc = run_cli(cli, ["--source-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"), "--tokenizer",
+                       str(tiny_dir)])
+    assert rc == 2 and "no such folder" in capsys.readouterr().err and not (tmp_path / "p").exists()
 
 
 def test_demo_corpus_builds(tmp_path, tiny_tok):
@@ -240,3 +242,49 @@ def test_model_download_asks_for_the_needed_files_at_the_pinned_revision(tmp_pat
     load_model("Qwen/Qwen2.5-0.5B-Instruct")
     assert seen == {"repo_id": "Qwen/Qwen2.5-0.5B-Instruct", "revision": PINNED_REVISIONS["Qwen/Qwen2.5-0.5B-Instruct"],
                     "allow_patterns": MODEL_FILES}
+
+
+def test_held_out_rows_are_never_truncated(tmp_path, tiny_tok):
+    """A held-out row longer than --max-len is left out and counted; nothing evaluated is cut short."""
+    lengths = []
+    for max_len in (4096, 335):  # 335: one of the two eligible Hermes held-out rows is longer (tiny tokenizer)
+        m = build(tmp_path / f"d{max_len}", tiny_tok, "tiny", source_dir=FIX, counts=ALL, max_len=max_len,
+                  eval_counts={"tool": 1, "planning": 1}, matched_pairs=5, log=lambda *a: None)
+        for name, s in m["eval_sources"].items():
+            assert s["read"] == s["eligible"] + s["malformed"] + s["overlap_with_training"] + s["truncated"], name
+        lengths.append(sum(s["truncated"] for s in m["eval_sources"].values()))
+        for split in ("eval", "eval_matched"):
+            rows = [json.loads(x) for x in open(tmp_path / f"d{max_len}" / split / "samples.jsonl")]
+            assert not any(r["truncated"] for r in rows), f"{split} holds a truncated row at max_len {max_len}"
+    assert lengths[0] == 0 and lengths[1] > 0, f"the short build should leave rows out: {lengths}"
+
+
+def test_build_is_atomic_and_never_replaces_silently(tmp_path, tiny_tok, monkeypatch):
+    import data_prep.build as b
+    from minroute.data import read_manifest
+    from minroute.safety import UserError
+    kw = dict(source_dir=FIX, counts=ALL, eval_counts={"tool": 1, "planning": 1}, log=lambda *a: None)
+    out = tmp_path / "d"
+    build(out, tiny_tok, "tiny", seed=1, **kw)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    with pytest.raises(UserError, match=r"already holds a data folder; pass --overwrite"):
+        build(out, tiny_tok, "tiny", seed=2, **kw)
+    real = b.write_split
+
+    def crash(out_, name, *a, **k):
+        if name == "eval":
+            raise OSError("disk full (simulated)")
+        return real(out_, name, *a, **k)
+    monkeypatch.setattr(b, "write_split", crash)
+    with pytest.raises(OSError, match="simulated"):
+        build(out, tiny_tok, "tiny", seed=2, overwrite=True, **kw)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "an interrupted rebuild changed data"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d"], "no temporary folder is left behind"
+    monkeypatch.setattr(b, "write_split", real)
+    m = build(out, tiny_tok, "tiny", seed=2, overwrite=True, **kw)
+    assert read_manifest(out, verify=True) == m and m["seed"] == 2
+    assert {"train/ids.npy", "eval/assistant_mask.npy", "val/samples.jsonl"} <= set(m["files"])
+    ids = out / "train" / "ids.npy"
+    ids.write_bytes(ids.read_bytes()[:-4])
+    with pytest.raises(UserError, match=rf"{ids}: size or sha256 does not match"):
+        read_manifest(out, verify=True)

@@ -85,14 +85,68 @@ def test_run_pass_forced_gates_and_ppl_is_ce_only(demo_run):
     assert full.ppl() == pytest.approx(math.exp(ce_sum / n), rel=1e-5), "PPL must be exp(token-mean CE) and only that"
 
 
-def test_leak_between_eval_and_training_is_refused(tmp_path, demo_run):
+def rebuilt_data(tmp_path, demo_run, edit):
+    """A copy of the demo data with `edit(folder)` applied and its manifest's file records updated, as a rebuild
+    would leave it (so only the content, not a corrupt file, can be refused)."""
+    from minroute.safety import file_records
     data = tmp_path / "data"
     shutil.copytree(demo_run / "demo-data", data)
-    first_eval = open(data / "eval" / "samples.jsonl").readline()
-    with open(data / "train" / "samples.jsonl", "a") as f:
-        f.write(first_eval)
-    with pytest.raises(SystemExit, match=r"1 samples of .*eval are also in train/val"):
-        eval_script.check_held_out(data)
+    edit(data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    manifest["files"] = file_records(data, list(manifest["files"]))
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    return data
+
+
+def test_rows_the_run_trained_on_are_refused(tmp_path, demo_run, capsys):
+    """A rebuilt data folder whose 'held-out' rows the run trained on: refused by the checkpoint's trained rows."""
+    trained = (demo_run / json.loads((demo_run / "latest.json").read_text())["dir"] / "trained_rows.txt").read_text()
+
+    def plant(data):
+        rows = [json.loads(x) for x in open(data / "eval" / "samples.jsonl")]
+        rows[1]["hash"] = trained.split()[5]
+        (data / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = rebuilt_data(tmp_path, demo_run, plant)
+    code = eval_script.run_cli(eval_script.main, ["--ckpt", str(demo_run), "--data", str(data), "--no-timing"])
+    err = capsys.readouterr().err
+    assert code == 2 and f"1 rows of {data}/eval" in err and "were trained on by" in err
+    assert not (demo_run / "eval.json").exists() or "data" not in json.loads((demo_run / "eval.json").read_text()) \
+        or json.loads((demo_run / "eval.json").read_text())["data"] != str(data)
+
+
+def test_data_from_another_tokenizer_and_other_folder(tmp_path, demo_run, capsys):
+    def retokenised(data):
+        m = json.loads((data / "manifest.json").read_text())
+        m["tokenizer_sha256"] = "0" * 64
+        (data / "manifest.json").write_text(json.dumps(m))
+    data = rebuilt_data(tmp_path, demo_run, retokenised)
+    code = eval_script.run_cli(eval_script.main, ["--ckpt", str(demo_run), "--data", str(data), "--no-timing"])
+    assert code == 2 and "was tokenised by" in capsys.readouterr().err
+
+
+def test_output_paths_are_checked_before_any_work(tmp_path, demo_run, capsys, monkeypatch):
+    monkeypatch.setattr(eval_script, "load_run", lambda *a, **k: pytest.fail("loaded a model before checking paths"))
+    for argv, msg in ((["--json", str(tmp_path / "no" / "such" / "e.json")], "does not exist"),
+                      (["--json", str(tmp_path)], "is a folder"),
+                      (["--csv", str(demo_run / "latest.json")], "is a file")):
+        code = eval_script.run_cli(eval_script.main, ["--ckpt", str(demo_run), *argv])
+        assert code == 2 and msg in capsys.readouterr().err
+
+
+def test_differential_stats_by_hand():
+    from minroute.evaluate import differential_stats
+    rng = np.random.default_rng(0)
+    L = 8
+    hard = np.ones((40, L), dtype=bool)
+    hard[:20, :4] = rng.random((20, 4)) < 0.2  # tool rows skip about 3 of the first 4 blocks
+    step = np.array([0] * 20 + [1] * 20)
+    r = PassResult(step, np.full(40, 10), np.zeros(40), np.ones(40), hard.astype(float), hard)
+    st = differential_stats(r, n=4000)
+    assert st["diff"] == pytest.approx(r.skip_pct(0) - r.skip_pct(1))
+    assert st["ci95"][0] < st["diff"] < st["ci95"][1] and st["ci95"][0] > 0 and st["p_permutation"] < 0.001
+    same = PassResult(step, np.full(40, 10), np.zeros(40), np.ones(40), hard.astype(float), np.tile(hard[:20], (2, 1)))
+    st = differential_stats(same, n=2000)
+    assert st["diff"] == 0.0 and st["p_permutation"] == 1.0 and st["ci95"][0] < 0 < st["ci95"][1]
 
 
 def test_demo_evaluation_end_to_end(tmp_path, demo_run, capsys):
@@ -107,10 +161,19 @@ def test_demo_evaluation_end_to_end(tmp_path, demo_run, capsys):
     assert {"static mask", "random mask", "all open", "learned routing"} == set(res["controls"])
     assert res["controls"]["all open"]["layers_run"] == 8
     assert "prefill_b1_gated" in res["timing"] and res["tasks"]["summary"]["gated"]
+    lo, hi = res["skip_diff_ci95"]
+    assert lo <= res["skip_diff"] <= hi and 0 < res["skip_diff_p_permutation"] <= 1
+    assert res["route_on"] == "prompt" and "skip_diff" in res["teacher_forced"]
+    for t in ("tool", "planning"):  # assistant-only PPL beside all-token PPL, and different from it
+        assert res["ppl_assistant"][t]["gated"] > 0 and res["ppl_assistant"][t]["gated"] != res["ppl"][t]["gated"]
+    timed = res["timing"]["timed_gates"]["prefill_b1"][0]
+    assert res["timing"]["layers_skipped"]["prefill_b1"] == 8 - timed.count("1")
+    assert res["step"] == res["updates"] == 40 and res["which"] == "latest"
     text = capsys.readouterr().out
     for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Per-layer gates", "Controls at matched compute",
-                  "Length confound", "Wall-clock", "Task accuracy"):
+                  "Length confound", "Wall-clock", "Task accuracy", "Skip differential of this run"):
         assert title in text
+    assert "(update 40 of 40: final)" in text
     assert len(list((tmp_path / "csv").glob("*.csv"))) >= 9
 
 
@@ -129,5 +192,42 @@ def test_compare_adds_table2_rows(tmp_path, demo_run):
     assert eval_script.main(["--ckpt", str(demo_run), "--which", "latest", "--compare", str(demo_run), "--json",
                              str(out), "--csv", str(tmp_path / "csv"), "--no-timing"]) == 0
     methods = json.loads(out.read_text())["methods"]
-    assert set(methods) == {"LayerRoute", demo_run.name}
-    assert methods["LayerRoute"] == pytest.approx(methods[demo_run.name]), "the same checkpoint twice: the same row"
+    assert set(methods) == {demo_run.name, f"{demo_run.name} #2"}
+    assert methods[demo_run.name] == methods[f"{demo_run.name} #2"], "the same checkpoint twice: the same row"
+
+
+def test_across_seeds_names_and_leaves_out_broken_runs(tmp_path, demo_run, capsys):
+    from minroute.checkpoint import load_checkpoint, save_checkpoint
+    broken, nan_run = tmp_path / "broken", tmp_path / "nan"
+    shutil.copytree(demo_run, broken)
+    ckpt = broken / json.loads((broken / "latest.json").read_text())["dir"]
+    (ckpt / "adapter.safetensors").write_bytes(b"not safetensors")
+    adapter, opt, meta = load_checkpoint(demo_run, "latest")
+    adapter = {k: v.clone() for k, v in adapter.items()}
+    adapter["routers.0.weight"][0, 0] = float("nan")
+    save_checkpoint(nan_run, meta["step"], adapter, opt, meta)
+    out = tmp_path / "s.json"
+    assert eval_script.main(["--runs", str(demo_run), str(broken), str(nan_run), "--json", str(out), "--csv",
+                             str(tmp_path / "c")]) == 0
+    s = json.loads(out.read_text())["seeds"]
+    assert s["n"] == 1 and s["n_given"] == 3 and [x["run"] for x in s["left_out"]] == [str(broken), str(nan_run)]
+    assert "adapter.safetensors" in s["left_out"][0]["why"] and "non-finite" in s["left_out"][1]["why"]
+    assert np.isfinite(s["summary"]["diff"]["mean"])
+    assert "used 1 of 3 runs" in capsys.readouterr().out
+
+
+def test_author_preset_gates_do_not_depend_on_batch_mates(tmp_path, demo_run):
+    """pool='all' checkpoints are evaluated at their training length: a row's gates are the same in any batch."""
+    import train
+    run = tmp_path / "author"
+    assert train.main(["--model", str(demo_run / "demo-model"), "--data", str(demo_run / "demo-data"), "--out",
+                       str(run), "--preset", "author", "--steps", "4", "--accum", "2", "--batch-size", "2",
+                       "--eval-every", "2", "--val-batches", "1"]) == 0
+    route, meta = load_layerroute(run, "latest")
+    assert eval_script.eval_padding(meta) == 512
+    ev = TokenSplit(meta["args"]["data"], "eval")
+    pad = load_tokenizer(meta["args"]["model"]).pad_id
+    for route_on in ("prompt", "sequence"):
+        a = run_pass(route, ev, pad, "gated", batch_size=1, pad_to=512, route_on=route_on)
+        b = run_pass(route, ev, pad, "gated", batch_size=8, pad_to=512, route_on=route_on)
+        assert np.array_equal(a.hard, b.hard) and np.allclose(a.soft, b.soft, atol=1e-5)
