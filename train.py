@@ -443,6 +443,9 @@ def main(argv=None):
             raise UserError(f"{args.data}/manifest.json changed since this run started; resume needs the same data")
         check_same_shape(resume_meta, cfg, out)
         adapter, opt_state, _ = load_checkpoint(out, "latest")
+        bad = nonfinite_tensors({**adapter, **opt_state})
+        if bad:
+            raise UserError(f"{out}: its latest checkpoint holds non-finite values ({bad[0]}, ...); it cannot be resumed")
         load_adapter(route, adapter, out)
         opt.load_state_tensors(opt_state, names, resume_meta["step"])
         restore_rng(opt_state)

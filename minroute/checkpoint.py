@@ -40,8 +40,16 @@ def atomic_write_text(path: Path, text: str):
     _fsync_dir(path.parent)
 
 
+def _file_mode() -> int:
+    """What open() gives a new file under the current umask (safetensors writes its files 0600)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def _save_tensors(tensors: dict, path: Path):
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    os.chmod(path, _file_mode())
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

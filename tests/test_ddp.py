@@ -30,3 +30,14 @@ def test_two_processes_equal_one(tmp_path, demo_run):
     assert diff <= 1e-6, f"2-process adapters differ from 1-process ones by {diff:.3g}"
     moved = max(a[k].abs().max().item() for k in a if k.endswith("lora_B"))
     assert moved > 0, "training must have changed the adapters for the comparison to mean anything"
+
+
+def test_all_reduce_refuses_tensors_off_the_training_device():
+    """NCCL serves CUDA tensors only: a logged sum kept on the CPU would stop multi-GPU training at update 1. The
+    check runs before any communication, so it is tested here without a process group."""
+    import pytest
+    import torch
+
+    import train
+    with pytest.raises(RuntimeError, match=r"not on meta"):
+        train.all_reduce_([torch.zeros(3, device="meta"), torch.zeros(4)], torch.device("meta"))

@@ -111,3 +111,34 @@ def test_chat_command_runs_on_demo_checkpoint(demo_run, tmp_path):
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)})
     assert res.returncode == 0, res.stderr
     assert "[gates " in res.stdout and "blocks ran" in res.stdout and "tok/s]" in res.stdout
+
+
+def test_chat_command_checks_tools_first_and_caps_new_tokens(demo_run, tmp_path, capsys, monkeypatch):
+    import json
+
+    import minroute.checkpoint as ck
+    from minroute.generate import chat_main
+    from minroute.safety import run_cli
+    bad = tmp_path / "tools.json"
+    bad.write_text('{"name": "not a list"}')
+    monkeypatch.setattr(ck, "load_layerroute", lambda *a, **k: pytest.fail("loaded the model before --tools"))
+    for content, msg in (('{"name": "x"}', "must hold a JSON list"), ("[{oops", "not valid JSON")):
+        bad.write_text(content)
+        assert run_cli(chat_main, ["--ckpt", str(demo_run), "--prompt", "hi", "--tools", str(bad)]) == 2
+        assert msg in capsys.readouterr().err
+    assert run_cli(chat_main, ["--ckpt", str(demo_run), "--prompt", "hi", "--tools", str(tmp_path / "none")]) == 2
+    assert "cannot read it" in capsys.readouterr().err
+    monkeypatch.undo()
+    with pytest.raises(SystemExit):
+        chat_main(["--ckpt", str(demo_run), "--prompt", "hi", "--max-new-tokens", "-5"])
+    assert "must be a whole number > 0" in capsys.readouterr().err
+    small = tmp_path / "model"  # the demo model with a 160-token context
+    import shutil
+    shutil.copytree(demo_run / "demo-model", small)
+    cfg = json.loads((small / "config.json").read_text())
+    cfg["max_position_embeddings"] = 160
+    (small / "config.json").write_text(json.dumps(cfg))
+    assert chat_main(["--ckpt", str(demo_run), "--model", str(small), "--prompt", "hi", "--max-new-tokens",
+                      "100000"]) == 0
+    out = capsys.readouterr().out
+    assert "[note: --max-new-tokens 100000 capped at" in out

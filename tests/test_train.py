@@ -85,6 +85,13 @@ def test_resume_after_kill_is_bitwise_identical(tmp_path, small_setup):
         assert torch.equal(a[k], b[k]), f"{k} differs after resume (max diff {(a[k] - b[k]).abs().max():.3g})"
 
 
+def test_checkpoint_files_have_the_run_folders_permissions(tmp_path):
+    d = save_checkpoint(tmp_path, 1, {"w": torch.ones(3)}, {"m.w": torch.zeros(3)}, {"args": {}},
+                        extra={"trained_rows.txt": "ab\n"})
+    modes = {p.name: p.stat().st_mode & 0o777 for p in d.iterdir()}
+    assert len(set(modes.values())) == 1, f"checkpoint files differ in permissions: {modes}"
+
+
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
     import minroute.checkpoint as ck
     t = {"w": torch.ones(3)}
