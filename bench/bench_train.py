@@ -1,15 +1,27 @@
-"""Training-step benchmark at the real 0.5B shape (random weights): minroute vs transformers + PEFT.
+"""Training-step benchmark at the real 0.5B shape (random weights): minroute vs transformers + PEFT, interleaved.
 
-    python bench/bench_train.py                                   # CPU, fp32, 4 x 128
-    python bench/bench_train.py --device cuda --batch 4 --seq 512 # GPU, bf16 weights + autocast
+    python bench/bench_train.py                                    # the paper's shape: CPU, fp32, 4 x 512
+    python bench/bench_train.py --quick                            # 4 x 128
+    python bench/bench_train.py --device cuda                      # GPU: bf16 weights + autocast
 
-Each side runs in its own subprocess (so peak memory is its own): the same random weights, the same batch
-(right padding of varied lengths), LoRA r8/alpha16/dropout 0.05 on q/k/v/o, AdamW, one warm-up step, then
-the median of --steps timed steps. minroute runs LayerRoute (routers + straight-through gates, every block
-computed, CE + lambda R with the LM head only on counted tokens); transformers + PEFT runs without routers,
-so minroute does strictly more work. Step memory: CUDA max_memory_allocated minus what was allocated after
-loading, or on CPU the peak RSS over the steps (VmHWM, reset after loading) minus the RSS after loading, with
-glibc told to return freed large blocks (MALLOC_MMAP_THRESHOLD_=65536, both sides).
+Every side is one long-lived worker process holding its model (so each process's memory is its own), and the
+timed steps interleave: round r runs transformers+PEFT, then minroute with each gate setting, then the next
+round, so drift on a noisy host lands on every side alike. Reported per side: the median and the min-max of
+the timed steps, the peak step memory, and the ratio to transformers+PEFT (median of the per-round ratios,
+with their min-max).
+
+Both sides: the same random weights and batch (right padding of varied lengths), LoRA r8 / alpha 16 / dropout
+0.05 on q/k/v/o, AdamW. transformers + PEFT has no routers: it always runs every block forward and backward.
+minroute runs LayerRoute (routers, straight-through gates, CE + lambda R) with its gates imposed:
+  open  every block open (the most work minroute can do),
+  band  the initial gates: the middle band closed (9 of 24 blocks), as at step 0 of every run,
+  high  18 of 24 closed (the first and last 3 open), a high-skip setting.
+A closed block still runs forward for its rows (the router's gradient needs Block(h) - h) but without
+autograd, so it costs no backward and keeps no activations.
+
+Step memory: CUDA max_memory_allocated minus what was allocated before the step, or on CPU the peak RSS over
+the step (VmHWM, reset before it) minus the RSS before it, with glibc told to return freed large blocks
+(MALLOC_MMAP_THRESHOLD_=65536, in every worker) so that RSS shows the step rather than glibc's cache.
 """
 from __future__ import annotations
 
@@ -26,6 +38,10 @@ import torch
 
 from common import ROOT, describe, random_batch, real_shape_checkpoint
 
+GATES = {"open": lambda L: [True] * L,
+         "band": lambda L: [not (round(L / 3) <= i < round(17 * L / 24)) for i in range(L)],
+         "high": lambda L: [i < 3 or i >= L - 3 for i in range(L)]}
+
 
 def proc_status_mb(field: str) -> float:
     """VmRSS (resident now) or VmHWM (peak resident since the last reset) of this process, in MB."""
@@ -37,28 +53,30 @@ def proc_status_mb(field: str) -> float:
 
 
 def reset_peak_rss():
-    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS, so load-time peaks do not count."""
+    """Linux: writing 5 to clear_refs resets VmHWM to the current RSS."""
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
 
 
-def run_side(side: str, ckpt: Path, a) -> dict:
+def build_step(side: str, ckpt: Path, a):
+    """The model of one side and a function that runs one training step on the fixed batch."""
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     ids, mask, labels = (t.to(device) for t in random_batch(a.batch, a.seq, 151936))
     torch.manual_seed(0)
-    if side == "minroute":
+    if side.startswith("minroute"):
         from minroute.checkpoint import build_layerroute
         from minroute.loss import lm_loss
         from minroute.optim import AdamW
         from minroute.router import gate_regulariser
         model = build_layerroute(ckpt, {"r": 8, "alpha": 16, "dropout": 0.05}, device=device, dtype=dtype).train()
+        gates = torch.tensor(GATES[side.split(":")[1]](model.config.num_hidden_layers))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = AdamW([{"params": params, "weight_decay": 0.01}], lr=2e-4)
 
         def step():
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            with model.forcing(gates), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 h, soft, _ = model.gated_hidden(ids, mask)
                 loss = lm_loss(h, model.lm_head.weight, labels) + gate_regulariser(soft)
             loss.backward()
@@ -78,60 +96,94 @@ def run_side(side: str, ckpt: Path, a) -> dict:
             loss.backward()
             opt.step()
             opt.zero_grad()
-    reset_peak_rss()
-    base_rss = proc_status_mb("VmRSS")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        base_cuda = torch.cuda.memory_allocated() / 2**20
-    times = []
-    for i in range(a.steps + 1):
+    return step, int(mask.sum())
+
+
+def worker(side: str, ckpt: Path, a):
+    """Load, then answer each 'step' line on stdin with one JSON line: seconds and step memory."""
+    step, tokens = build_step(side, ckpt, a)
+    cuda = a.device.startswith("cuda")
+    print(json.dumps({"ready": side, "tokens": tokens}), flush=True)
+    for line in sys.stdin:
+        if line.strip() != "step":
+            break
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated() / 2**20
+        else:
+            reset_peak_rss()
+            before = proc_status_mb("VmRSS")
         t0 = time.perf_counter()
         step()
         if cuda:
             torch.cuda.synchronize()
-        if i:  # the first step is the warm-up
-            times.append(time.perf_counter() - t0)
-    peak = (torch.cuda.max_memory_allocated() / 2**20 - base_cuda) if cuda else \
-        proc_status_mb("VmHWM") - base_rss
-    return {"side": side, "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "step_mem_mb": peak, "tokens": int(mask.sum())}
+        dt = time.perf_counter() - t0
+        mem = torch.cuda.max_memory_allocated() / 2**20 - before if cuda else proc_status_mb("VmHWM") - before
+        print(json.dumps({"s": dt, "mem_mb": mem}), flush=True)
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--batch", type=int, default=4)
-    ap.add_argument("--seq", type=int, default=128)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps after one warm-up")
+    ap.add_argument("--seq", type=int, default=512)
+    ap.add_argument("--quick", action="store_true", help="4 x 128 instead of the paper's 4 x 512")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds (each side once per round) after 1 warm-up")
+    ap.add_argument("--gates", default="open,band,high", help="minroute gate settings to run (open, band, high)")
+    ap.add_argument("--no-hf", action="store_true", help="minroute only (no transformers + peft side)")
     ap.add_argument("--ckpt", default="/tmp/minroute-bench-0.5b", help="where the random real-shape checkpoint goes")
-    ap.add_argument("--side", help=argparse.SUPPRESS)
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
+    if a.quick:
+        a.seq = 128
     ckpt = real_shape_checkpoint(Path(a.ckpt))
-    if a.side:
-        print(json.dumps(run_side(a.side, ckpt, a)))
-        return
-    res = {}
-    for side in ("minroute", "transformers+peft"):
-        # time with the default allocator; memory in a second process where glibc returns freed large blocks
-        # (otherwise it keeps blocks of up to 32 MB mapped, and RSS shows the allocator rather than the step)
-        for env, keep in (({}, ("median_s", "min_s", "max_s", "tokens")), ({"MALLOC_MMAP_THRESHOLD_": "65536"},
-                                                                            ("step_mem_mb",))):
-            p = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--side", side], capture_output=True,
-                               text=True, cwd=ROOT, env={**os.environ, **env})
-            if p.returncode:
-                sys.exit(f"{side} failed:\n{p.stderr[-3000:]}")
-            out = json.loads(p.stdout.strip().splitlines()[-1])
-            res.setdefault(side, {}).update({k: out[k] for k in keep})
-    m, h = res["minroute"], res["transformers+peft"]
-    print(f"command: python bench/bench_train.py {' '.join(sys.argv[1:])}")
+    if a.worker:
+        return worker(a.worker, ckpt, a)
+    sides = ([] if a.no_hf else ["transformers+peft"]) + [f"minroute:{g}" for g in a.gates.split(",")]
+    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    args = [a_ for a_ in sys.argv[1:]]
+    procs, tokens = {}, 0
+    for side in sides:
+        procs[side] = subprocess.Popen([sys.executable, __file__, *args, "--worker", side], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        ready = procs[side].stdout.readline()
+        if not ready:
+            sys.exit(f"{side}: the worker died while loading (run it alone with --worker {side} to see why)")
+        tokens = json.loads(ready)["tokens"]
+    res = {s: [] for s in sides}
+    for r in range(a.rounds + 1):  # round 0 is the warm-up
+        for side in sides:
+            procs[side].stdin.write("step\n")
+            procs[side].stdin.flush()
+            line = procs[side].stdout.readline()
+            if not line:
+                sys.exit(f"{side}: the worker died during a step")
+            if r:
+                res[side].append(json.loads(line))
+        print(f"round {r}/{a.rounds} done", file=sys.stderr, flush=True)
+    for p in procs.values():
+        p.stdin.close()
+        p.wait()
+    ref = "transformers+peft" if not a.no_hf else None
+    print(f"command: python bench/bench_train.py {' '.join(args)}")
     print(f"device: {describe(a.device)}; dtype {'bf16 autocast' if a.device.startswith('cuda') else 'fp32'}; "
-          f"batch {a.batch} x {a.seq} ({m['tokens']} real tokens); median of {a.steps} steps after 1 warm-up")
-    print(f"{'':22s} {'step s':>8s} {'min-max s':>14s} {'step mem MB':>12s}")
-    for name, r in res.items():
-        print(f"{name:22s} {r['median_s']:8.2f} {r['min_s']:6.2f}-{r['max_s']:<6.2f} {r['step_mem_mb']:12.0f}")
-    print(f"{'ratio minroute/HF':22s} {m['median_s'] / h['median_s']:8.2f} {'':14s} "
-          f"{m['step_mem_mb'] / h['step_mem_mb']:12.2f}   (goals: time <= 0.70, memory <= 0.60)")
+          f"batch {a.batch} x {a.seq} ({tokens} real tokens); {a.rounds} interleaved rounds after 1 warm-up")
+    print(f"{'side':22s} {'step s':>7s} {'min-max s':>13s} {'mem MB':>8s} {'time/HF':>8s} {'min-max':>11s} {'mem/HF':>7s}")
+    rows = {}
+    for side in sides:
+        t = [x["s"] for x in res[side]]
+        m = statistics.median(x["mem_mb"] for x in res[side])
+        row = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "mem_mb": m}
+        if ref and side != ref:
+            ratios = [x["s"] / y["s"] for x, y in zip(res[side], res[ref])]
+            row.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
+                       mem_ratio=m / statistics.median(x["mem_mb"] for x in res[ref]))
+        rows[side] = row
+        extra = (f" {row['ratio']:8.2f} {row['ratio_min']:5.2f}-{row['ratio_max']:<5.2f} {row['mem_ratio']:7.2f}"
+                 if "ratio" in row else "")
+        print(f"{side:22s} {row['median_s']:7.2f} {row['min_s']:6.2f}-{row['max_s']:<6.2f} {m:8.0f}{extra}")
+    print(json.dumps({"bench": "train", "device": a.device, "batch": a.batch, "seq": a.seq, "rows": rows}))
 
 
 if __name__ == "__main__":
