@@ -60,11 +60,13 @@ def parse_args(argv=None):
     ap.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation cap for --tasks")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="random-mask control and bootstrap seed")
     ap.add_argument("--demo", action="store_true", help="evaluate the demo checkpoint (CPU, offline)")
+    ap.add_argument("--report", metavar="STUDY_DIR", help="write STUDY_DIR/REPORT.md (+ study.json, tables/, figures/) "
+                    "from the eval.json of every run in STUDY_DIR/runs/ (what reproduce.sh lays out); loads no model")
     return ap.parse_args(argv)
 
 
-def table(title: str, header: list[str], rows: list[list], out: list | None = None) -> str:
-    """Aligned plain-text table; also appended to `out` (the CSV-able form)."""
+def table(title: str, header: list[str], rows: list[list], out: list | None = None, name: str = "") -> str:
+    """Aligned plain-text table; also appended to `out` as (CSV name, header, rows)."""
     cells = [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
     lines = [f"\n{title}", "  ".join(h.ljust(w) for h, w in zip(header, widths)),
@@ -73,7 +75,7 @@ def table(title: str, header: list[str], rows: list[list], out: list | None = No
     text = "\n".join(lines)
     print(text)
     if out is not None:
-        out.append((title, header, rows))
+        out.append((name or "".join(ch if ch.isalnum() else "_" for ch in title.lower())[:40].strip("_"), header, rows))
     return text
 
 
@@ -117,11 +119,18 @@ def describe_checkpoint(ckpt_dir: Path, meta: dict, which: str) -> str:
     return f"{ckpt_dir} (update {meta['step']} of {total}: {kind})"
 
 
-def eval_padding(meta: dict) -> int | None:
-    """Authors' forward (pool 'all'): evaluate at the padded length it was trained with, so no row's gates
-    depend on its batch-mates; mask-aware pooling needs no fixed length."""
+def eval_batching(meta: dict, batch_size: int) -> tuple[dict, str]:
+    """How to batch a checkpoint's eval rows so that no row's gates depend on its batch-mates.
+
+    Mask-aware pooling ignores padding. The authors' forward (pool 'all') pools over it: evaluate at the padded
+    length it was trained with, or one row at a time (as the authors' evaluate.py) when it trained unpadded."""
     a = meta["args"]
-    return (a.get("pad_to") or None) if a.get("pool") == "all" else None
+    if a.get("pool") != "all":
+        return {"batch_size": batch_size, "pad_to": None}, "padding excluded from pooling and attention"
+    if a.get("pad_to"):
+        return ({"batch_size": batch_size, "pad_to": a["pad_to"]},
+                f"right-padded to {a['pad_to']} tokens as in training (the authors' forward pools over padding)")
+    return {"batch_size": 1, "pad_to": None}, "one row at a time (the authors' forward pools over padding)"
 
 
 def demo_defaults(args):
@@ -157,10 +166,22 @@ def check_outputs(args) -> tuple[Path, Path]:
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.report:
+        from minroute.report import write_report
+        study = Path(args.report)
+        if not (study / "runs").is_dir():
+            raise UserError(f"--report {study}: no runs/ folder in it; pass the --out folder of reproduce.sh")
+        try:
+            out = write_report(study)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        print(f"wrote {study / 'REPORT.md'} ({len(out['runs'])} runs, {len(out['left_out'])} left out; figures: "
+              f"{', '.join(out['figures']) or 'none'})")
+        return 0
     if args.demo:
         demo_defaults(args)
     if not args.ckpt and not args.runs:
-        raise UserError("pass --ckpt RUN_DIR (or --runs DIR...)")
+        raise UserError("pass --ckpt RUN_DIR (or --runs DIR..., or --report STUDY_DIR)")
     json_path, csv_dir = check_outputs(args)
     device = torch.device(args.device)
     cuda = device.type == "cuda"
@@ -177,14 +198,25 @@ def main(argv=None):
         results["seeds"] = across_seeds(args, device, autocast, csv_tables)
     json_path.write_text(json.dumps(results, indent=2, default=float))
     csv_dir.mkdir(parents=True, exist_ok=True)
-    for k, (title, header, rows) in enumerate(csv_tables):
-        name = "".join(ch if ch.isalnum() else "_" for ch in title.lower()).strip("_")[:60]
-        with open(csv_dir / f"{k:02d}_{name}.csv", "w", newline="") as f:
+    for name, header, rows in csv_tables:
+        with open(csv_dir / f"{name}.csv", "w", newline="") as f:
             w = csv.writer(f)
             w.writerow(header)
             w.writerows(rows)
     print(f"\nwrote {json_path} and {len(csv_tables)} CSV tables in {csv_dir}")
     return 0
+
+
+def provenance(meta: dict, ckpt_dir: Path, data) -> dict:
+    """What a report needs to say how a number was made: versions, device, data and checkpoint hashes."""
+    import platform
+    a = meta["args"]
+    return {"command": "python " + " ".join(sys.argv), "python": platform.python_version(), "torch": torch.__version__,
+            "eval_device": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
+            "train_device": a.get("device"), "preset": a.get("preset"), "ablation": a.get("ablation"),
+            "seed": a.get("seed"), "model": a.get("model"), "data": str(data),
+            "data_manifest_sha256": manifest_hash(data), "trained_on_manifest_sha256": meta.get("manifest_sha256"),
+            "checkpoint_sha256": {k: v["sha256"] for k, v in meta.get("files", {}).items()}}
 
 
 def method_name(path, meta) -> str:
@@ -199,18 +231,16 @@ def evaluate_checkpoint(route, meta, ckpt_dir, data, pad_id, args, device, autoc
     cfg, L = route.config, route.config.num_hidden_layers
     lam = meta["args"].get("gate_reg", 1.0)
     ev, matched = TokenSplit(data, "eval"), TokenSplit(data, "eval_matched")
-    pad_to = eval_padding(meta)
-    kw = dict(batch_size=args.batch_size, device=device, autocast=autocast, pad_to=pad_to)
+    batching, how = eval_batching(meta, args.batch_size)
+    kw = dict(device=device, autocast=autocast, **batching)
     passes = {m: run_pass(route, ev, pad_id, m, **kw) for m in ("base", "full", "gated")}
     g = passes["gated"]  # deployment gates: routed on the prompt, as at prefill
     tf = run_pass(route, ev, pad_id, "gated", route_on="sequence", **kw)  # teacher-forced: prompt + reference answer
     stats = differential_stats(g, seed=args.seed)
-    how = (f"right-padded to {pad_to} tokens as in training (the authors' forward pools over padding)" if pad_to
-           else "padding excluded from pooling and attention")
     print(f"gates: routed on each eval row's prompt (deployment: prefill gates); {how}. Teacher-forced gates (prompt "
           "+ reference answer, as the authors evaluated) beside them.")
     res = {"checkpoint": str(ckpt_dir), "step": meta["step"], "updates": meta["args"].get("updates"),
-           "which": args.which, "data": str(data), "n_eval": len(ev), "route_on": "prompt", "eval_pad_to": pad_to,
+           "which": args.which, "data": str(data), "n_eval": len(ev), "route_on": "prompt", "eval_batching": how,
            "skip_pct": {STEP_NAMES[t]: g.skip_pct(t) for t in TYPES},
            "skip_diff": g.skip_pct(TOOL) - g.skip_pct(1), "skip_diff_ci95": stats["ci95"],
            "skip_diff_p_permutation": stats["p_permutation"],
@@ -222,20 +252,24 @@ def evaluate_checkpoint(route, meta, ckpt_dir, data, pad_id, args, device, autoc
            "ppl_assistant": {STEP_NAMES[t]: {m: passes[m].ppl(t, assistant=True) for m in passes} for t in TYPES},
            "ppl_paper_definition": {STEP_NAMES[t]: {m: passes[m].paper_ppl(t, lam, forced=m != "gated")
                                                     for m in passes} for t in TYPES}}
+    res["samples"] = {"step_type": g.step_type.tolist(), "n_tokens": g.n_tokens.tolist(),
+                      "prompt_tokens": ev.prompt_len.tolist(), "skip_pct": g.skip_per_sample.tolist(),
+                      "mean_soft": g.soft.mean(1).tolist()}
+    res["provenance"] = provenance(meta, ckpt_dir, data)
     table(f"Skip differential of this run: tool - planning = {res['skip_diff']:+.2f} points, 95% CI "
           f"[{stats['ci95'][0]:+.2f}, {stats['ci95'][1]:+.2f}] (stratified bootstrap over {stats.get('n_tool', 0)} + "
           f"{stats.get('n_planning', 0)} eval rows), permutation p = {stats['p_permutation']:.4f}",
           ["gates", "skip% tool", "skip% plan", "diff", "rows whose gates differ %"],
           [["prompt (deployment)", g.skip_pct(TOOL), g.skip_pct(1), res["skip_diff"], 0.0],
            ["prompt + answer (teacher-forced)", tf.skip_pct(TOOL), tf.skip_pct(1), res["teacher_forced"]["skip_diff"],
-            res["teacher_forced"]["gates_differ_pct"]]], csv_tables)
+            res["teacher_forced"]["gates_differ_pct"]]], csv_tables, "differential")
 
     # ---- Table 2: methods
     rows = [["all open (LoRA)", 0.0, 0.0, 0.0, "", 0.0, 0.0, 0.0, 0.0, "", ""]]
     methods = [(method_name(ckpt_dir.parent, meta), passes, tf)]
     for path in args.compare:
         r2, m2, c2, _, _ = load_run(path, args.which, args.model, data, device)
-        kw2 = {**kw, "pad_to": eval_padding(m2)}
+        kw2 = {**kw, **eval_batching(m2, args.batch_size)[0]}
         ps = {m: run_pass(r2, ev, pad_id, m, **kw2) for m in ("full", "gated")}
         name = method_name(c2.parent, m2)
         name = name if name not in [m[0] for m in methods] else f"{name} #{len(methods) + 1}"
@@ -258,7 +292,7 @@ def evaluate_checkpoint(route, meta, ckpt_dir, data, pad_id, args, device, autoc
           "tf = teacher-forced gates)",
           ["method", "skip% tool", "skip% plan", "diff", "diff 95% CI", "FLOPs red. tool (paper: blocks, T=512)",
            "FLOPs red. tool (whole model, real T)", "dPPL tool", "dPPL plan", "tf skip% tool", "tf skip% plan"],
-          rows, csv_tables)
+          rows, csv_tables, "table2")
 
     # ---- Table 3: per step type
     rows, res["per_type"] = [], {}
@@ -275,7 +309,7 @@ def evaluate_checkpoint(route, meta, ckpt_dir, data, pad_id, args, device, autoc
                      f"{f_full:.3e}", d["flops_red_pct"], f"{d['paper_flops_per_seq']:.3e}"])
     table(f"Table 3: layers run and FLOPs per sequence at real lengths (of {L} layers)",
           ["step type", "n", "tokens", "layers run", "skip%", "FLOPs/seq", "FLOPs/seq all open", "FLOPs red.%",
-           "paper FLOPs/seq (T=512)"], rows, csv_tables)
+           "paper FLOPs/seq (T=512)"], rows, csv_tables, "table3")
 
     # ---- Table 4: gate patterns
     rows = []
@@ -284,7 +318,7 @@ def evaluate_checkpoint(route, meta, ckpt_dir, data, pad_id, args, device, autoc
             pattern = "".join("1" if x else "0" for x in g.hard[i])
             rows.append([STEP_NAMES[t], int(i), int(g.n_tokens[i]), pattern, 100 * (1 - g.hard[i].mean())])
     table("Table 4: gate patterns of example inputs (1 = block ran, 0 = skipped; layer 0 first)",
-          ["step type", "sample", "tokens", "pattern", "skip%"], rows, csv_tables)
+          ["step type", "sample", "tokens", "pattern", "skip%"], rows, csv_tables, "table4")
 
     # ---- Table 5: PPL
     rows = []
@@ -296,7 +330,7 @@ def evaluate_checkpoint(route, meta, ckpt_dir, data, pad_id, args, device, autoc
     table(f"Table 5: PPL = exp(token-mean CE) on held-out rows, over all tokens and over the assistant's output alone "
           f"(asst; a tool row's all-token PPL is mostly its schema); beside them the paper's exp(CE + {lam:g} x mean "
           "soft gate)", ["step type", "base", "full (LoRA)", "gated", "dPPL", "asst base", "asst full", "asst gated",
-                         "paper-def full", "paper-def gated", "paper-def dPPL"], rows, csv_tables)
+                         "paper-def full", "paper-def gated", "paper-def dPPL"], rows, csv_tables, "table5")
 
     # ---- per-layer gates
     res["per_layer"] = {}
@@ -312,7 +346,7 @@ def evaluate_checkpoint(route, meta, ckpt_dir, data, pad_id, args, device, autoc
         print(f"  layer {i:2d}  p {vals[0]:.3f} {bar(vals[0])} skip {100 * vals[1]:5.1f}% | "
               f"p {vals[2]:.3f} {bar(vals[2])} skip {100 * vals[3]:5.1f}%")
         rows.append([i, *vals])
-    csv_tables.append(("per-layer gates", ["layer", "p_tool", "skip_tool", "p_plan", "skip_plan"], rows))
+    csv_tables.append(("gates", ["layer", "p_tool", "skip_tool", "p_plan", "skip_plan"], rows))
     plot_figures(res, ckpt_dir.parent)
 
     # ---- matched-compute controls
@@ -326,7 +360,7 @@ def evaluate_checkpoint(route, meta, ckpt_dir, data, pad_id, args, device, autoc
         res["controls"][name] = d
         rows.append([name, d["layers_run"], d["ce"], d["ce_tool"], d["ce_plan"], d["dce_vs_learned"]])
     table("Controls at matched compute: CE of each gate choice (dCE > 0: worse than the learned routing)",
-          ["gates", "layers run", "CE", "CE tool", "CE plan", "dCE vs learned"], rows, csv_tables)
+          ["gates", "layers run", "CE", "CE tool", "CE plan", "dCE vs learned"], rows, csv_tables, "controls")
 
     # ---- length confound
     gm = run_pass(route, matched, pad_id, "gated", **kw)
@@ -344,7 +378,7 @@ def evaluate_checkpoint(route, meta, ckpt_dir, data, pad_id, args, device, autoc
           [["held-out eval", "", g.skip_pct(TOOL), g.skip_pct(1), res["skip_diff"], "", "", "", "", "", ""],
            ["length-matched", lc["matched_pairs"], lc["matched_skip_tool"], lc["matched_skip_planning"],
             lc["matched_diff"], reg["per_100_tokens"], reg["tool"], reg["r2"], reg["r_length_score"],
-            reg["r_tool_score"], reg["r_length_tool"]]], csv_tables)
+            reg["r_tool_score"], reg["r_length_tool"]]], csv_tables, "length_confound")
 
     if not args.no_timing:
         res["timing"] = timing(route, ev, pad_id, g, args, device, csv_tables)
@@ -393,7 +427,7 @@ def timing(route, ev: TokenSplit, pad_id, g, args, device, csv_tables) -> dict:
                          a["median_ms"] / b["median_ms"], k, bound])
     table(f"Wall-clock on {len(order)} held-out prompts ({device}, LoRA unmerged = the evaluated model, median of "
           f"{args.repeats} after 1 warm-up; k = blocks skipped by the timed prompts' own gates)",
-          ["measure", "all open ms", "gated ms", "gated spread", "speedup", "k", "bound"], rows, csv_tables)
+          ["measure", "all open ms", "gated ms", "gated spread", "speedup", "k", "bound"], rows, csv_tables, "timing")
     return out
 
 
@@ -409,7 +443,7 @@ def across_seeds(args, device, autocast, csv_tables) -> dict:
             print(f"skipped {path}: {e}")
             continue
         ev = TokenSplit(data, "eval")
-        kw = dict(batch_size=args.batch_size, device=device, autocast=autocast, pad_to=eval_padding(meta))
+        kw = dict(device=device, autocast=autocast, **eval_batching(meta, args.batch_size)[0])
         gp, fp = run_pass(route, ev, pad_id, "gated", **kw), run_pass(route, ev, pad_id, "full", **kw)
         st = differential_stats(gp, seed=args.seed)
         rec = {"run": str(path), "checkpoint": str(ckpt_dir), "step": meta["step"], "seed": meta["args"].get("seed"),
@@ -436,7 +470,7 @@ def across_seeds(args, device, autocast, csv_tables) -> dict:
                         + "; ".join(f"{x['run']}: {x['why']}" for x in skipped))
     table("Per seed", ["run", "seed", "skip% tool", "skip% plan", "diff", "dPPL tool", "dPPL plan"],
           [[p["run"], p["seed"], p["skip_tool"], p["skip_planning"], p["diff"], p["dppl_tool"], p["dppl_planning"]]
-           for p in per], csv_tables)
+           for p in per], csv_tables, "seeds")
     summary, rows = {}, []
     keys = ["skip_tool", "skip_planning", "diff", "ppl_gated_tool", "ppl_gated_planning", "dppl_tool", "dppl_planning"]
     if args.tasks:
@@ -449,7 +483,7 @@ def across_seeds(args, device, autocast, csv_tables) -> dict:
         rows.append([key, summary[key]["mean"], summary[key]["sd"], lo, hi])
     positive = sum(p["diff"] > 0 for p in per)
     table(f"Across {len(per)} of {len(args.runs)} runs (bootstrap 95% CI of the mean); differential > 0 in {positive} "
-          f"of {len(per)}", ["metric", "mean", "sd", "CI low", "CI high"], rows, csv_tables)
+          f"of {len(per)}", ["metric", "mean", "sd", "CI low", "CI high"], rows, csv_tables, "seeds_summary")
     return {"runs": per, "summary": summary, "positive_diff": positive, "n": len(per), "n_given": len(args.runs),
             "left_out": skipped}
 

@@ -66,6 +66,7 @@ RUN_FILES = ("latest.json", "best.json", "train_log.csv", "gates.csv")  # a fold
 RESUME_MAY_CHANGE = {"steps", "device", "resume", "out"}  # what a resumed run may be given again with a new value
 DEMO = dict(steps=120, batch_size=4, accum=2, lr=3e-3, eval_every=20, val_batches=4, save_every=40, log_every=10)
 DEMO_COUNTS = {"hermes": 40, "glaive": 40, "gsm8k": 40, "turing": None}
+DEMO_ASSET_SEED = 42  # the demo model and data do not change with --seed
 
 
 def build_parser(suppress: bool = False):
@@ -77,6 +78,8 @@ def build_parser(suppress: bool = False):
     g.add_argument("--model", default="Qwen/Qwen2.5-0.5B-Instruct", help="base model: local folder or Hub repo id")
     g.add_argument("--preset", choices=list(PRESETS), default="paper", help="paper (as written) or author (as run)")
     g.add_argument("--demo", action="store_true", help="offline CPU demo: tiny random model + bundled corpus")
+    g.add_argument("--demo-assets", metavar="DIR", help="with --demo: build (once) and use the demo model and data in "
+                                                        "DIR instead of the run folder (shared by a study's runs)")
     g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (exactly); "
                                                        "with --steps N, extend it to N")
     g.add_argument("--restart", action="store_true", help="start a new run in an --out folder that holds one: the "
@@ -155,7 +158,9 @@ def resolve(args):
 
 
 def prepare_demo(out: Path, args):
-    """Tiny random Qwen2 (tokenizer trained on the demo corpus) and the demo data, inside the run folder."""
+    """Tiny random Qwen2 (tokenizer trained on the demo corpus) and the demo data in `out` (the run folder, or
+    --demo-assets to share one model and data set between runs). Built once, with a fixed seed, so every seed
+    of a demo study trains the same base model on the same data."""
     from data_prep.build import build
     from minroute.tiny import write_tiny_checkpoint
     demo = Path(__file__).resolve().parent / "data_prep" / "demo"
@@ -166,13 +171,13 @@ def prepare_demo(out: Path, args):
     if not (model_dir / "model.safetensors").exists():
         text = [p.read_text(encoding="utf-8", errors="replace") for p in demo.rglob("*.json")]
         write_tiny_checkpoint(model_dir, hidden_size=64, num_hidden_layers=8, num_attention_heads=4,
-                              num_key_value_heads=2, intermediate_size=192, seed=args.seed, bpe_vocab=1024,
+                              num_key_value_heads=2, intermediate_size=192, seed=DEMO_ASSET_SEED, bpe_vocab=1024,
                               init_std=0.1,  # 0.02 leaves the tied head too weak for LoRA to move the loss
                               extra_text=[line for t in text for line in t.splitlines()])
     if not (data_dir / "manifest.json").exists():
         tok = load_tokenizer(model_dir).tokenizer
         build(data_dir, tok, str(model_dir), source_dir=demo, counts=DEMO_COUNTS,
-              eval_counts={"tool": 10, "planning": 10}, matched_pairs=10, seed=args.seed,
+              eval_counts={"tool": 10, "planning": 10}, matched_pairs=10, seed=DEMO_ASSET_SEED,
               tokenizer_sha256=sha256_file(model_dir / "tokenizer.json"))
     args.model, args.data = str(model_dir), str(data_dir)
 
@@ -404,7 +409,7 @@ def main(argv=None):
     if not args.resume:
         if args.demo:
             args.device = "cpu"
-            prepare_demo(out, args)
+            prepare_demo(Path(args.demo_assets) if args.demo_assets else out, args)
         if not args.data:
             raise UserError("--data DIR is required (build it with `python -m data_prep --out DIR`), or use --demo")
         args.updates = resolve(args)
@@ -523,6 +528,8 @@ def main(argv=None):
                 save_checkpoint(out, step, adapter_tensors(route), opt_t, {**meta_base, "best_val_ce": best},
                                 (["latest"] if periodic else []) + (["best"] if improved else []),
                                 extra={"trained_rows.txt": rows_text})
+        if acc["n"] == 0:  # the next interval's time starts after validation and checkpointing
+            acc["t0"] = time.time()
     if log:
         log.close()
     if world > 1:

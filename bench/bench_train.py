@@ -19,9 +19,10 @@ minroute runs LayerRoute (routers, straight-through gates, CE + lambda R) with i
 A closed block still runs forward for its rows (the router's gradient needs Block(h) - h) but without
 autograd, so it costs no backward and keeps no activations.
 
-Step memory: CUDA max_memory_allocated minus what was allocated before the step, or on CPU the peak RSS over
-the step (VmHWM, reset before it) minus the RSS before it, with glibc told to return freed large blocks
-(MALLOC_MMAP_THRESHOLD_=65536, in every worker) so that RSS shows the step rather than glibc's cache.
+Step memory, in one more round after the timed ones: CUDA max_memory_allocated minus what was allocated before
+the step, or on CPU the peak RSS over the step (VmHWM, reset before it) minus the RSS before it, with glibc told
+first to return freed large blocks (mallopt M_MMAP_THRESHOLD 64 KiB, then malloc_trim) so that RSS shows the step
+rather than glibc's cache. The timed rounds run with the default allocator.
 """
 from __future__ import annotations
 
@@ -99,14 +100,24 @@ def build_step(side: str, ckpt: Path, a):
     return step, int(mask.sum())
 
 
+def return_freed_memory():
+    """glibc: serve blocks above 64 KiB with mmap (returned to the OS on free), and give back what is held now."""
+    import ctypes
+    libc = ctypes.CDLL("libc.so.6")
+    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
+    libc.malloc_trim(0)
+
+
 def worker(side: str, ckpt: Path, a):
-    """Load, then answer each 'step' line on stdin with one JSON line: seconds and step memory."""
+    """Load, then answer each 'step' (timed) or 'mem' (memory) line on stdin with one JSON line."""
     step, tokens = build_step(side, ckpt, a)
     cuda = a.device.startswith("cuda")
     print(json.dumps({"ready": side, "tokens": tokens}), flush=True)
     for line in sys.stdin:
-        if line.strip() != "step":
+        if line.strip() not in ("step", "mem"):
             break
+        if line.strip() == "mem" and not cuda:
+            return_freed_memory()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -141,7 +152,7 @@ def main():
     if a.worker:
         return worker(a.worker, ckpt, a)
     sides = ([] if a.no_hf else ["transformers+peft"]) + [f"minroute:{g}" for g in a.gates.split(",")]
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+    env = dict(os.environ)
     args = [a_ for a_ in sys.argv[1:]]
     procs, tokens = {}, 0
     for side in sides:
@@ -151,17 +162,23 @@ def main():
         if not ready:
             sys.exit(f"{side}: the worker died while loading (run it alone with --worker {side} to see why)")
         tokens = json.loads(ready)["tokens"]
-    res = {s: [] for s in sides}
+    res, mem = {s: [] for s in sides}, {}
+
+    def ask(side, what):
+        procs[side].stdin.write(what + "\n")
+        procs[side].stdin.flush()
+        line = procs[side].stdout.readline()
+        if not line:
+            sys.exit(f"{side}: the worker died during a step")
+        return json.loads(line)
     for r in range(a.rounds + 1):  # round 0 is the warm-up
         for side in sides:
-            procs[side].stdin.write("step\n")
-            procs[side].stdin.flush()
-            line = procs[side].stdout.readline()
-            if not line:
-                sys.exit(f"{side}: the worker died during a step")
+            out = ask(side, "step")
             if r:
-                res[side].append(json.loads(line))
+                res[side].append(out)
         print(f"round {r}/{a.rounds} done", file=sys.stderr, flush=True)
+    for side in sides:  # the memory round
+        mem[side] = ask(side, "mem")["mem_mb"]
     for p in procs.values():
         p.stdin.close()
         p.wait()
@@ -173,12 +190,12 @@ def main():
     rows = {}
     for side in sides:
         t = [x["s"] for x in res[side]]
-        m = statistics.median(x["mem_mb"] for x in res[side])
+        m = mem[side]
         row = {"median_s": statistics.median(t), "min_s": min(t), "max_s": max(t), "mem_mb": m}
         if ref and side != ref:
             ratios = [x["s"] / y["s"] for x, y in zip(res[side], res[ref])]
             row.update(ratio=statistics.median(ratios), ratio_min=min(ratios), ratio_max=max(ratios),
-                       mem_ratio=m / statistics.median(x["mem_mb"] for x in res[ref]))
+                       mem_ratio=m / mem[ref])
         rows[side] = row
         extra = (f" {row['ratio']:8.2f} {row['ratio_min']:5.2f}-{row['ratio_max']:<5.2f} {row['mem_ratio']:7.2f}"
                  if "ratio" in row else "")

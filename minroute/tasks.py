@@ -131,7 +131,7 @@ def run_tasks(route, ev: TokenSplit, gated_pass, tok, args, device, csv_tables, 
                      p["layers_run"], t["new_tokens"], p["new_tokens"], r["hit_cap"], t["seconds"], p["seconds"]])
     table(f"Task accuracy of greedy generation (held-out prompts, cap {args.max_new_tokens} new tokens; % of samples)",
           ["method", "tool parsable", "tool name", "tool exact", "GSM8K acc", "layers tool", "layers plan",
-           "new tok tool", "new tok plan", "hit cap %", "s/task tool", "s/task plan"], rows, csv_tables)
+           "new tok tool", "new tok plan", "hit cap %", "s/task tool", "s/task plan"], rows, csv_tables, "tasks")
     return {"summary": results, "samples": samples}
 
 

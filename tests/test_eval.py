@@ -174,7 +174,9 @@ def test_demo_evaluation_end_to_end(tmp_path, demo_run, capsys):
                   "Length confound", "Wall-clock", "Task accuracy", "Skip differential of this run"):
         assert title in text
     assert "(update 40 of 40: final)" in text
-    assert len(list((tmp_path / "csv").glob("*.csv"))) >= 9
+    names = {f.stem for f in (tmp_path / "csv").glob("*.csv")}
+    assert names == {"differential", "table2", "table3", "table4", "table5", "gates", "controls", "length_confound",
+                     "timing", "tasks"}, names
 
 
 def test_across_seeds(tmp_path, demo_run):
@@ -224,7 +226,8 @@ def test_author_preset_gates_do_not_depend_on_batch_mates(tmp_path, demo_run):
                        str(run), "--preset", "author", "--steps", "4", "--accum", "2", "--batch-size", "2",
                        "--eval-every", "2", "--val-batches", "1"]) == 0
     route, meta = load_layerroute(run, "latest")
-    assert eval_script.eval_padding(meta) == 512
+    assert eval_script.eval_batching(meta, 8)[0] == {"batch_size": 8, "pad_to": 512}
+    assert eval_script.eval_batching({"args": {**meta["args"], "pad_to": 0}}, 8)[0] == {"batch_size": 1, "pad_to": None}
     ev = TokenSplit(meta["args"]["data"], "eval")
     pad = load_tokenizer(meta["args"]["model"]).pad_id
     for route_on in ("prompt", "sequence"):

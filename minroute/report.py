@@ -1,0 +1,404 @@
+"""The study report: every run's eval.json summarised across seeds per variant, as REPORT.md, CSV and PNG figures.
+
+A study folder (what reproduce.sh writes) holds `runs/<variant>-s<seed>/` (a train.py run with its eval.json)
+and `commands.log`. `write_report(study)` reads only those files (no model is loaded), so the report's numbers
+are exactly the runs' eval.json numbers: per variant the mean over seeds with a percentile-bootstrap 95% CI of
+the mean, beside the paper's single-seed claim and the authors' own 10-seed rerun (quoted from REFERENCE.md).
+
+Outputs (names are stable):
+  REPORT.md                 the report
+  study.json                {"variants": {variant: {metric: {"mean", "sd", "ci95", "n", "values"}}},
+                             "runs": [{"run", "variant", "seed", "eval": path}], "figures": [...], "left_out": [...]}
+  tables/claim.csv          source, skip% tool, skip% planning, differential (mean and CI per variant)
+  tables/table2.csv         per variant: skip%, differential, FLOPs reduction, dPPL, positive seeds
+  tables/table5.csv         per variant and step type: PPL base / full / gated (CE only), assistant-only, paper's
+  tables/controls.csv       per variant: dCE of static mask, random mask, all open vs learned routing
+  tables/length_confound.csv  per variant: length-matched differential and the regression coefficients
+  tables/gates.csv          per variant, step type and layer: hard-skip rate and mean soft gate
+  tables/seeds.csv          one row per run
+  figures/*.png             gates_heatmap, training_curves, differential_forest, skip_vs_length
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from .evaluate import bootstrap_ci
+
+VARIANTS = ("paper", "author", "noreg", "uniform-init", "bce")
+PAPER = {"skip_tool": 15.25, "skip_planning": 2.34, "diff": 12.91,
+         "ppl": {"tool": (4.747, 3.454), "planning": (4.928, 3.631)}}  # REFERENCE.md §1, Tables 2 and 5
+AUTHORS_RERUN = {"skip_tool": (4.27, 3.16), "skip_planning": (9.98, 5.79), "diff": (-5.71, 8.37),
+                 "positive": "2 of 10"}  # REFERENCE.md §2: mean (sd) over the authors' 10 seeds
+METRICS = {  # study.json metric -> where it sits in a run's eval.json
+    "skip_tool": ("skip_pct", "tool"), "skip_planning": ("skip_pct", "planning"), "diff": ("skip_diff",),
+    "tf_diff": ("teacher_forced", "skip_diff"),
+    "flops_red_tool_paper": ("methods", None, "flops_red_tool_paper"),
+    "flops_red_tool_whole": ("methods", None, "flops_red_tool_whole"),
+    "ppl_full_tool": ("ppl", "tool", "full"), "ppl_gated_tool": ("ppl", "tool", "gated"),
+    "ppl_full_planning": ("ppl", "planning", "full"), "ppl_gated_planning": ("ppl", "planning", "gated"),
+    "ppl_base_tool": ("ppl", "tool", "base"), "ppl_base_planning": ("ppl", "planning", "base"),
+    "asst_ppl_full_tool": ("ppl_assistant", "tool", "full"), "asst_ppl_gated_tool": ("ppl_assistant", "tool", "gated"),
+    "asst_ppl_full_planning": ("ppl_assistant", "planning", "full"),
+    "asst_ppl_gated_planning": ("ppl_assistant", "planning", "gated"),
+    "paperdef_ppl_full_tool": ("ppl_paper_definition", "tool", "full"),
+    "paperdef_ppl_gated_tool": ("ppl_paper_definition", "tool", "gated"),
+    "paperdef_ppl_full_planning": ("ppl_paper_definition", "planning", "full"),
+    "paperdef_ppl_gated_planning": ("ppl_paper_definition", "planning", "gated"),
+    "dce_static": ("controls", "static mask", "dce_vs_learned"), "dce_random": ("controls", "random mask", "dce_vs_learned"),
+    "dce_all_open": ("controls", "all open", "dce_vs_learned"),
+    "matched_diff": ("length_confound", "matched_diff"), "len_coef": ("length_confound", "regression", "per_100_tokens"),
+    "tool_coef": ("length_confound", "regression", "tool"),
+    "r_length_score": ("length_confound", "regression", "r_length_score"),
+}
+
+
+def variant_of(args: dict) -> str:
+    """The study variant a run's recorded train.py settings make."""
+    if args.get("preset") == "author":
+        return "author"
+    return {"noreg": "noreg", "uniform-init": "uniform-init", "bce": "bce"}.get(args.get("ablation"), "paper")
+
+
+def _get(d, path):
+    for key in path:
+        if key is None:  # methods: the run's own (first) row
+            d = next(iter(d.values())) if d else None
+        else:
+            d = d.get(key) if isinstance(d, dict) else None
+        if d is None:
+            return None
+    return d
+
+
+def summarise(values, seed: int = 0) -> dict:
+    v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
+    if not v.size:
+        return {"mean": float("nan"), "sd": float("nan"), "ci95": [float("nan")] * 2, "n": 0, "values": []}
+    lo, hi = bootstrap_ci(v, seed=seed) if v.size > 1 else (float("nan"), float("nan"))
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan"), "ci95": [lo, hi],
+            "n": int(v.size), "values": v.tolist()}
+
+
+def collect(study: Path) -> tuple[list[dict], list[dict]]:
+    """(usable runs, runs left out with why) of a study folder."""
+    runs, left_out = [], []
+    for run in sorted((study / "runs").glob("*")):
+        if not run.is_dir() or ".replaced-" in run.name:
+            continue
+        ev = run / "eval.json"
+        try:
+            res = json.loads(ev.read_text())
+            prov = res["provenance"]
+        except (OSError, json.JSONDecodeError, KeyError) as e:
+            left_out.append({"run": str(run), "why": f"no usable eval.json ({type(e).__name__})"})
+            continue
+        if not all(math.isfinite(x) for x in (res["skip_diff"], res["ppl"]["tool"]["gated"])):
+            left_out.append({"run": str(run), "why": "non-finite metrics"})
+            continue
+        runs.append({"run": str(run), "variant": variant_of(prov), "seed": prov.get("seed"), "eval": str(ev),
+                     "res": res})
+    return runs, left_out
+
+
+def fmt(s: dict, digits: int = 2) -> str:
+    if not s["n"]:
+        return "n/a"
+    if s["n"] == 1:
+        return f"{s['mean']:.{digits}f} (1 seed)"
+    return f"{s['mean']:.{digits}f} [{s['ci95'][0]:.{digits}f}, {s['ci95'][1]:.{digits}f}]"
+
+
+def write_csv(path: Path, header, rows):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(header)
+        w.writerows(rows)
+
+
+def write_report(study, title: str = "LayerRoute reproduction") -> dict:
+    """Summarise the study folder's runs into REPORT.md, study.json, tables/ and figures/; return study.json."""
+    study = Path(study)
+    runs, left_out = collect(study)
+    if not runs:
+        raise ValueError(f"{study}: no run with a usable eval.json under runs/ "
+                         + ("; ".join(f"{x['run']}: {x['why']}" for x in left_out)))
+    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
+    summary = {v: {m: summarise([_get(r["res"], path) for r in runs if r["variant"] == v])
+                   for m, path in METRICS.items()} for v in variants}
+    for v in variants:
+        diffs = summary[v]["diff"]["values"]
+        summary[v]["positive"] = f"{sum(d > 0 for d in diffs)} of {len(diffs)}"
+    figures, why_no_figures = make_figures(study, runs, variants)
+    out = {"variants": summary, "runs": [{k: r[k] for k in ("run", "variant", "seed", "eval")} for r in runs],
+           "left_out": left_out, "figures": figures}
+    (study / "study.json").write_text(json.dumps(out, indent=2, default=float))
+    _tables(study, runs, variants, summary)
+    (study / "REPORT.md").write_text(_markdown(study, title, runs, left_out, variants, summary, figures,
+                                               why_no_figures))
+    return out
+
+
+def _tables(study, runs, variants, S):
+    t = study / "tables"
+    write_csv(t / "claim.csv", ["source", "skip_tool", "skip_planning", "diff", "diff_ci_low", "diff_ci_high", "n"],
+              [["paper (single seed)", PAPER["skip_tool"], PAPER["skip_planning"], PAPER["diff"], "", "", 1],
+               ["authors' 10-seed rerun (quoted)", AUTHORS_RERUN["skip_tool"][0], AUTHORS_RERUN["skip_planning"][0],
+                AUTHORS_RERUN["diff"][0], "", "", 10]]
+              + [[f"minroute {v}", S[v]["skip_tool"]["mean"], S[v]["skip_planning"]["mean"], S[v]["diff"]["mean"],
+                  *S[v]["diff"]["ci95"], S[v]["diff"]["n"]] for v in variants])
+    keys2 = ["skip_tool", "skip_planning", "diff", "tf_diff", "flops_red_tool_paper", "flops_red_tool_whole"]
+    write_csv(t / "table2.csv", ["variant", *[f"{k}{s}" for k in keys2 for s in ("", "_ci_low", "_ci_high")],
+                                 "positive", "n"],
+              [[v, *[x for k in keys2 for x in (S[v][k]["mean"], *S[v][k]["ci95"])], S[v]["positive"],
+                S[v]["diff"]["n"]] for v in variants])
+    rows = []
+    for v in variants:
+        for typ in ("tool", "planning"):
+            rows.append([v, typ] + [S[v][f"{p}_{typ}"]["mean"] for p in (
+                "ppl_base", "ppl_full", "ppl_gated", "asst_ppl_full", "asst_ppl_gated", "paperdef_ppl_full",
+                "paperdef_ppl_gated")])
+    write_csv(t / "table5.csv", ["variant", "step_type", "ppl_base", "ppl_full", "ppl_gated", "asst_ppl_full",
+                                 "asst_ppl_gated", "paperdef_ppl_full", "paperdef_ppl_gated"], rows)
+    write_csv(t / "controls.csv", ["variant", "dce_static", "dce_random", "dce_all_open"],
+              [[v, *(S[v][k]["mean"] for k in ("dce_static", "dce_random", "dce_all_open"))] for v in variants])
+    write_csv(t / "length_confound.csv", ["variant", "matched_diff", "len_coef_per_100_tokens", "tool_coef",
+                                          "r_length_score"],
+              [[v, *(S[v][k]["mean"] for k in ("matched_diff", "len_coef", "tool_coef", "r_length_score"))]
+               for v in variants])
+    rows = []
+    for v in variants:
+        mine = [r["res"]["per_layer"] for r in runs if r["variant"] == v]
+        for layer in sorted(mine[0], key=int):
+            rows.append([v, int(layer)] + [float(np.mean([m[layer][k] for m in mine]))
+                                            for k in ("skip_tool", "p_tool", "skip_plan", "p_plan")])
+    write_csv(t / "gates.csv", ["variant", "layer", "skip_tool", "p_tool", "skip_planning", "p_planning"], rows)
+    write_csv(t / "seeds.csv", ["run", "variant", "seed", "skip_tool", "skip_planning", "diff", "diff_ci_low",
+                                "diff_ci_high", "p_permutation"],
+              [[r["run"], r["variant"], r["seed"], r["res"]["skip_pct"]["tool"], r["res"]["skip_pct"]["planning"],
+                r["res"]["skip_diff"], *r["res"]["skip_diff_ci95"], r["res"]["skip_diff_p_permutation"]]
+               for r in runs])
+
+
+def _md_table(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
+
+
+def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures) -> str:
+    n_seeds = {v: S[v]["diff"]["n"] for v in variants}
+    md = [f"# {title}: the study report", "",
+          f"{len(runs)} runs ({', '.join(f'{v}: {n_seeds[v]} seeds' for v in variants)}), each evaluated on held-out "
+          "rows with prompt-routed gates (the gates a deployment takes at prefill). Every minroute figure is the mean "
+          "over seeds with a percentile-bootstrap 95% CI of the mean in brackets; every one is computed from the "
+          "runs' `eval.json` files listed at the end.", ""]
+    if left_out:
+        md += ["**Left out:** " + "; ".join(f"`{x['run']}` ({x['why']})" for x in left_out), ""]
+    rows = [["paper (single seed)", PAPER["skip_tool"], PAPER["skip_planning"], PAPER["diff"],
+             f"{PAPER['ppl']['tool'][0]} → {PAPER['ppl']['tool'][1]}",
+             f"{PAPER['ppl']['planning'][0]} → {PAPER['ppl']['planning'][1]}"],
+            ["authors' code, 10 seeds (quoted from REFERENCE.md §2; mean (sd))",
+             "{} ({})".format(*AUTHORS_RERUN["skip_tool"]), "{} ({})".format(*AUTHORS_RERUN["skip_planning"]),
+             "{} ({}); > 0 in {}".format(*AUTHORS_RERUN["diff"], AUTHORS_RERUN["positive"]), "n/a", "n/a"]]
+    for v in variants:
+        rows.append([f"minroute `{v}`", fmt(S[v]["skip_tool"]), fmt(S[v]["skip_planning"]),
+                     f"{fmt(S[v]['diff'])}; > 0 in {S[v]['positive']}",
+                     f"{fmt(S[v]['ppl_full_tool'], 3)} → {fmt(S[v]['ppl_gated_tool'], 3)}",
+                     f"{fmt(S[v]['ppl_full_planning'], 3)} → {fmt(S[v]['ppl_gated_planning'], 3)}"])
+    md += ["## The claim, side by side", "",
+           _md_table(["source", "skip% tool", "skip% planning", "differential (tool − planning)",
+                      "PPL tool full → gated", "PPL planning full → gated"], rows), "",
+           "The paper's PPL is exp(CE + λ·mean soft gate) (REFERENCE.md §2, defect 1); minroute's is exp(CE) alone, "
+           "with the paper's definition beside it in Table 5.", ""]
+    rows = [[f"`{v}`", fmt(S[v]["skip_tool"]), fmt(S[v]["skip_planning"]), fmt(S[v]["diff"]), S[v]["positive"],
+             fmt(S[v]["tf_diff"]), fmt(S[v]["flops_red_tool_paper"]), fmt(S[v]["flops_red_tool_whole"])]
+            for v in variants]
+    md += ["## Table 2: skipping by variant", "",
+           _md_table(["variant", "skip% tool", "skip% planning", "differential", "seeds with diff > 0",
+                      "differential, teacher-forced gates", "FLOPs red. tool (paper's formula)",
+                      "FLOPs red. tool (whole model)"], rows), ""]
+    rows = []
+    for v in variants:
+        for typ in ("tool", "planning"):
+            rows.append([f"`{v}`", typ] + [fmt(S[v][f"{p}_{typ}"], 3) for p in (
+                "ppl_base", "ppl_full", "ppl_gated", "asst_ppl_full", "asst_ppl_gated", "paperdef_ppl_full",
+                "paperdef_ppl_gated")])
+    md += ["## Table 5: perplexity (CE only), assistant-only, and the paper's definition", "",
+           _md_table(["variant", "step type", "base", "full (LoRA)", "gated", "assistant full", "assistant gated",
+                      "paper-def full", "paper-def gated"], rows), ""]
+    rows = [[f"`{v}`", fmt(S[v]["dce_static"], 3), fmt(S[v]["dce_random"], 3), fmt(S[v]["dce_all_open"], 3)]
+            for v in variants]
+    md += ["## Controls at matched compute", "",
+           "dCE = CE of the control minus CE of the learned routing, at the same number of blocks run (> 0: the "
+           "learned routing is better).", "",
+           _md_table(["variant", "static mask (k most-skipped layers)", "random mask", "all open"], rows), ""]
+    rows = [[f"`{v}`", fmt(S[v]["matched_diff"]), fmt(S[v]["len_coef"], 4), fmt(S[v]["tool_coef"], 4),
+             fmt(S[v]["r_length_score"], 3)] for v in variants]
+    md += ["## The length confound", "",
+           "Differential on tool/planning pairs matched in length, and the OLS of each row's mean soft gate on "
+           "length (per 100 tokens) and step type.", "",
+           _md_table(["variant", "length-matched differential", "coef per 100 tokens", "coef tool",
+                      "r(length, gate score)"], rows), ""]
+    timed = [r for r in runs if r["res"].get("timing")]
+    md += ["## Wall-clock against its bound", ""]
+    if timed:
+        r = timed[0]
+        tm = r["res"]["timing"]
+        rows = []
+        for what in tm["bound"]:
+            if what == "decode":
+                a, b = tm["decode_all open"]["ms_per_token"], tm["decode_gated"]["ms_per_token"]
+            else:
+                a, b = tm[f"{what}_all open"]["median_ms"], tm[f"{what}_gated"]["median_ms"]
+            rows.append([what, f"{a:.2f}", f"{b:.2f}", f"{a / b:.3f}", f"{tm['layers_skipped'][what]:.2f}",
+                         f"{tm['bound'][what]:.3f}"])
+        md += [f"Measured on `{r['run']}` ({r['res']['provenance']['eval_device']}); k = blocks the timed prompts' "
+               "own gates skipped.", "", _md_table(["measure", "all open ms", "gated ms", "speedup", "k", "bound"],
+                                                   rows), ""]
+    else:
+        md += ["No run was timed (evaluate one without --no-timing).", ""]
+    tasked = [r for r in runs if r["res"].get("tasks")]
+    md += ["## Task accuracy", ""]
+    if tasked:
+        rows = []
+        for r in tasked:
+            s = r["res"]["tasks"]["summary"]
+            for m in ("full", "gated"):
+                if m in s:
+                    rows.append([f"`{Path(r['run']).name}`", m, f"{s[m]['tool']['exact']:.1f}",
+                                 f"{s[m]['planning']['accuracy']:.1f}"])
+        md += [_md_table(["run", "method", "tool-call exact %", "GSM8K accuracy %"], rows), ""]
+    else:
+        md += ["Not run (eval.py --tasks).", ""]
+    md += ["## Figures", ""]
+    if figures:
+        captions = {"gates_heatmap": "Hard-skip rate per layer, by step type and variant (mean over seeds; the "
+                                     "routers' real gates on held-out rows, not σ(bias)).",
+                    "training_curves": "Training curves of every run: loss, CE, skip% by step type, validation CE.",
+                    "differential_forest": "Skip differential per seed (with its within-run 95% CI) and per variant "
+                                           "(mean with the across-seed 95% CI); the paper's 12.91 dashed.",
+                    "skip_vs_length": "Skip% of each held-out row against its length, by step type (all runs)."}
+        for f in figures:
+            md += [f"![{f}](figures/{f}.png)", "", captions.get(f, ""), ""]
+    else:
+        md += [f"Left out: {why_no_figures}.", ""]
+    md += ["## How it was made", ""]
+    log = study / "commands.log"
+    if log.exists():
+        md += ["Commands, in order (`commands.log`):", "", "```", *log.read_text().splitlines()[-200:], "```", ""]
+    p0 = runs[0]["res"]["provenance"]
+    md += [f"- python {p0['python']}, torch {p0['torch']}; training device: "
+           f"{', '.join(sorted({str(r['res']['provenance']['train_device']) for r in runs}))}; evaluation device: "
+           f"{p0['eval_device']}",
+           f"- base model: `{p0['model']}`; data: `{p0['data']}`, manifest sha256 "
+           f"{', '.join(sorted({r['res']['provenance']['data_manifest_sha256'][:16] for r in runs}))}…", "",
+           _md_table(["run", "variant", "seed", "checkpoint", "adapter sha256", "eval.json"],
+                     [[f"`{Path(r['run']).name}`", r["variant"], r["seed"], f"`{Path(r['res']['checkpoint']).name}`",
+                       r["res"]["provenance"]["checkpoint_sha256"].get("adapter.safetensors", "")[:16] + "…",
+                       f"`{Path(r['eval']).relative_to(study)}`"] for r in runs]), "",
+           "CSV tables in `tables/` (claim, table2, table5, controls, length_confound, gates, seeds) and every number "
+           "above in `study.json`; the keys are documented in `minroute/report.py`.", ""]
+    return "\n".join(md)
+
+
+def make_figures(study: Path, runs, variants) -> tuple[list[str], str]:
+    """PNG figures under study/figures; ([], why) when matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return [], "matplotlib is not installed (pip install 'minroute[plot]', then eval.py --report again)"
+    out = study / "figures"
+    out.mkdir(exist_ok=True)
+    made = []
+    # gates heatmap: rows = (variant, step type), columns = layers
+    labels, grid = [], []
+    for v in variants:
+        mine = [r["res"]["per_layer"] for r in runs if r["variant"] == v]
+        layers = sorted(mine[0], key=int)
+        for key, typ in (("skip_tool", "tool"), ("skip_plan", "planning")):
+            labels.append(f"{v} / {typ}")
+            grid.append([100 * float(np.mean([m[i][key] for m in mine])) for i in layers])
+    fig, ax = plt.subplots(figsize=(max(6, 0.35 * len(grid[0]) + 3), 0.45 * len(grid) + 1.5))
+    im = ax.imshow(np.asarray(grid), aspect="auto", cmap="viridis", vmin=0, vmax=100)
+    ax.set(yticks=range(len(labels)), yticklabels=labels, xlabel="layer", title="Hard-skip rate per layer (%)")
+    ax.set_xticks(range(len(grid[0])))
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "gates_heatmap.png", dpi=120)
+    made.append("gates_heatmap")
+    # training curves
+    fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
+    colours = dict(zip(variants, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
+    for r in runs:
+        log = Path(r["run"]) / "train_log.csv"
+        if not log.exists():
+            continue
+        rows = list(csv.DictReader(open(log)))
+        tr = [x for x in rows if x.get("ce")]
+        va = [x for x in rows if x.get("val_ce")]
+        c = colours[r["variant"]]
+        lab = r["variant"] if r is next(x for x in runs if x["variant"] == r["variant"]) else None
+        steps = [int(x["step"]) for x in tr]
+        axes[0].plot(steps, [float(x["loss"]) for x in tr], color=c, alpha=0.6, label=lab)
+        axes[1].plot(steps, [float(x["ce"]) for x in tr], color=c, alpha=0.6)
+        axes[2].plot(steps, [float(x["skip_tool"]) for x in tr], color=c, alpha=0.6)
+        axes[2].plot(steps, [float(x["skip_plan"]) for x in tr], color=c, alpha=0.6, ls="--")
+        axes[3].plot([int(x["step"]) for x in va], [float(x["val_ce"]) for x in va], color=c, alpha=0.6, marker=".")
+    for a, t in zip(axes, ("loss (CE + λR)", "train CE", "skip% (solid tool, dashed planning)", "validation CE")):
+        a.set(xlabel="update", title=t)
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "training_curves.png", dpi=120)
+    made.append("training_curves")
+    # forest plot of the differential
+    fig, ax = plt.subplots(figsize=(7, 0.5 * len(runs) + 0.6 * len(variants) + 1))
+    y, ticks, names = 0, [], []
+    for v in variants:
+        mine = sorted((r for r in runs if r["variant"] == v), key=lambda r: str(r["seed"]))
+        for r in mine:
+            d, (lo, hi) = r["res"]["skip_diff"], r["res"]["skip_diff_ci95"]
+            ax.errorbar(d, y, xerr=[[d - lo], [hi - d]], fmt="o", color=colours[v], capsize=2)
+            ticks.append(y)
+            names.append(f"{v} seed {r['seed']}")
+            y += 1
+        s = [r["res"]["skip_diff"] for r in mine]
+        lo, hi = bootstrap_ci(s) if len(s) > 1 else (s[0], s[0])
+        ax.errorbar(np.mean(s), y, xerr=[[np.mean(s) - lo], [hi - np.mean(s)]], fmt="D", color=colours[v],
+                    markersize=8, capsize=4)
+        ticks.append(y)
+        names.append(f"{v} mean")
+        y += 1.5
+    ax.axvline(0, color="grey", lw=0.8)
+    ax.axvline(PAPER["diff"], color="black", ls="--", lw=0.8, label="paper 12.91")
+    ax.set(yticks=ticks, yticklabels=names, xlabel="skip% tool − skip% planning", title="Skip differential")
+    ax.invert_yaxis()
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "differential_forest.png", dpi=120)
+    made.append("differential_forest")
+    # skip% against length
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for typ, code, marker in (("tool", 0, "o"), ("planning", 1, "^")):
+        xs, ys = [], []
+        for r in runs:
+            smp = r["res"].get("samples")
+            if smp:
+                for st, n, sk in zip(smp["step_type"], smp["n_tokens"], smp["skip_pct"]):
+                    if st == code:
+                        xs.append(n)
+                        ys.append(sk)
+        ax.scatter(xs, ys, marker=marker, alpha=0.4, label=typ)
+    ax.set(xlabel="tokens (prompt + answer)", ylabel="skip% of the row", title="Skip% against length")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "skip_vs_length.png", dpi=120)
+    made.append("skip_vs_length")
+    plt.close("all")
+    return made, ""

@@ -1,0 +1,83 @@
+"""reproduce.sh: the demo study end to end (a smaller slice), its report, its figures, and resuming it."""
+import json
+import os
+import re
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SECTIONS = ("## The claim, side by side", "## Table 2: skipping by variant", "## Table 5: perplexity",
+            "## Controls at matched compute", "## The length confound", "## Wall-clock against its bound",
+            "## Task accuracy", "## Figures", "## How it was made")
+FIGURES = ("gates_heatmap", "training_curves", "differential_forest", "skip_vs_length")
+
+
+def study_cmd(out):
+    return ["bash", str(ROOT / "reproduce.sh"), "--demo", "--out", str(out), "--seeds", "1 2", "--variants",
+            "paper noreg", "--steps", "8"]
+
+
+def env():
+    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PYTHON": os.environ.get("PYTHON", "python")}
+
+
+@pytest.fixture(scope="module")
+def study(tmp_path_factory):
+    pytest.importorskip("matplotlib")
+    out = tmp_path_factory.mktemp("study") / "demo"
+    res = subprocess.run(study_cmd(out), env=env(), capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    return out, res.stdout
+
+
+def test_demo_study_writes_every_section_and_figure(study):
+    out, stdout = study
+    assert re.search(r"\[4/4\] noreg\s+seed 2\s+done in", stdout) and f"report: {out}/REPORT.md" in stdout
+    report = (out / "REPORT.md").read_text()
+    for section in SECTIONS:
+        assert section in report, f"REPORT.md lacks '{section}'"
+    for f in FIGURES:
+        png = out / "figures" / f"{f}.png"
+        assert png.exists() and png.read_bytes()[:4] == b"\x89PNG" and f"figures/{f}.png" in report
+    for name in ("claim", "table2", "table5", "controls", "length_confound", "gates", "seeds"):
+        assert (out / "tables" / f"{name}.csv").exists()
+    assert "authors' code, 10 seeds (quoted from REFERENCE.md" in report and "-5.71 (8.37)" in report
+    assert "train.py --out" in report and "eval.py --ckpt" in report, "the commands are in the report"
+
+
+def test_report_numbers_are_the_runs_eval_json_numbers(study):
+    out, _ = study
+    s = json.loads((out / "study.json").read_text())
+    assert {r["variant"] for r in s["runs"]} == {"paper", "noreg"} and len(s["runs"]) == 4
+    report = (out / "REPORT.md").read_text()
+    for v in ("paper", "noreg"):
+        evals = [json.loads(Path(r["eval"]).read_text()) for r in s["runs"] if r["variant"] == v]
+        diffs = [e["skip_diff"] for e in evals]
+        assert s["variants"][v]["diff"]["mean"] == pytest.approx(np.mean(diffs))
+        tool = np.mean([e["skip_pct"]["tool"] for e in evals])
+        row = next(line for line in report.splitlines() if line.startswith(f"| minroute `{v}`"))
+        cells = [c.strip() for c in row.split("|")[1:-1]]
+        assert cells[1].startswith(f"{tool:.2f} [") and cells[3].startswith(f"{np.mean(diffs):.2f} [")
+        ppl = np.mean([e["ppl"]["tool"]["gated"] for e in evals])
+        assert f"→ {ppl:.3f} [" in cells[4]
+
+
+def test_rerun_resumes_and_skips_finished_work(study, tmp_path):
+    out, _ = study
+    before = {p: p.stat().st_mtime for p in (out / "runs").rglob("eval.json")}
+    one = out / "runs" / "noreg-s1" / "eval.json"
+    one.unlink()
+    res = subprocess.run(study_cmd(out), env=env(), capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stderr[-2000:]
+    after = {p: p.stat().st_mtime for p in (out / "runs").rglob("eval.json")}
+    assert set(after) == set(before) and all(after[p] == before[p] for p in before if p != one), \
+        "finished evaluations must be kept"
+    steps = [json.loads((out / "runs" / f"{v}-s{s}" / "latest.json").read_text())["step"]
+             for v in ("paper", "noreg") for s in (1, 2)]
+    assert steps == [8] * 4
+    bad = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "--demo", "--out", str(tmp_path / "x"), "--variants",
+                          "paper nope"], env=env(), capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --variants: unknown variant 'nope'")
