@@ -36,7 +36,7 @@ for v in $variants; do
     *) echo "error: --variants: unknown variant '$v' (paper author noreg uniform-init bce)" >&2; exit 2 ;; esac
 done
 if [ "$demo" = 1 ]; then
-  seeds="${seeds:-1 2 3}"; steps="${steps:-24}"; device="${device:-cpu}"
+  seeds="${seeds:-1 2 3}"; steps="${steps:-40}"; device="${device:-cpu}"
 else
   seeds="${seeds:-2024 42 123 7 100 256 1234 31415 8675309 999}"  # the authors' 10 seeds
 fi
@@ -57,7 +57,7 @@ run() {  # run and record a command; stop the study if it fails
 common=()
 [ -n "$device" ] && common+=(--device "$device")
 if [ "$demo" = 1 ]; then
-  common+=(--demo --demo-assets "$out/demo")
+  common+=(--demo --demo-assets "$out/demo" --log-every 2 --eval-every 10)
 else
   data="${data:-$out/data}"
   if [ ! -f "$data/manifest.json" ]; then
