@@ -3,15 +3,30 @@
     python eval.py --ckpt runs/paper-s42 --json runs/paper-s42/eval.json
     python eval.py --ckpt runs/paper-s42 --compare runs/noreg-s42 runs/bce-s42     # more Table 2 rows
     python eval.py --runs runs/paper-s*                                            # across seeds
+    python eval.py --report studies/demo                                           # a reproduce.sh study's report
     python eval.py --demo --ckpt runs/demo                                         # the offline demo
 
-Everything is measured on the held-out eval split that data_prep built (rows never trained on; checked
-here by content hash), with real skipping. PPL = exp(token-mean CE); the paper's exp(CE + lambda * mean
-soft gate) is printed beside it. Tables: 2 (skip %, differential, FLOPs, dPPL per method), 3 (layers run
-and FLOPs per step type at real lengths), 4 (gate patterns), 5 (PPL base / full / gated), per-layer gates,
-matched-compute controls (static mask, random mask, all open), the length confound (length-matched
-differential; regression of the gate score on length and step type), wall-clock prefill and decode with
-the KV cache next to the FLOP bound, task accuracy (--tasks), and mean / sd / bootstrap CI across seeds.
+Everything is measured on the held-out eval split that data_prep built (rows the run never trained on:
+checked against the content hashes its checkpoint lists), with real skipping, on the final checkpoint
+unless --which best. Gates are the deployment's (routed on the prompt, as at prefill), teacher-forced ones
+beside them. PPL = exp(token-mean CE); the paper's exp(CE + lambda * mean soft gate) is printed beside it.
+Tables: the run's differential with a bootstrap CI and permutation p, 2 (skip %, differential, FLOPs, dPPL
+per method), 3 (layers run and FLOPs per step type at real lengths), 4 (gate patterns), 5 (PPL base / full /
+gated, all tokens and assistant-only), per-layer gates, matched-compute controls (static mask, random mask,
+all open), the length confound (length-matched differential; regression of the gate score on length and
+step type), wall-clock prefill and decode with the KV cache next to the FLOP bound, task accuracy (--tasks),
+and mean / sd / bootstrap CI across seeds (--runs).
+
+eval.json keys (one checkpoint): checkpoint, step, updates, which, data, n_eval, route_on, eval_batching;
+skip_pct {tool, planning}, skip_diff, skip_diff_ci95, skip_diff_p_permutation; teacher_forced {skip_pct,
+skip_diff, gates_differ_pct}; layers_run; ppl, ppl_assistant, ppl_paper_definition {type: {base, full,
+gated}}; methods {name: Table 2 row}; per_type {type: Table 3 row}; per_layer {layer: {p_tool, skip_tool,
+p_plan, skip_plan}}; controls {name: {layers_run, ce, ce_tool, ce_plan, dce_vs_learned}}; length_confound
+{matched_pairs, matched_skip_tool, matched_skip_planning, matched_diff, regression}; timing {prefill_b*_*,
+decode_*, timed_gates, layers_skipped, bound}; tasks {summary, samples}; samples {step_type, n_tokens,
+prompt_tokens, skip_pct, mean_soft} per eval row; provenance {command, python, torch, devices, preset,
+ablation, seed, model, data, manifest hashes, checkpoint_sha256}. With --runs: seeds {runs, summary,
+positive_diff, n, n_given, left_out}. Skip% and differentials are in percentage points.
 """
 from __future__ import annotations
 

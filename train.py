@@ -33,7 +33,6 @@ CE (the regulariser is left out, so "best" means best language model, not most s
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -51,6 +50,7 @@ from minroute.load import load_tokenizer, resolve_dir
 from minroute.loss import lm_loss_per_sample
 from minroute.optim import AdamW, get_lr
 from minroute.router import bce_gate_loss, gate_regulariser
+from minroute.runs import RunLog, check_new_run_folder, nonfinite_tensors
 from minroute.safety import (RunLock, UserError, default_device, device, nonneg_float, nonneg_int, positive_float,
                              positive_int, probability, run_cli, sha256_file)
 
@@ -62,7 +62,6 @@ PRESETS = {
                    pad_to=512, sort_by_length=0, decay_biases=True, eval_every=50, val_batches=30),
 }
 FIXED = ("step_unit", "decay_biases", "ce_mean")  # set by the preset alone
-RUN_FILES = ("latest.json", "best.json", "train_log.csv", "gates.csv")  # a folder holding any of these is a run
 RESUME_MAY_CHANGE = {"steps", "device", "resume", "out"}  # what a resumed run may be given again with a new value
 DEMO = dict(steps=120, batch_size=4, accum=2, lr=3e-3, eval_every=20, val_batches=4, save_every=40, log_every=10)
 DEMO_COUNTS = {"hermes": 40, "glaive": 40, "gsm8k": 40, "turing": None}
@@ -191,22 +190,6 @@ def check_data_matches_model(manifest: dict, model_path: str, vocab_size: int, d
         raise UserError(f"{data_dir} uses {manifest['vocab_size']} token ids, the model {model_path} has {vocab_size}")
 
 
-def check_new_run_folder(out: Path, restart: bool, say=print):
-    """A new run needs a folder without a run in it; --restart moves an existing run aside (never deletes it)."""
-    held = [f for f in RUN_FILES if (out / f).exists()] + sorted(p.name for p in out.glob("ckpt-*"))[:1]
-    if not held:
-        return False
-    if not restart:
-        raise UserError(f"{out} already holds a run ({', '.join(held)}). To continue it: python train.py --resume "
-                        f"{out}  (add --steps N to extend it). To start over: choose another --out, or add --restart "
-                        f"(the old run is moved to {out}.replaced-<time>, nothing is deleted)")
-    aside = out.with_name(f"{out.name}.replaced-{time.strftime('%Y%m%d-%H%M%S')}")
-    os.replace(out, aside)
-    out.mkdir()
-    say(f"moved the previous run in {out} to {aside}")
-    return True
-
-
 def resume_args(args):
     """The recorded settings of the run to resume, with --steps (extension) and --device taken from the command
     line; any other setting given with a different value is refused by name."""
@@ -232,10 +215,6 @@ def resume_args(args):
         new.extensions.append({"from_steps": saved["steps"], "to_steps": new.steps, "at_update": meta["step"],
                                "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     return new, meta
-
-
-def nonfinite_tensors(tensors: dict) -> list[str]:
-    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 def param_groups(route, weight_decay: float, decay_biases: bool):
@@ -313,44 +292,6 @@ def validate(route, val: TokenSplit, args, pad_id, autocast, device):
     route.train()
     pct = {k: 100 * float(np.mean(v)) if v else float("nan") for k, v in skips.items()}
     return float(ce_sum) / max(tok, 1), pct[0], pct[1]
-
-
-class RunLog:
-    """train_log.csv (one row per log interval / validation) and gates.csv (per layer).
-
-    A resumed run first drops the rows written after its checkpoint (by the interrupted process), so the
-    logs hold each step once."""
-
-    FIELDS = ["step", "loss", "ce", "reg", "skip_tool", "skip_plan", "lr", "grad_norm", "dt", "tok_s", "val_ce",
-              "val_skip_tool", "val_skip_plan"]
-    GATE_FIELDS = ["step", "layer", "mean_soft", "hard_skip_rate", "bias", "w_norm"]
-
-    def __init__(self, out: Path, start: int):
-        for name, header in (("train_log.csv", self.FIELDS), ("gates.csv", self.GATE_FIELDS)):
-            path = out / name
-            rows = []
-            if start > 0 and path.exists():
-                with open(path, newline="") as f:
-                    rows = [r for r in csv.reader(f)][1:]
-                rows = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= start]
-            with open(path.with_name(name + ".tmp"), "w", newline="") as f:
-                w = csv.writer(f)
-                w.writerow(header)
-                w.writerows(rows)
-            os.replace(path.with_name(name + ".tmp"), path)
-        self.log_f, self.gates_f = open(out / "train_log.csv", "a", newline=""), open(out / "gates.csv", "a", newline="")
-        self.log, self.gates = csv.DictWriter(self.log_f, self.FIELDS), csv.writer(self.gates_f)
-
-    def write(self, row: dict | None, gate_rows=()):
-        self.gates.writerows(gate_rows)
-        if row:
-            self.log.writerow(row)
-        self.log_f.flush()
-        self.gates_f.flush()
-
-    def close(self):
-        self.log_f.close()
-        self.gates_f.close()
 
 
 def setup_distributed(args):

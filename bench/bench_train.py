@@ -4,9 +4,10 @@
     python bench/bench_train.py --quick                            # 4 x 128
     python bench/bench_train.py --device cuda                      # GPU: bf16 weights + autocast
 
-Every side is one long-lived worker process holding its model (so each process's memory is its own), and the
-timed steps interleave: round r runs transformers+PEFT, then minroute with each gate setting, then the next
-round, so drift on a noisy host lands on every side alike. Reported per side: the median and the min-max of
+Each implementation is one long-lived worker process holding its model (so each process's memory is its own;
+minroute's worker switches its imposed gates between steps), and the timed steps interleave: round r runs
+transformers+PEFT, then minroute with each gate setting, then the next round, so drift on a noisy host lands
+on every side alike. Reported per side: the median and the min-max of
 the timed steps, the peak step memory, and the ratio to transformers+PEFT (median of the per-round ratios,
 with their min-max).
 
@@ -19,10 +20,11 @@ minroute runs LayerRoute (routers, straight-through gates, CE + lambda R) with i
 A closed block still runs forward for its rows (the router's gradient needs Block(h) - h) but without
 autograd, so it costs no backward and keeps no activations.
 
-Step memory, in one more round after the timed ones: CUDA max_memory_allocated minus what was allocated before
-the step, or on CPU the peak RSS over the step (VmHWM, reset before it) minus the RSS before it, with glibc told
-first to return freed large blocks (mallopt M_MMAP_THRESHOLD 64 KiB, then malloc_trim) so that RSS shows the step
-rather than glibc's cache. The timed rounds run with the default allocator.
+Step memory is measured after the timed rounds, in fresh workers (one at a time, after a warm-up step): CUDA
+max_memory_allocated minus what was allocated before the step, or on CPU the peak RSS over the step (VmHWM,
+reset before it) minus the RSS before it, with glibc told to return freed large blocks
+(MALLOC_MMAP_THRESHOLD_=65536) so that RSS shows the step rather than glibc's cache. The timed rounds run with
+the default allocator.
 """
 from __future__ import annotations
 
@@ -60,24 +62,24 @@ def reset_peak_rss():
 
 
 def build_step(side: str, ckpt: Path, a):
-    """The model of one side and a function that runs one training step on the fixed batch."""
+    """The model of one side and a function step(gates) that runs one training step on the fixed batch."""
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
     ids, mask, labels = (t.to(device) for t in random_batch(a.batch, a.seq, 151936))
     torch.manual_seed(0)
-    if side.startswith("minroute"):
+    if side == "minroute":
         from minroute.checkpoint import build_layerroute
         from minroute.loss import lm_loss
         from minroute.optim import AdamW
         from minroute.router import gate_regulariser
         model = build_layerroute(ckpt, {"r": 8, "alpha": 16, "dropout": 0.05}, device=device, dtype=dtype).train()
-        gates = torch.tensor(GATES[side.split(":")[1]](model.config.num_hidden_layers))
         params = [p for p in model.parameters() if p.requires_grad]
         opt = AdamW([{"params": params, "weight_decay": 0.01}], lr=2e-4)
 
-        def step():
-            with model.forcing(gates), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+        def step(gates: str):
+            forced = torch.tensor(GATES[gates](model.config.num_hidden_layers))
+            with model.forcing(forced), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 h, soft, _ = model.gated_hidden(ids, mask)
                 loss = lm_loss(h, model.lm_head.weight, labels) + gate_regulariser(soft)
             loss.backward()
@@ -91,7 +93,7 @@ def build_step(side: str, ckpt: Path, a):
             "q_proj", "k_proj", "v_proj", "o_proj"], task_type="CAUSAL_LM")).train()
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-4, weight_decay=0.01)
 
-        def step():
+        def step(gates: str):
             with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
                 loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss
             loss.backward()
@@ -100,24 +102,15 @@ def build_step(side: str, ckpt: Path, a):
     return step, int(mask.sum())
 
 
-def return_freed_memory():
-    """glibc: serve blocks above 64 KiB with mmap (returned to the OS on free), and give back what is held now."""
-    import ctypes
-    libc = ctypes.CDLL("libc.so.6")
-    libc.mallopt(-3, 65536)  # M_MMAP_THRESHOLD
-    libc.malloc_trim(0)
-
-
 def worker(side: str, ckpt: Path, a):
-    """Load, then answer each 'step' (timed) or 'mem' (memory) line on stdin with one JSON line."""
+    """Load, then answer each 'step GATES' line on stdin with one JSON line: seconds and step memory."""
     step, tokens = build_step(side, ckpt, a)
     cuda = a.device.startswith("cuda")
     print(json.dumps({"ready": side, "tokens": tokens}), flush=True)
     for line in sys.stdin:
-        if line.strip() not in ("step", "mem"):
+        what, _, gates = line.strip().partition(" ")
+        if what != "step":
             break
-        if line.strip() == "mem" and not cuda:
-            return_freed_memory()
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -126,7 +119,7 @@ def worker(side: str, ckpt: Path, a):
             reset_peak_rss()
             before = proc_status_mb("VmRSS")
         t0 = time.perf_counter()
-        step()
+        step(gates)
         if cuda:
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
@@ -152,36 +145,45 @@ def main():
     if a.worker:
         return worker(a.worker, ckpt, a)
     sides = ([] if a.no_hf else ["transformers+peft"]) + [f"minroute:{g}" for g in a.gates.split(",")]
-    env = dict(os.environ)
+    impls = list(dict.fromkeys(s.split(":")[0] for s in sides))
     args = [a_ for a_ in sys.argv[1:]]
-    procs, tokens = {}, 0
-    for side in sides:
-        procs[side] = subprocess.Popen([sys.executable, __file__, *args, "--worker", side], stdin=subprocess.PIPE,
-                                       stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
-        ready = procs[side].stdout.readline()
-        if not ready:
-            sys.exit(f"{side}: the worker died while loading (run it alone with --worker {side} to see why)")
-        tokens = json.loads(ready)["tokens"]
-    res, mem = {s: [] for s in sides}, {}
 
-    def ask(side, what):
-        procs[side].stdin.write(what + "\n")
-        procs[side].stdin.flush()
-        line = procs[side].stdout.readline()
+    def start(impl, env=None):
+        proc = subprocess.Popen([sys.executable, __file__, *args, "--worker", impl], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE, text=True, cwd=ROOT, env=env)
+        ready = proc.stdout.readline()
+        if not ready:
+            sys.exit(f"{impl}: the worker died while loading (run it alone with --worker {impl} to see why)")
+        return proc, json.loads(ready)["tokens"]
+
+    def ask(procs, side):
+        impl, _, gates = side.partition(":")
+        procs[impl].stdin.write(f"step {gates or 'open'}\n")
+        procs[impl].stdin.flush()
+        line = procs[impl].stdout.readline()
         if not line:
             sys.exit(f"{side}: the worker died during a step")
         return json.loads(line)
+
+    def stop(procs):
+        for proc in procs.values():
+            proc.stdin.close()
+            proc.wait()
+    procs = {impl: start(impl)[0] for impl in impls}
+    res, mem = {s: [] for s in sides}, {}
     for r in range(a.rounds + 1):  # round 0 is the warm-up
         for side in sides:
-            out = ask(side, "step")
+            out = ask(procs, side)
             if r:
                 res[side].append(out)
         print(f"round {r}/{a.rounds} done", file=sys.stderr, flush=True)
-    for side in sides:  # the memory round
-        mem[side] = ask(side, "mem")["mem_mb"]
-    for p in procs.values():
-        p.stdin.close()
-        p.wait()
+    stop(procs)
+    for impl in impls:  # memory: a fresh worker at a time, glibc returning freed large blocks
+        proc, tokens = start(impl, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
+        ask({impl: proc}, impl if impl != "minroute" else "minroute:open")  # warm-up
+        for side in (s for s in sides if s.split(":")[0] == impl):
+            mem[side] = ask({impl: proc}, side)["mem_mb"]
+        stop({impl: proc})
     ref = "transformers+peft" if not a.no_hf else None
     print(f"command: python bench/bench_train.py {' '.join(args)}")
     print(f"device: {describe(a.device)}; dtype {'bf16 autocast' if a.device.startswith('cuda') else 'fp32'}; "

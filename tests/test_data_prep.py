@@ -193,6 +193,9 @@ def test_cli_on_fixtures(tmp_path, tiny_dir, capsys):
         assert f"[data_prep] {name}" in out
     m = json.loads((tmp_path / "o" / "manifest.json").read_text())
     assert m["sources"]["glaive"]["used"] == 3 and m["tokenizer_sha256"]
+    with pytest.raises(SystemExit) as e:
+        cli(["--source-dir", str(FIX), "--out", str(tmp_path / "q"), "--tokenizer", str(tiny_dir), "--max-len", "0"])
+    assert e.value.code == 2 and "--max-len" in capsys.readouterr().err and not (tmp_path / "q").exists()
     rc = run_cli(cli, ["--source-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "p"), "--tokenizer",
                        str(tiny_dir)])
     assert rc == 2 and "no such folder" in capsys.readouterr().err and not (tmp_path / "p").exists()

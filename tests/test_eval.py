@@ -108,8 +108,9 @@ def test_rows_the_run_trained_on_are_refused(tmp_path, demo_run, capsys):
         (data / "eval" / "samples.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     data = rebuilt_data(tmp_path, demo_run, plant)
     code = eval_script.run_cli(eval_script.main, ["--ckpt", str(demo_run), "--data", str(data), "--no-timing"])
-    err = capsys.readouterr().err
-    assert code == 2 and f"1 rows of {data}/eval" in err and "were trained on by" in err
+    io = capsys.readouterr()
+    assert code == 2 and f"1 rows of {data}/eval" in io.err and "were trained on by" in io.err
+    assert f"note: {data} is not the data folder" in io.out
     assert not (demo_run / "eval.json").exists() or "data" not in json.loads((demo_run / "eval.json").read_text()) \
         or json.loads((demo_run / "eval.json").read_text())["data"] != str(data)
 
@@ -234,3 +235,11 @@ def test_author_preset_gates_do_not_depend_on_batch_mates(tmp_path, demo_run):
         a = run_pass(route, ev, pad, "gated", batch_size=1, pad_to=512, route_on=route_on)
         b = run_pass(route, ev, pad, "gated", batch_size=8, pad_to=512, route_on=route_on)
         assert np.array_equal(a.hard, b.hard) and np.allclose(a.soft, b.soft, atol=1e-5)
+
+
+@pytest.mark.parametrize("flag,value", [("--batch-size", "0"), ("--repeats", "0"), ("--time-prompts", "-1"),
+                                        ("--max-new-tokens", "0"), ("--new-tokens", "x")])
+def test_eval_numbers_are_checked_up_front(demo_run, capsys, flag, value):
+    with pytest.raises(SystemExit) as e:
+        eval_script.main(["--ckpt", str(demo_run), flag, value])
+    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
