@@ -196,7 +196,7 @@ def resume_args(args):
     run = run_dir_of(Path(args.resume))
     if args.out and Path(args.out).resolve() != run.resolve():
         raise UserError(f"--resume {args.resume} continues {run}; drop --out {args.out} (a run cannot move)")
-    _, _, meta = load_checkpoint(run, "latest")
+    adapter, opt_state, meta = load_checkpoint(run, "latest")
     saved = meta["args"]
     changed = sorted(k for k, v in args.given.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
     if changed:
@@ -214,7 +214,7 @@ def resume_args(args):
         new.updates = new.steps // new.accum if new.step_unit == "micro" else new.steps
         new.extensions.append({"from_steps": saved["steps"], "to_steps": new.steps, "at_update": meta["step"],
                                "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-    return new, meta
+    return new, (adapter, opt_state, meta)
 
 
 def param_groups(route, weight_decay: float, decay_biases: bool):
@@ -332,9 +332,9 @@ def trained_row_hashes(data_dir) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
-    resume_meta = None
+    resume = None
     if args.resume:
-        args, resume_meta = resume_args(args)
+        args, resume = resume_args(args)
         out = Path(args.out)
     else:
         out = Path(args.out)
@@ -384,11 +384,11 @@ def main(argv=None):
     trainable = [p for g in groups for p in g["params"]]
     start, best = 0, float("inf")
     data_hash = manifest_hash(args.data)
-    if resume_meta:
+    if resume:
+        adapter, opt_state, resume_meta = resume
         if resume_meta.get("manifest_sha256") != data_hash:
             raise UserError(f"{args.data}/manifest.json changed since this run started; resume needs the same data")
         check_same_shape(resume_meta, cfg, out)
-        adapter, opt_state, _ = load_checkpoint(out, "latest")
         bad = nonfinite_tensors({**adapter, **opt_state})
         if bad:
             raise UserError(f"{out}: its latest checkpoint holds non-finite values ({bad[0]}, ...); it cannot be resumed")
