@@ -145,7 +145,8 @@ def load_checkpoint(path, which: str = "latest") -> tuple[dict, dict, dict]:
     d = resolve_checkpoint(path, which)
     meta = read_meta(d)
     if "files" in meta:
-        verify_files(d, meta["files"], f"checkpoint {d}")
+        verify_files(d, meta["files"], f"checkpoint {d}", "restore it from a copy, or use another checkpoint "
+                     "(a ckpt-* folder, or --which best)")
     elif not (d / "adapter.safetensors").exists():
         raise MissingFile(f"{d / 'adapter.safetensors'}: missing; the checkpoint is incomplete")
     try:

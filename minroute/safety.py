@@ -54,7 +54,7 @@ def file_records(root, names) -> dict[str, dict]:
     return {n: {"bytes": (root / n).stat().st_size, "sha256": sha256_file(root / n)} for n in names}
 
 
-def verify_files(root, records: dict[str, dict], what: str):
+def verify_files(root, records: dict[str, dict], what: str, fix: str = "restore it or rebuild the folder"):
     """Check that every recorded file exists with its size and sha256; name the first one that does not."""
     root = Path(root)
     for name, rec in records.items():
@@ -63,7 +63,7 @@ def verify_files(root, records: dict[str, dict], what: str):
             raise MissingFile(f"{path}: missing ({what} lists it); the {what} is incomplete")
         if path.stat().st_size != rec["bytes"] or sha256_file(path) != rec["sha256"]:
             raise UserError(f"{path}: size or sha256 does not match the {what} (corrupt, truncated or replaced "
-                            "file); restore it or rebuild")
+                            f"file); {fix}")
 
 
 class RunLock:
