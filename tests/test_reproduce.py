@@ -81,3 +81,17 @@ def test_rerun_resumes_and_skips_finished_work(study, tmp_path):
     bad = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "--demo", "--out", str(tmp_path / "x"), "--variants",
                           "paper nope"], env=env(), capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --variants: unknown variant 'nope'")
+
+
+def test_a_failing_run_is_named_and_the_rest_go_on(study):
+    out, _ = study
+    bad = out / "runs" / "noreg-s2"
+    (bad / "latest.json").write_text("{broken")
+    (bad / "eval.json").unlink()
+    res = subprocess.run(study_cmd(out), env=env(), capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 1 and "1 of 4 runs failed: noreg-s2" in res.stderr
+    assert re.search(r"\[4/4\] noreg\s+seed 2\s+FAILED in training", res.stdout)
+    assert re.search(r"\[3/4\] noreg\s+seed 1\s+done", res.stdout)
+    s = json.loads((out / "study.json").read_text())
+    assert len(s["runs"]) == 3 and s["left_out"][0]["run"].endswith("noreg-s2")
+    assert "**Left out:**" in (out / "REPORT.md").read_text()
