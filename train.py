@@ -203,7 +203,8 @@ def resume_args(args):
         detail = ", ".join(f"--{k.replace('_', '-')} {args.given[k]} (run: {saved.get(k)})" for k in changed)
         raise UserError(f"{run} was trained with other settings than {detail}; resume with the run's own settings "
                         "(only --steps and --device may change), or start a new run in another --out")
-    new = argparse.Namespace(**{**saved, "resume": str(run), "out": str(run), "device": args.device,
+    legacy = {"route_on": "sequence", "ce_mean": "micro", "demo_assets": None}  # what runs before these settings did
+    new = argparse.Namespace(**{**legacy, **saved, "resume": str(run), "out": str(run), "device": args.device,
                                 "given": args.given, "restart": False})
     new.extensions = list(saved.get("extensions", []))
     if "steps" in args.given and args.given["steps"] != saved["steps"]:

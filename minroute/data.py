@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -38,10 +39,10 @@ def read_manifest(data_dir, verify: bool = False) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); rebuild the data folder") from None
-    if verify:
-        if "files" not in manifest:
-            raise UserError(f"{path}: records no file hashes (built by an older data_prep); rebuild the data "
-                            "folder so it can be verified")
+    if verify and "files" not in manifest:  # built before manifests recorded hashes: usable, not verifiable
+        print(f"note: {path} records no file hashes (built by an older data_prep), so its files cannot be verified; "
+              "rebuild it to get them", file=sys.stderr)
+    elif verify:
         verify_files(data_dir, manifest["files"], f"manifest of {data_dir}")
     return manifest
 

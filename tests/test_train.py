@@ -338,3 +338,29 @@ def test_script_errors_are_one_line_without_traceback(tmp_path):
         assert res.returncode == 2, (argv, res.stderr[-500:])
         assert "Traceback" not in res.stderr and res.stderr.strip().splitlines()[-1].startswith("error: "), res.stderr
         assert str(missing) in res.stderr
+
+
+def test_a_run_from_before_these_settings_still_resumes(tmp_path, short_run, small_setup, capsys):
+    """Checkpoints without file hashes or the routing / CE settings, on data without file hashes: resumable,
+    with the settings the older code used (route on the sequence, mean of micro-batch means)."""
+    import shutil
+
+    from minroute.data import manifest_hash
+    run, data = tmp_path / "r", tmp_path / "data"
+    shutil.copytree(short_run, run)
+    shutil.copytree(small_setup[1], data)
+    manifest = json.loads((data / "manifest.json").read_text())
+    del manifest["files"]
+    (data / "manifest.json").write_text(json.dumps(manifest))
+    for ckpt in run.glob("ckpt-*"):
+        meta = json.loads((ckpt / "meta.json").read_text())
+        for key in ("route_on", "ce_mean", "demo_assets"):
+            meta["args"].pop(key, None)
+        meta["args"]["data"] = str(data)
+        meta["manifest_sha256"] = manifest_hash(data)
+        del meta["files"]
+        (ckpt / "meta.json").write_text(json.dumps(meta))
+    assert train.main(["--resume", str(run), "--steps", "6"]) == 0
+    _, _, meta = load_checkpoint(run, "latest")
+    assert meta["step"] == 6 and meta["args"]["route_on"] == "sequence" and meta["args"]["ce_mean"] == "micro"
+    assert "records no file hashes" in capsys.readouterr().err
