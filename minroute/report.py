@@ -196,7 +196,8 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
           f"{len(runs)} runs ({', '.join(f'{v}: {n_seeds[v]} seeds' for v in variants)}), each evaluated on held-out "
           "rows with prompt-routed gates (the gates a deployment takes at prefill). Every minroute figure is the mean "
           "over seeds with a percentile-bootstrap 95% CI of the mean in brackets; every one is computed from the "
-          "runs' `eval.json` files listed at the end.", ""]
+          "runs' `eval.json` files listed at the end. With few seeds a percentile bootstrap is coarse and narrower "
+          "than a t-interval would be (3 seeds give 10 distinct resamples): read small-n intervals as descriptive.", ""]
     if left_out:
         md += ["**Left out:** " + "; ".join(f"`{x['run']}` ({x['why']})" for x in left_out), ""]
     rows = [["paper (single seed)", PAPER["skip_tool"], PAPER["skip_planning"], PAPER["diff"],
