@@ -44,7 +44,7 @@ import torch
 from minroute.checkpoint import load_layerroute, resolve_checkpoint, trained_rows
 from minroute.data import TOOL, TokenSplit, collate, manifest_hash, read_manifest
 from minroute.evaluate import (STEP_NAMES, bootstrap_ci, differential_stats, length_regression, random_masks, run_pass,
-                               static_mask)
+                               static_mask, t_ci)
 from minroute.flops import paper_flops, sequence_flops, skip_bound_speedup
 from minroute.load import load_tokenizer, resolve_dir
 from minroute.safety import UserError, default_device, device, nonneg_int, positive_int, run_cli, sha256_file
@@ -492,12 +492,12 @@ def across_seeds(args, device, autocast, csv_tables) -> dict:
         keys += ["tool_exact_full", "tool_exact_gated", "gsm8k_acc_full", "gsm8k_acc_gated"]
     for key in keys:
         v = np.array([p[key] for p in per])
-        lo, hi = bootstrap_ci(v, seed=args.seed)
+        lo, hi = t_ci(v)
         summary[key] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
-                        "ci95": [lo, hi]}
+                        "ci95": [lo, hi], "ci95_bootstrap": list(bootstrap_ci(v, seed=args.seed))}
         rows.append([key, summary[key]["mean"], summary[key]["sd"], lo, hi])
     positive = sum(p["diff"] > 0 for p in per)
-    table(f"Across {len(per)} of {len(args.runs)} runs (bootstrap 95% CI of the mean); differential > 0 in {positive} "
+    table(f"Across {len(per)} of {len(args.runs)} runs (Student-t 95% CI of the mean); differential > 0 in {positive} "
           f"of {len(per)}", ["metric", "mean", "sd", "CI low", "CI high"], rows, csv_tables, "seeds_summary")
     return {"runs": per, "summary": summary, "positive_diff": positive, "n": len(per), "n_given": len(args.runs),
             "left_out": skipped}

@@ -2,12 +2,14 @@
 
 A study folder (what reproduce.sh writes) holds `runs/<variant>-s<seed>/` (a train.py run with its eval.json)
 and `commands.log`. `write_report(study)` reads only those files (no model is loaded), so the report's numbers
-are exactly the runs' eval.json numbers: per variant the mean over seeds with a percentile-bootstrap 95% CI of
-the mean, beside the paper's single-seed claim and the authors' own 10-seed rerun (quoted from REFERENCE.md).
+are exactly the runs' eval.json numbers: per variant the mean over seeds with a Student-t 95% CI of the mean
+(n - 1 degrees of freedom; a percentile bootstrap beside it in study.json, too narrow for a few seeds), beside
+the paper's single-seed claim and the authors' own 10-seed rerun (quoted from REFERENCE.md).
 
 Outputs (names are stable):
   REPORT.md                 the report
-  study.json                {"variants": {variant: {metric: {"mean", "sd", "ci95", "n", "values"}}},
+  study.json                {"variants": {variant: {metric: {"mean", "sd", "ci95", "ci95_bootstrap", "n",
+                             "values"}}},
                              "runs": [{"run", "variant", "seed", "eval": path}], "figures": [...], "left_out": [...]}
   tables/claim.csv          source, skip% tool, skip% planning, differential (mean and CI per variant)
   tables/table2.csv         per variant: skip%, differential, FLOPs reduction, dPPL, positive seeds
@@ -27,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import bootstrap_ci
+from .evaluate import bootstrap_ci, t_ci
 
 VARIANTS = ("paper", "author", "noreg", "uniform-init", "bce")
 PAPER = {"skip_tool": 15.25, "skip_planning": 2.34, "diff": 12.91,
@@ -78,10 +80,11 @@ def _get(d, path):
 def summarise(values, seed: int = 0) -> dict:
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     if not v.size:
-        return {"mean": float("nan"), "sd": float("nan"), "ci95": [float("nan")] * 2, "n": 0, "values": []}
-    lo, hi = bootstrap_ci(v, seed=seed) if v.size > 1 else (float("nan"), float("nan"))
-    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan"), "ci95": [lo, hi],
-            "n": int(v.size), "values": v.tolist()}
+        return {"mean": float("nan"), "sd": float("nan"), "ci95": [float("nan")] * 2,
+                "ci95_bootstrap": [float("nan")] * 2, "n": 0, "values": []}
+    return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
+            "ci95": list(t_ci(v)), "ci95_bootstrap": list(bootstrap_ci(v, seed=seed)), "n": int(v.size),
+            "values": v.tolist()}
 
 
 def collect(study: Path) -> tuple[list[dict], list[dict]]:
@@ -195,9 +198,8 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
     md = [f"# {title}: the study report", "",
           f"{len(runs)} runs ({', '.join(f'{v}: {n_seeds[v]} seeds' for v in variants)}), each evaluated on held-out "
           "rows with prompt-routed gates (the gates a deployment takes at prefill). Every minroute figure is the mean "
-          "over seeds with a percentile-bootstrap 95% CI of the mean in brackets; every one is computed from the "
-          "runs' `eval.json` files listed at the end. With few seeds a percentile bootstrap is coarse and narrower "
-          "than a t-interval would be (3 seeds give 10 distinct resamples): read small-n intervals as descriptive.", ""]
+          "over seeds with a Student-t 95% CI of the mean in brackets (n − 1 degrees of freedom: wide for a few "
+          "seeds, as it should be); every one is computed from the runs' `eval.json` files listed at the end.", ""]
     if left_out:
         md += ["**Left out:** " + "; ".join(f"`{x['run']}` ({x['why']})" for x in left_out), ""]
     rows = [["paper (single seed)", PAPER["skip_tool"], PAPER["skip_planning"], PAPER["diff"],
@@ -371,7 +373,7 @@ def make_figures(study: Path, runs, variants) -> tuple[list[str], str]:
             names.append(f"{v} seed {r['seed']}")
             y += 1
         s = [r["res"]["skip_diff"] for r in mine]
-        lo, hi = bootstrap_ci(s) if len(s) > 1 else (s[0], s[0])
+        lo, hi = t_ci(s) if len(s) > 1 else (s[0], s[0])
         ax.errorbar(np.mean(s), y, xerr=[[np.mean(s) - lo], [hi - np.mean(s)]], fmt="D", color=colours[v],
                     markersize=8, capsize=4)
         ticks.append(y)

@@ -134,6 +134,15 @@ def test_output_paths_are_checked_before_any_work(tmp_path, demo_run, capsys, mo
         assert code == 2 and msg in capsys.readouterr().err
 
 
+def test_t_interval_matches_tables():
+    from minroute.evaluate import t_ci, t_quantile
+    for df, ref in ((1, 12.706205), (2, 4.302653), (9, 2.262157), (29, 2.045230)):
+        assert t_quantile(0.975, df) == pytest.approx(ref, abs=1e-5), df
+    lo, hi = t_ci([1.0, 2.0, 6.0])  # mean 3, sd sqrt(7), n 3
+    half = 4.302653 * math.sqrt(7) / math.sqrt(3)
+    assert (lo, hi) == pytest.approx((3 - half, 3 + half), abs=1e-4)
+
+
 def test_differential_stats_by_hand():
     from minroute.evaluate import differential_stats
     rng = np.random.default_rng(0)
