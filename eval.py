@@ -42,12 +42,12 @@ import numpy as np
 import torch
 
 from minroute.checkpoint import load_layerroute, resolve_checkpoint, trained_rows
-from minroute.data import TOOL, TokenSplit, collate, manifest_hash, read_manifest
+from minroute.data import TOOL, TokenSplit, check_tokenizer, collate, manifest_hash, read_manifest
 from minroute.evaluate import (STEP_NAMES, bootstrap_ci, differential_stats, length_regression, random_masks, run_pass,
                                static_mask, t_ci)
 from minroute.flops import paper_flops, sequence_flops, skip_bound_speedup
-from minroute.load import load_tokenizer, resolve_dir
-from minroute.safety import UserError, default_device, device, nonneg_int, positive_int, run_cli, sha256_file
+from minroute.load import load_tokenizer
+from minroute.safety import UserError, default_device, device, nonneg_int, positive_int, run_cli
 from minroute.timing import decode_ms_per_token, measure, prefill
 
 TYPES = (TOOL, 1)
@@ -97,10 +97,7 @@ def table(title: str, header: list[str], rows: list[list], out: list | None = No
 def check_data(data_dir, meta: dict, ckpt_dir: Path, model_path: str, say=print) -> dict:
     """The data an evaluation may use: verified files, the checkpoint's tokenizer, rows it never trained on."""
     manifest = read_manifest(data_dir, verify=True)
-    tok_file = resolve_dir(model_path) / "tokenizer.json"
-    if manifest.get("tokenizer_sha256") and tok_file.exists() and sha256_file(tok_file) != manifest["tokenizer_sha256"]:
-        raise UserError(f"{data_dir} was tokenised by {manifest['tokenizer']}, not by {model_path}'s tokenizer, "
-                        "which the checkpoint's model uses; evaluate on data built with that tokenizer")
+    check_tokenizer(manifest, data_dir, model_path)
     if manifest_hash(data_dir) != meta.get("manifest_sha256"):
         say(f"note: {data_dir} is not the data folder {ckpt_dir.name} was trained on (its manifest differs); its "
             "held-out rows are checked against the rows the run trained on")

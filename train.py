@@ -43,14 +43,15 @@ import numpy as np
 import torch
 
 from minroute.checkpoint import (adapter_tensors, build_layerroute, check_same_shape, load_adapter, load_checkpoint,
-                                 model_shape, restore_rng, rng_state_tensors, run_dir_of, save_checkpoint,
+                                 model_shape, nonfinite_tensors, restore_rng, rng_state_tensors, run_dir_of,
+                                 save_checkpoint,
                                  trained_rows_text)
-from minroute.data import ROUTE_ON, TokenSplit, collate, counted_tokens, manifest_hash, read_manifest, update_batches
-from minroute.load import load_tokenizer, resolve_dir
+from minroute.data import ROUTE_ON, TokenSplit, check_tokenizer, collate, counted_tokens, manifest_hash, read_manifest, update_batches
+from minroute.load import load_tokenizer
 from minroute.loss import lm_loss_per_sample
 from minroute.optim import AdamW, get_lr
 from minroute.router import bce_gate_loss, gate_regulariser
-from minroute.runs import RunLog, check_new_run_folder, nonfinite_tensors
+from minroute.runs import RunLog, check_new_run_folder
 from minroute.safety import (RunLock, UserError, default_device, device, nonneg_float, nonneg_int, positive_float,
                              positive_int, probability, run_cli, sha256_file)
 
@@ -182,10 +183,7 @@ def prepare_demo(out: Path, args):
 
 
 def check_data_matches_model(manifest: dict, model_path: str, vocab_size: int, data_dir):
-    tok_file = resolve_dir(model_path) / "tokenizer.json"
-    if manifest.get("tokenizer_sha256") and tok_file.exists() and sha256_file(tok_file) != manifest["tokenizer_sha256"]:
-        raise UserError(f"{data_dir}/manifest.json was built with another tokenizer ({manifest['tokenizer']}) than "
-                        f"{model_path}'s tokenizer.json; rebuild the data with --tokenizer {model_path}")
+    check_tokenizer(manifest, data_dir, model_path)
     if manifest["vocab_size"] > vocab_size:
         raise UserError(f"{data_dir} uses {manifest['vocab_size']} token ids, the model {model_path} has {vocab_size}")
 

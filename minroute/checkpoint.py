@@ -157,6 +157,11 @@ def load_checkpoint(path, which: str = "latest") -> tuple[dict, dict, dict]:
     return adapter, opt, meta
 
 
+def nonfinite_tensors(tensors: dict) -> list[str]:
+    """Names of the floating-point tensors holding a NaN or an infinity."""
+    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+
+
 def trained_rows(d: Path) -> set[str] | None:
     """Content hashes of the rows a checkpoint's run trained and selected on (None for older checkpoints)."""
     path = Path(d) / "trained_rows.txt"
@@ -202,7 +207,7 @@ def load_layerroute(ckpt, which: str = "latest", model=None, device="cpu", dtype
                                                    "dropout": a["lora_dropout"]}, pool=a["pool"], device=device,
                              dtype=dtype)
     check_same_shape(meta, route.config, ckpt)
-    bad = [k for k, v in adapter.items() if not bool(torch.isfinite(v).all())]
+    bad = nonfinite_tensors(adapter)
     if bad:
         raise UserError(f"{resolve_checkpoint(ckpt, which)}: non-finite weights in {len(bad)} tensors ({bad[0]}, ...); "
                         "this checkpoint cannot be evaluated, use an earlier one")

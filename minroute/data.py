@@ -47,6 +47,17 @@ def read_manifest(data_dir, verify: bool = False) -> dict:
     return manifest
 
 
+def check_tokenizer(manifest: dict, data_dir, model_path: str):
+    """Refuse data tokenised by another tokenizer than the model's (sha256 of tokenizer.json, as data_prep records)."""
+    from .load import resolve_dir
+    from .safety import sha256_file
+    tok_file = resolve_dir(model_path) / "tokenizer.json"
+    if manifest.get("tokenizer_sha256") and tok_file.exists() and sha256_file(tok_file) != manifest["tokenizer_sha256"]:
+        raise UserError(f"{data_dir} was tokenised by {manifest['tokenizer']}: built with another tokenizer than "
+                        f"{model_path}'s tokenizer.json; rebuild the data with `python -m data_prep --tokenizer "
+                        f"{model_path}`")
+
+
 def manifest_hash(data_dir) -> str:
     return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
 

@@ -12,8 +12,6 @@ import os
 import time
 from pathlib import Path
 
-import torch
-
 from .safety import UserError
 
 RUN_FILES = ("latest.json", "best.json", "train_log.csv", "gates.csv")
@@ -33,10 +31,6 @@ def check_new_run_folder(out: Path, restart: bool, say=print):
     out.mkdir()
     say(f"moved the previous run in {out} to {aside}")
     return True
-
-
-def nonfinite_tensors(tensors: dict) -> list[str]:
-    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
 
 
 class RunLog:
