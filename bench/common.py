@@ -12,10 +12,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from minroute.model import Qwen2Config  # noqa: E402
+from minroute.model import ModelConfig  # noqa: E402
 from minroute.tiny import write_tiny_checkpoint  # noqa: E402
 
-REAL = Qwen2Config()
+REAL = ModelConfig()
 
 
 def real_shape_checkpoint(path: Path, dtype=torch.bfloat16) -> Path:

@@ -215,8 +215,8 @@ def load_layerroute(ckpt, which: str = "latest", model=None, device="cpu", dtype
     return route.eval(), meta
 
 
-SHAPE_KEYS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "intermediate_size",
-              "vocab_size")
+SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "head_dim", "intermediate_size", "vocab_size")
 
 
 def model_shape(cfg) -> dict:

@@ -9,41 +9,41 @@ Two definitions side by side:
 """
 from __future__ import annotations
 
-from .model import Qwen2Config
+from .model import ModelConfig
 
 
-def proj_macs(cfg: Qwen2Config) -> int:
+def proj_macs(cfg: ModelConfig) -> int:
     """Multiply-adds per token of q, k, v, o projections."""
     d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.dim_head, cfg.num_key_value_heads * cfg.dim_head
     return d * q + 2 * d * kv + q * d
 
 
-def mlp_macs(cfg: Qwen2Config) -> int:
+def mlp_macs(cfg: ModelConfig) -> int:
     return 3 * cfg.hidden_size * cfg.intermediate_size
 
 
-def attention_flops(cfg: Qwen2Config, T: int, past: int = 0, causal: bool = True) -> int:
+def attention_flops(cfg: ModelConfig, T: int, past: int = 0, causal: bool = True) -> int:
     """QK^T and A.V for T queries over past + T keys; causal counts only the keys each query sees."""
     qd = cfg.num_attention_heads * cfg.dim_head
     keys = T * past + (T * (T + 1) // 2 if causal else T * T)  # sum over queries of visible keys
     return 2 * 2 * qd * keys  # two matmuls, 2 FLOPs per MAC
 
 
-def block_flops(cfg: Qwen2Config, T: int, past: int = 0) -> int:
+def block_flops(cfg: ModelConfig, T: int, past: int = 0) -> int:
     """One block on T new tokens with `past` cached positions."""
     return 2 * T * (proj_macs(cfg) + mlp_macs(cfg)) + attention_flops(cfg, T, past)
 
 
-def router_flops(cfg: Qwen2Config, T: int) -> int:
+def router_flops(cfg: ModelConfig, T: int) -> int:
     """Mean-pool (T*d adds, counted as FLOPs) and the Linear(d, 1)."""
     return T * cfg.hidden_size + 2 * cfg.hidden_size
 
 
-def lm_head_flops(cfg: Qwen2Config, positions: int) -> int:
+def lm_head_flops(cfg: ModelConfig, positions: int) -> int:
     return 2 * positions * cfg.hidden_size * cfg.vocab_size
 
 
-def sequence_flops(cfg: Qwen2Config, T: int, layers_run: float, lm_head_positions: int | None = None,
+def sequence_flops(cfg: ModelConfig, T: int, layers_run: float, lm_head_positions: int | None = None,
                    routers: bool = True, past: int = 0) -> float:
     """Forward FLOPs of one sequence of T tokens that ran `layers_run` blocks (may be fractional: a mean).
 
@@ -54,24 +54,24 @@ def sequence_flops(cfg: Qwen2Config, T: int, layers_run: float, lm_head_position
     return layers_run * block_flops(cfg, T, past) + n_routers * router_flops(cfg, T) + head
 
 
-def paper_flops(cfg: Qwen2Config, T: int = 512, layers_run: float | None = None) -> float:
+def paper_flops(cfg: ModelConfig, T: int = 512, layers_run: float | None = None) -> float:
     """The authors' per-sequence FLOPs: (projections + MLP + full QK^T) x T x layers; no A.V, no lm_head."""
     layers_run = cfg.num_hidden_layers if layers_run is None else layers_run
     per_block = 2 * T * (proj_macs(cfg) + mlp_macs(cfg)) + 2 * T * T * cfg.num_attention_heads * cfg.dim_head
     return layers_run * per_block
 
 
-def lora_params(cfg: Qwen2Config, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> int:
+def lora_params(cfg: ModelConfig, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> int:
     d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.dim_head, cfg.num_key_value_heads * cfg.dim_head
     shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
     return cfg.num_hidden_layers * sum(r * (i + o) for i, o in (shapes[t] for t in targets))
 
 
-def router_params(cfg: Qwen2Config) -> int:
+def router_params(cfg: ModelConfig) -> int:
     return cfg.num_hidden_layers * (cfg.hidden_size + 1)
 
 
-def skip_bound_speedup(cfg: Qwen2Config, k: float) -> tuple[float, float]:
+def skip_bound_speedup(cfg: ModelConfig, k: float) -> tuple[float, float]:
     """Best speedup from skipping k blocks: (decode, bandwidth-bound: weight bytes read per token;
     prefill, compute-bound on the blocks only). REFERENCE.md §5."""
     per_block = proj_macs(cfg) + mlp_macs(cfg)  # parameters of one block's matmuls

@@ -1,7 +1,7 @@
 """Incremental decoding with a static KV cache: greedy or temperature / top-k / top-p sampling.
 
 `generate` is a Python generator that yields the next token of every sequence, one step at a time,
-so callers can stream. It works for the plain `Qwen2` and for `LayerRoute` (router.py), which both
+so callers can stream. It works for the plain `CausalLM` and for `LayerRoute` (router.py), which both
 provide `hidden(input_ids, attention_mask, position_ids, cache)`, `lm_head` and `new_cache(max_len)`:
 LayerRoute decides its gates once at prefill and then never computes, nor caches, a skipped block.
 

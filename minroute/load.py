@@ -1,4 +1,4 @@
-"""Load Qwen2 checkpoints and tokenizers from a local directory or the Hugging Face Hub.
+"""Load Qwen2 / Llama checkpoints and tokenizers from a local directory or the Hugging Face Hub.
 
 Only `config.json`, JSON tokenizer files and safetensors are read: nothing is ever unpickled and no
 code from a model repository runs. The model is built on the meta device and its parameters are
@@ -16,7 +16,7 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
-from .model import Qwen2, Qwen2Config
+from .model import CausalLM, ModelConfig
 from .safety import MissingFile, UserError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
@@ -67,12 +67,12 @@ def read_json(path: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e})") from e
 
 
-def load_config(model_dir: Path) -> Qwen2Config:
+def load_config(model_dir: Path) -> ModelConfig:
     path = model_dir / "config.json"
     if not path.exists():
         raise MissingFile(f"{path}: no config.json in {model_dir}; point to a Hugging Face model directory "
                                 "(config.json + model.safetensors) or a Hub repo id")
-    return Qwen2Config.from_dict(read_json(path), source=str(path))
+    return ModelConfig.from_dict(read_json(path), source=str(path))
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:
@@ -120,8 +120,8 @@ def read_safetensors(files: list[Path], device="cpu") -> dict[str, tuple[torch.T
 
 
 def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, dtype: torch.dtype | str | None = None,
-               device: str | torch.device = "cpu", revision: str | None = None) -> Qwen2:
-    """Build Qwen2 from a checkpoint directory or Hub repo id, strictly, on `device` in `dtype`.
+               device: str | torch.device = "cpu", revision: str | None = None) -> CausalLM:
+    """Build the model (Qwen2 or Llama, per config.json) from a checkpoint directory or Hub repo id, strictly, on `device` in `dtype`.
 
     dtype None keeps the stored dtype (config's torch_dtype/dtype). The returned model is in eval mode
     with requires_grad off for every parameter (the backbone is frozen in LayerRoute).
@@ -131,7 +131,7 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, dtype: torch.
     dtype = DTYPES[dtype] if isinstance(dtype, str) else dtype
     tensors = read_safetensors(safetensors_files(model_dir), device=device)
     with torch.device("meta"):
-        model = Qwen2(cfg)
+        model = CausalLM(cfg)
     expected = {name: p.shape for name, p in model.named_parameters(remove_duplicate=False)}
     if cfg.tie_word_embeddings and "lm_head.weight" not in tensors:
         expected.pop("lm_head.weight")
@@ -140,10 +140,11 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, dtype: torch.
     where = ", ".join(sorted({str(f) for _, f in tensors.values()})) or str(model_dir)
     if missing:
         raise UserError(f"{where}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''} "
-                         f"({len(missing)} in all) for a {cfg.num_hidden_layers}-layer Qwen2 per config.json")
+                         f"({len(missing)} in all) for a {cfg.num_hidden_layers}-layer {cfg.model_type} model per config.json")
     if unexpected:
         raise UserError(f"{unexpected[0]} in {tensors[unexpected[0]][1]}: unexpected tensor "
-                         f"({len(unexpected)} in all: {unexpected[:5]}); is this a Qwen2 checkpoint?")
+                         f"({len(unexpected)} in all: {unexpected[:5]}); does config.json describe this checkpoint "
+                        f"(model_type {cfg.model_type!r}, attention_bias, mlp_bias)?")
     state = {}
     for name, shape in expected.items():
         t, f = tensors[name]

@@ -1,17 +1,25 @@
-"""A from-scratch Qwen2 decoder (Qwen2.5-0.5B-Instruct and its family), in plain PyTorch.
+"""A from-scratch decoder for the Qwen2 and Llama families (Qwen2.5-0.5B-Instruct, SmolLM2, TinyLlama, Llama 3
+with default RoPE), in plain PyTorch.
+
+The two architectures are one network: pre-norm blocks of RMSNorm, grouped-query attention with RoPE and a
+SwiGLU MLP. They differ only in which linear layers carry a bias (Qwen2: q/k/v yes, o and MLP no; Llama:
+all four attention projections per `attention_bias`, the MLP per `mlp_bias`) and in their config defaults;
+`ModelConfig.from_dict` reads either `config.json` and refuses what this code does not implement (rope
+scaling types, sliding windows, other activations or architectures) by name.
 
 Parameter names are Hugging Face's (`model.embed_tokens`, `model.layers.N.self_attn.q_proj`,
 `model.layers.N.mlp.gate_proj`, `model.norm`, `lm_head`), so loading the official safetensors is an
-identity mapping plus tying. The numerics follow transformers' `modeling_qwen2.py` (REFERENCE.md §4):
+identity mapping plus tying. The numerics follow transformers' `modeling_qwen2.py` / `modeling_llama.py`
+(REFERENCE.md §4), which agree line for line:
 
 - RoPE: inv_freq = 1 / theta^(arange(0, D, 2) / D) in fp32, freqs = position * inv_freq in fp32,
   emb = cat(freqs, freqs) (halves, not interleaved), cos/sin cast to the activation dtype, and the
   rotation x*cos + rotate_half(x)*sin done in the activation dtype.
 - RMSNorm: upcast to fp32, x * rsqrt(mean(x^2) + eps), cast back, *then* multiply by the weight.
-- q/k/v projections with bias, o_proj without; GQA by repeat_interleave of the kv heads.
-- Attention through SDPA: causal always, padded keys masked, softmax scale D^-1/2.
-- Pre-norm residual blocks, SwiGLU MLP down(silu(gate(x)) * up(x)) without biases, final norm,
-  lm_head (tied to embed_tokens when `tie_word_embeddings`).
+- GQA by repeat_interleave of the kv heads; head_dim may differ from hidden / heads when the config says so.
+- Attention through SDPA: causal always, padded keys masked, softmax scale head_dim^-1/2.
+- SwiGLU MLP down(silu(gate(x)) * up(x)), final norm, lm_head (tied to embed_tokens when
+  `tie_word_embeddings`).
 
 With the same attention kernel this matches HF bitwise in fp32 and bf16 (tests/test_model.py).
 """
@@ -25,9 +33,11 @@ from torch import nn
 
 from .safety import UserError
 
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
+
 
 @dataclass
-class Qwen2Config:
+class ModelConfig:
     """Model shape and numerics; the defaults are Qwen2.5-0.5B-Instruct's."""
 
     vocab_size: int = 151936
@@ -44,45 +54,87 @@ class Qwen2Config:
     torch_dtype: str = "bfloat16"  # dtype of the stored weights
     bos_token_id: int | None = 151643
     eos_token_id: int | None = 151645
+    model_type: str = "qwen2"  # "qwen2" or "llama": which linear layers have a bias
+    attention_bias: bool = False  # llama: bias on q/k/v/o (qwen2 ignores it: q/k/v always, o never)
+    mlp_bias: bool = False  # llama: bias on gate/up/down (qwen2: never)
 
     @property
     def dim_head(self) -> int:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
+    @property
+    def qkv_bias(self) -> bool:
+        return self.model_type == "qwen2" or self.attention_bias
+
+    @property
+    def o_bias(self) -> bool:
+        return self.model_type == "llama" and self.attention_bias
+
     @classmethod
-    def from_dict(cls, d: dict, source: str = "config.json") -> "Qwen2Config":
-        """Build from a Hugging Face `config.json` dict, written by transformers 4.x or 5.x."""
+    def from_dict(cls, d: dict, source: str = "config.json") -> "ModelConfig":
+        """Build from a Hugging Face `config.json` dict (Qwen2 or Llama), written by transformers 4.x or 5.x.
+
+        A missing optional field takes transformers' default for that architecture (e.g. tie_word_embeddings
+        false, rope_theta 10000, rms_norm_eps 1e-6)."""
+        model_type = d.get("model_type")
+        if model_type not in ARCHITECTURES:
+            raise UserError(f"{source}: field 'model_type' is {model_type!r}; minroute implements "
+                            f"{' and '.join(sorted(ARCHITECTURES))} (Qwen2 / Llama-family decoders)")
         required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
         for name in required:
             if name not in d:
-                raise UserError(f"{source}: required field '{name}' is missing; is this a Qwen2 config.json?")
+                raise UserError(f"{source}: required field '{name}' is missing; is this a {model_type} config.json?")
         if d.get("hidden_act", "silu") != "silu":
-            raise UserError(f"{source}: field 'hidden_act' is {d['hidden_act']!r}; only 'silu' (Qwen2) is supported")
+            raise UserError(f"{source}: field 'hidden_act' is {d['hidden_act']!r}; only 'silu' is supported")
         if d.get("use_sliding_window", False):
             raise UserError(f"{source}: field 'use_sliding_window' is true; sliding-window attention is not "
-                             "supported (Qwen2.5 checkpoints ship it false)")
+                            "supported (Qwen2.5 checkpoints ship it false)")
+        if model_type == "llama" and d.get("sliding_window"):
+            raise UserError(f"{source}: field 'sliding_window' is {d['sliding_window']!r}; sliding-window attention "
+                            "is not supported")
         rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+        if not isinstance(rope, dict):
+            raise UserError(f"{source}: field 'rope_parameters' / 'rope_scaling' is not an object")
         rope_type = rope.get("rope_type", rope.get("type", "default"))
         if rope_type != "default":
-            raise UserError(f"{source}: field 'rope_type' is {rope_type!r}; only 'default' RoPE is supported")
+            raise UserError(f"{source}: field 'rope_type' is {rope_type!r}; only 'default' RoPE is supported "
+                            "(no rope scaling: llama3, linear, dynamic, yarn, longrope)")
+        if float(d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))) != 1.0:
+            raise UserError(f"{source}: field 'partial_rotary_factor' is not 1; partial RoPE is not supported")
         theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
         eos = d.get("eos_token_id")
         known = {f.name for f in fields(cls)}
-        kwargs = {k: v for k, v in d.items() if k in known and k not in ("rope_theta", "eos_token_id")}
+        skip = ("rope_theta", "eos_token_id", "model_type", "torch_dtype")
+        kwargs = {k: v for k, v in d.items() if k in known and k not in skip}
         kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
+        kwargs.setdefault("tie_word_embeddings", False)  # transformers' default for both architectures
+        kwargs.setdefault("rms_norm_eps", 1e-6)
+        kwargs.setdefault("max_position_embeddings", 32768 if model_type == "qwen2" else 2048)
+        if model_type == "qwen2":
+            kwargs.pop("attention_bias", None)
+            kwargs.pop("mlp_bias", None)
+        kwargs.setdefault("bos_token_id", None)
         kwargs["torch_dtype"] = d.get("dtype") or d.get("torch_dtype") or "float32"
-        cfg = cls(**kwargs, rope_theta=float(theta), eos_token_id=eos[0] if isinstance(eos, list) else eos)
+        cfg = cls(**kwargs, rope_theta=float(theta), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+                  model_type=model_type)
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise UserError(f"{source}: num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
-                             f"num_key_value_heads ({cfg.num_key_value_heads})")
+                            f"num_key_value_heads ({cfg.num_key_value_heads})")
+        if cfg.dim_head % 2:
+            raise UserError(f"{source}: head_dim {cfg.dim_head} is odd; RoPE rotates halves of an even head_dim")
         return cfg
 
     def to_dict(self) -> dict:
-        """The `config.json` that transformers 4.43 writes for this shape (official layout)."""
+        """The `config.json` transformers writes for this shape (official layout of its model_type)."""
         d = asdict(self)
-        d.update(architectures=["Qwen2ForCausalLM"], model_type="qwen2", hidden_act="silu", attention_dropout=0.0,
-                 initializer_range=0.02, use_cache=True, use_sliding_window=False,
-                 sliding_window=self.max_position_embeddings, max_window_layers=self.num_hidden_layers)
+        d.update(architectures=[ARCHITECTURES[self.model_type]], hidden_act="silu", attention_dropout=0.0,
+                 initializer_range=0.02, use_cache=True)
+        if self.model_type == "qwen2":
+            del d["attention_bias"], d["mlp_bias"]
+            d.update(use_sliding_window=False, sliding_window=self.max_position_embeddings,
+                     max_window_layers=self.num_hidden_layers)
+        else:
+            d.update(rope_scaling=None, pretraining_tp=1)
         if d["head_dim"] is None:
             del d["head_dim"]
         return d
@@ -90,10 +142,19 @@ class Qwen2Config:
 
 # ----------------------------------------------------------------------------- numerics helpers
 
-def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype):
-    """cos, sin of shape (B, T, D) for integer positions (B, T); matches HF's default RoPE bitwise."""
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
-    freqs = position_ids[..., None].float() * inv_freq.to(position_ids.device)  # (B, T, D/2), fp32
+def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
+    """(D/2,) fp32 1 / theta^(2i/D), computed on the CPU as HF does at init (a GPU pow may round differently)."""
+    return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+
+
+def rope_cos_sin(position_ids: torch.Tensor, head_dim: int, theta: float, dtype: torch.dtype,
+                 inv_freq: torch.Tensor | None = None):
+    """cos, sin of shape (B, T, D) for integer positions (B, T); matches HF's default RoPE bitwise.
+
+    inv_freq: rope_inv_freq(head_dim, theta) already on the positions' device (else computed here)."""
+    if inv_freq is None:
+        inv_freq = rope_inv_freq(head_dim, theta).to(position_ids.device)
+    freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2), fp32
     emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
     return emb.cos().to(dtype), emb.sin().to(dtype)
 
@@ -191,14 +252,14 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Qwen2Config, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
         self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_head
-        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=True)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=True)
-        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=False)
+        self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, cfg.hidden_size, bias=cfg.o_bias)
 
     def forward(self, x, cos, sin, mask, cache: KVCache | None = None):
         B, T, _ = x.shape
@@ -238,11 +299,11 @@ class SwiGLU(torch.autograd.Function):
 
 
 class MLP(nn.Module):
-    def __init__(self, cfg: Qwen2Config):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=cfg.mlp_bias)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=cfg.mlp_bias)
 
     def forward(self, x):
         return self.down_proj(SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
@@ -251,7 +312,7 @@ class MLP(nn.Module):
 class Block(nn.Module):
     """One pre-norm decoder layer: h + Attn(norm(h)), then + MLP(norm(.))."""
 
-    def __init__(self, cfg: Qwen2Config, layer_idx: int):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
@@ -263,14 +324,14 @@ class Block(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class Qwen2(nn.Module):
-    """Qwen2ForCausalLM. `model(input_ids, attention_mask)` returns fp32 logits (B, T, vocab).
+class CausalLM(nn.Module):
+    """Qwen2ForCausalLM / LlamaForCausalLM. `model(input_ids, attention_mask)` returns fp32 logits (B, T, vocab).
 
     The forward is split into `prepare` (embeddings, RoPE, mask), the blocks, and `logits`, so that
     LayerRoute (router.py) can run the same pieces with its gates in between.
     """
 
-    def __init__(self, cfg: Qwen2Config):
+    def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
         self.model = nn.ModuleDict(dict(
@@ -281,6 +342,7 @@ class Qwen2(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # RoPE inverse frequencies per device, built once
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -297,7 +359,11 @@ class Qwen2(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past, past + T, device=input_ids.device).expand(B, T)
         h = self.model.embed_tokens(input_ids)  # (B, T, d)
-        cos, sin = rope_cos_sin(position_ids, self.config.dim_head, self.config.rope_theta, h.dtype)
+        device = input_ids.device
+        if device not in self._inv_freq:
+            self._inv_freq[device] = rope_inv_freq(self.config.dim_head, self.config.rope_theta).to(device)
+        cos, sin = rope_cos_sin(position_ids, self.config.dim_head, self.config.rope_theta, h.dtype,
+                                self._inv_freq[device])
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
         mask = attention_mask_4d(attention_mask, T, past, input_ids.device)
@@ -323,10 +389,10 @@ class Qwen2(nn.Module):
         return sum(p.numel() for p in self.parameters())
 
 
-def init_weights(model: Qwen2, seed: int = 0, std: float = 0.02) -> Qwen2:
+def init_weights(model: CausalLM, seed: int = 0, std: float = 0.02) -> CausalLM:
     """Random weights for tiny test/demo models: every tensor random, biases and norm weights included.
 
-    Linear and embedding weights ~ N(0, std); q/k/v biases ~ N(0, std); norm weights ~ 1 + N(0, 0.1).
+    Linear and embedding weights ~ N(0, std); biases ~ N(0, std); norm weights ~ 1 + N(0, 0.1).
     A default-initialised model (zero biases, unit norms) would hide a missing bias or norm in a test.
     """
     g = torch.Generator().manual_seed(seed)
@@ -340,11 +406,11 @@ def init_weights(model: Qwen2, seed: int = 0, std: float = 0.02) -> Qwen2:
     return model
 
 
-def count_params_meta(cfg: Qwen2Config) -> int:
+def count_params_meta(cfg: ModelConfig) -> int:
     """Parameter count of a config without allocating its weights."""
     with torch.device("meta"):
-        return Qwen2(cfg).num_params()
+        return CausalLM(cfg).num_params()
 
 
-__all__ = ["Qwen2Config", "Qwen2", "Block", "KVCache", "init_weights", "rope_cos_sin", "apply_rope",
-           "rotate_half", "repeat_kv", "attention_mask_4d", "count_params_meta"]
+__all__ = ["ModelConfig", "CausalLM", "Block", "KVCache", "init_weights", "rope_cos_sin", "rope_inv_freq",
+           "apply_rope", "rotate_half", "repeat_kv", "attention_mask_4d", "count_params_meta"]

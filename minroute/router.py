@@ -43,7 +43,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import KVCache, Qwen2
+from .model import CausalLM, KVCache
 
 
 def middle_band(n_layers: int) -> range:
@@ -90,7 +90,7 @@ class RouteTrace:
 class LayerRoute(nn.Module):
     """Qwen2 (with or without LoRA) plus one Linear(d, 1) router per block; see the module docstring."""
 
-    def __init__(self, base: Qwen2, pool: str = "mask", init: str = "band"):
+    def __init__(self, base: CausalLM, pool: str = "mask", init: str = "band"):
         super().__init__()
         if pool not in ("mask", "all"):
             raise ValueError(f"pool {pool!r}: expected 'mask' (real tokens) or 'all' (authors': padding included)")
@@ -172,7 +172,7 @@ class LayerRoute(nn.Module):
     @torch.no_grad()
     def hidden(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
                route_mask=None):
-        """Inference forward with real skipping; same signature as Qwen2.hidden (so `generate` takes either).
+        """Inference forward with real skipping; same signature as CausalLM.hidden (so `generate` takes either).
 
         At prefill (no cache, or an empty one) each block's gates come from its router on the routed
         positions (`route_mask`, default: the real tokens of the call); a cache then keeps them, and later

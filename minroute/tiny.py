@@ -1,4 +1,4 @@
-"""Write a tiny random Qwen2 checkpoint in the official Hugging Face layout (no transformers needed).
+"""Write a tiny random Qwen2 (or Llama) checkpoint in the official Hugging Face layout (no transformers needed).
 
 The folder holds `config.json`, `generation_config.json`, `model.safetensors`, `tokenizer.json` and
 `tokenizer_config.json`, exactly as Qwen/Qwen2.5-0.5B-Instruct's, at a small shape. Tests and the
@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .model import Qwen2, Qwen2Config, init_weights
+from .model import CausalLM, ModelConfig, init_weights
 
 CORPUS = Path(__file__).with_name("assets") / "tiny_corpus.txt"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # special in Qwen: never split, skipped on decode
@@ -49,7 +49,8 @@ def write_tiny_checkpoint(out_dir, *, hidden_size: int = 64, num_hidden_layers: 
                           tie_word_embeddings: bool = True, rope_theta: float = 1_000_000.0, seed: int = 0,
                           tokenizer: str | Path | None = None, vocab_size: int | None = None,
                           dtype: torch.dtype = torch.float32, bpe_vocab: int = 512,
-                          extra_text: list[str] | None = None, init_std: float = 0.02) -> Path:
+                          extra_text: list[str] | None = None, init_std: float = 0.02, model_type: str = "qwen2",
+                          attention_bias: bool = False, mlp_bias: bool = False, head_dim: int | None = None) -> Path:
     """Write the checkpoint folder and return its path. All weights random (biases and norms included)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -77,12 +78,13 @@ def write_tiny_checkpoint(out_dir, *, hidden_size: int = 64, num_hidden_layers: 
             "bos_token": None, "model_max_length": 32768, "clean_up_tokenization_spaces": False,
             "errors": "replace", "split_special_tokens": False}, indent=2))
 
-    cfg = Qwen2Config(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
+    cfg = ModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
                       num_key_value_heads=num_key_value_heads, rope_theta=rope_theta,
                       tie_word_embeddings=tie_word_embeddings, max_position_embeddings=4096,
-                      torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=endoftext, eos_token_id=im_end)
-    model = init_weights(Qwen2(cfg), seed=seed, std=init_std).to(dtype)
+                      torch_dtype=str(dtype).removeprefix("torch."), bos_token_id=endoftext, eos_token_id=im_end,
+                      model_type=model_type, attention_bias=attention_bias, mlp_bias=mlp_bias, head_dim=head_dim)
+    model = init_weights(CausalLM(cfg), seed=seed, std=init_std).to(dtype)
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
     if tie_word_embeddings:
         tensors.pop("lm_head.weight")  # tied: not stored, as in the official 0.5B file

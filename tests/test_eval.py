@@ -31,8 +31,8 @@ def test_pass_metrics_by_hand():
     assert r.ppl() == pytest.approx(math.exp(18 / 10))
     assert r.paper_ppl(0, 1.0, forced=False) == pytest.approx(math.exp(1.5 + (3 * 0.8 + 5 * 0.2) / 8))
     assert r.paper_ppl(0, 1.0, forced=True) == pytest.approx(math.exp(2.5))
-    from minroute.model import Qwen2Config
-    cfg = Qwen2Config(num_hidden_layers=4)
+    from minroute.model import ModelConfig
+    cfg = ModelConfig(num_hidden_layers=4)
     assert r.flops_reduction(cfg, 0, whole_model=False) == pytest.approx(100 * 5 / 8)
     expect = 1 - (sequence_flops(cfg, 10, 2) + sequence_flops(cfg, 20, 1)) / (
         sequence_flops(cfg, 10, 4, routers=False) + sequence_flops(cfg, 20, 4, routers=False))

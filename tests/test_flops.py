@@ -5,17 +5,17 @@ from torch.utils.flop_counter import FlopCounterMode
 from minroute import load_model
 from minroute.flops import (attention_flops, block_flops, lm_head_flops, lora_params, paper_flops, router_flops,
                             router_params, sequence_flops, skip_bound_speedup)
-from minroute.model import Qwen2Config
+from minroute.model import ModelConfig
 
 
 def test_paper_formula():
-    cfg = Qwen2Config()
+    cfg = ModelConfig()
     assert paper_flops(cfg, T=512) == 377_688_686_592
     assert paper_flops(cfg, T=512, layers_run=1) == 15_737_028_608
 
 
 def test_real_shape_numbers_of_reference():
-    cfg = Qwen2Config()
+    cfg = ModelConfig()
     assert block_flops(cfg, 1) - attention_flops(cfg, 1) == 2 * 14_909_440
     assert lm_head_flops(cfg, 1) == 2 * 136_134_656
     assert lora_params(cfg) == 1_081_344 and router_params(cfg) == 21_528
@@ -47,7 +47,7 @@ def test_full_formula_matches_brute_force_matmul_count(tiny_dir):
 
 
 def test_sequence_flops_scale_with_layers_and_routers():
-    cfg = Qwen2Config()
+    cfg = ModelConfig()
     full = sequence_flops(cfg, 100, 24)
     assert sequence_flops(cfg, 100, 20) == full - 4 * block_flops(cfg, 100)
     assert full - sequence_flops(cfg, 100, 24, routers=False) == 24 * router_flops(cfg, 100)

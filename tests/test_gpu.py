@@ -17,9 +17,9 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def real_ckpt(tmp_path_factory):
-    from minroute.model import Qwen2Config
+    from minroute.model import ModelConfig
     from minroute.tiny import write_tiny_checkpoint
-    c = Qwen2Config()
+    c = ModelConfig()
     return write_tiny_checkpoint(tmp_path_factory.mktemp("real") / "m", hidden_size=c.hidden_size,
                                  num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
                                  num_key_value_heads=c.num_key_value_heads, intermediate_size=c.intermediate_size,

@@ -1,4 +1,4 @@
-"""Parity of minroute's Qwen2 with transformers' Qwen2ForCausalLM (test-time reference only).
+"""Parity of minroute's decoder with transformers' Qwen2ForCausalLM and LlamaForCausalLM (test-time references only).
 
 Every parameter is re-randomised (biases and norm weights included: HF's init leaves them at 0 and 1,
 which would hide a missing bias or a misplaced norm weight), TF32 is off (conftest), fp32 throughout
@@ -11,7 +11,7 @@ import torch
 
 from minroute import load_model
 from minroute.generate import generate_ids
-from minroute.model import Qwen2Config, count_params_meta, init_weights
+from minroute.model import ModelConfig, count_params_meta, init_weights
 from minroute.tiny import write_tiny_checkpoint
 
 transformers = pytest.importorskip("transformers")
@@ -193,7 +193,7 @@ def test_sampling_filters():
 
 
 def test_real_shape_parameter_count():
-    assert count_params_meta(Qwen2Config()) == 494_032_768
+    assert count_params_meta(ModelConfig()) == 494_032_768
 
 
 def test_swiglu_backward_matches_autograd():
@@ -203,3 +203,104 @@ def test_swiglu_backward_matches_autograd():
     assert torch.autograd.gradcheck(SwiGLU.apply, (g, u))
     x = torch.randn(3, 4)
     assert torch.equal(SwiGLU.apply(x, x.flip(0)), torch.nn.functional.silu(x) * x.flip(0))
+
+
+# ----------------------------------------------------------------------------- Llama-family checkpoints
+
+# name: transformers LlamaConfig kwargs; SmolLM2-like (tied, GQA 3, no biases), TinyLlama-like (untied, GQA 4),
+# and one with every bias on and an explicit head_dim that differs from hidden / heads
+LLAMA_CONFIGS = {
+    "smollm2-like": dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=1, intermediate_size=80,
+                         tie_word_embeddings=True, rope_theta=100_000.0, rms_norm_eps=1e-5),
+    "tinyllama-like": dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, intermediate_size=96,
+                           tie_word_embeddings=False, rope_theta=10_000.0, rms_norm_eps=1e-5),
+    "biases-head_dim": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
+                            head_dim=24, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
+                            rope_theta=500_000.0),
+}
+
+
+def llama_checkpoint(tmp_path, name, seed=0):
+    """transformers' own LlamaForCausalLM, every parameter re-randomised (norms and biases included), saved by
+    save_pretrained (safetensors, transformers-5 config layout)."""
+    kw = {**LLAMA_CONFIGS[name]}
+    kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
+    cfg = transformers.LlamaConfig(vocab_size=300, num_hidden_layers=3, max_position_embeddings=512, **kw)
+    torch.manual_seed(seed)
+    hf = transformers.LlamaForCausalLM(cfg)
+    init_weights(hf, seed=seed + 1, std=0.1)
+    out = tmp_path / f"llama-{name}"
+    hf.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("name", list(LLAMA_CONFIGS))
+@pytest.mark.parametrize("pad", [None, "right", "left"])
+def test_llama_fp32_parity(tmp_path, name, pad):
+    d = llama_checkpoint(tmp_path, name)
+    ours = load_model(d)
+    hf_names = set(transformers.LlamaForCausalLM.from_pretrained(d).state_dict())
+    assert set(ours.state_dict()) == hf_names, "minroute's tensors are not exactly the checkpoint's (no zero biases)"
+    ids, mask = inputs(ours.config.vocab_size, pad=pad)
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask)
+        for attn, tol in (("sdpa", 1e-5), ("eager", 1e-4)):
+            ref = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation=attn).eval()
+            diff = max_diff(got, ref(ids, attention_mask=mask).logits, mask)
+            print(f"llama {name} pad={pad} vs HF {attn}: max|dlogit| = {diff:.3g}")
+            assert diff <= tol, f"llama {name}/{pad}: max |dlogit| vs HF {attn} = {diff:.3g} > {tol}"
+
+
+def test_llama_bf16_parity(tmp_path):
+    d = llama_checkpoint(tmp_path, "biases-head_dim")
+    ours = load_model(d, dtype=torch.bfloat16)
+    ids, mask = inputs(ours.config.vocab_size, pad="right")
+    with torch.no_grad():
+        got = ours(ids, attention_mask=mask)
+        ref = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.bfloat16)
+        ref = ref.eval()(ids, attention_mask=mask).logits
+    diff = max_diff(got, ref, mask)
+    print(f"llama bf16 vs HF sdpa bf16: max|dlogit| = {diff:.3g}")
+    assert diff <= 1e-6 * max(ref.float().abs().max().item(), 1.0), f"llama bf16: max |dlogit| = {diff:.3g}"
+
+
+def test_tiny_llama_writer_loads_in_transformers(tmp_path):
+    """minroute.tiny writes Llama checkpoints in the official layout too: transformers reads them as they are."""
+    d = write_tiny_checkpoint(tmp_path / "tl", model_type="llama", attention_bias=True, head_dim=24,
+                              tie_word_embeddings=False, num_hidden_layers=2, seed=3)
+    ours = load_model(d)
+    ref = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    assert type(ref).__name__ == "LlamaForCausalLM"
+    ids, mask = inputs(ours.config.vocab_size, pad="right")
+    with torch.no_grad():
+        diff = max_diff(ours(ids, attention_mask=mask), ref(ids, attention_mask=mask).logits, mask)
+    assert diff <= 1e-5, f"tiny llama vs HF: max |dlogit| = {diff:.3g}"
+
+
+@pytest.mark.parametrize("change,field", [
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_type"),
+    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type"),
+    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type"),
+    ({"sliding_window": 4096}, "sliding_window"),
+    ({"hidden_act": "gelu"}, "hidden_act"),
+    ({"model_type": "mistral"}, "model_type"),
+    ({"model_type": None}, "model_type"),
+    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+])
+def test_unsupported_configs_refused_by_name(change, field):
+    from minroute.safety import UserError
+    base = {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+            "num_hidden_layers": 2, "num_attention_heads": 4}
+    with pytest.raises(UserError, match=field):
+        ModelConfig.from_dict({**base, **change}, source="x/config.json")
+
+
+def test_llama_config_defaults_are_transformers():
+    cfg = ModelConfig.from_dict({"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
+                                 "num_hidden_layers": 2, "num_attention_heads": 4})
+    ref = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4)
+    assert (cfg.tie_word_embeddings, cfg.rms_norm_eps, cfg.num_key_value_heads, cfg.dim_head, cfg.rope_theta,
+            cfg.attention_bias, cfg.mlp_bias) == (ref.tie_word_embeddings, ref.rms_norm_eps, ref.num_key_value_heads,
+                                                  ref.head_dim, ref.rope_parameters["rope_theta"], ref.attention_bias,
+                                                  ref.mlp_bias)

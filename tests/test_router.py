@@ -5,7 +5,7 @@ import torch
 from minroute import load_model
 from minroute.generate import generate_ids
 from minroute.lora import add_lora, lora_layers
-from minroute.model import Qwen2Config
+from minroute.model import ModelConfig
 from minroute.router import LayerRoute, bce_gate_loss, gate_regulariser, middle_band, straight_through
 from minroute.tiny import write_tiny_checkpoint
 
@@ -249,9 +249,9 @@ def test_regularisers():
 
 
 def test_real_shape_trainable_counts():
-    from minroute.model import Qwen2
+    from minroute.model import CausalLM
     with torch.device("meta"):
-        base = add_lora(Qwen2(Qwen2Config()))
+        base = add_lora(CausalLM(ModelConfig()))
         m = LayerRoute(base)
     n_lora = sum(p.numel() for n, p in m.named_parameters() if "lora_" in n)
     n_router = sum(p.numel() for p in m.routers.parameters())
