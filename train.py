@@ -175,8 +175,8 @@ def prepare_demo(out: Path, args):
                               init_std=0.1,  # 0.02 leaves the tied head too weak for LoRA to move the loss
                               extra_text=[line for t in text for line in t.splitlines()])
     if not (data_dir / "manifest.json").exists():
-        tok = load_tokenizer(model_dir).tokenizer
-        build(data_dir, tok, str(model_dir), source_dir=demo, counts=DEMO_COUNTS,
+        tok = load_tokenizer(model_dir)
+        build(data_dir, tok.tokenizer, str(model_dir), source_dir=demo, counts=DEMO_COUNTS, chat_format=tok.chat,
               eval_counts={"tool": 10, "planning": 10}, matched_pairs=10, seed=DEMO_ASSET_SEED,
               tokenizer_sha256=sha256_file(model_dir / "tokenizer.json"))
     args.model, args.data = str(model_dir), str(data_dir)

@@ -57,7 +57,7 @@ def main(argv=None):
     try:
         build(Path(a.out), tok.tokenizer, a.tokenizer, tokenizer_sha256=sha256_file(tok_file),
               source_dir=a.source_dir, counts=counts, eval_counts=eval_counts, matched_pairs=a.matched_pairs,
-              seed=a.seed, max_len=a.max_len, loss_on=a.loss_on, overwrite=a.overwrite)
+              seed=a.seed, max_len=a.max_len, loss_on=a.loss_on, overwrite=a.overwrite, chat_format=tok.chat)
     except ImportError as e:  # pyarrow, for GSM8K's parquet files
         raise UserError(f"{e}; install it with pip install 'minroute[data]'") from None
     return 0

@@ -30,7 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from minroute.chat import encode_chat
+from minroute.chat import ChatFormat, encode_chat
+from minroute.checkpoint import fsync_tree
 from minroute.safety import MissingFile, UserError, file_records, sha256_file
 
 from . import glaive, gsm8k, hermes, turing
@@ -173,7 +174,8 @@ def match_by_length(tool: list[tuple[int, int]], plan: list[tuple[int, int]], pa
 
 def build(out_dir, tokenizer, tokenizer_name: str, tokenizer_sha256: str | None = None, source_dir=None, counts=None, eval_counts=None,
           matched_pairs: int = 50, seed: int = 42, max_len: int = 512, loss_on: str = "all",
-          val_fraction: float = 0.1, glaive_candidates: int = 2000, overwrite: bool = False, log=print) -> dict:
+          val_fraction: float = 0.1, glaive_candidates: int = 2000, overwrite: bool = False, log=print,
+          chat_format: ChatFormat | None = None) -> dict:
     """Build everything under out_dir (atomically); return the manifest (also written to out_dir/manifest.json)."""
     t0 = time.time()
     final = Path(out_dir)
@@ -186,10 +188,11 @@ def build(out_dir, tokenizer, tokenizer_name: str, tokenizer_sha256: str | None 
     out.mkdir()
     try:
         manifest = _build(out, tokenizer, tokenizer_name, tokenizer_sha256, source_dir, counts, eval_counts,
-                          matched_pairs, seed, max_len, loss_on, val_fraction, glaive_candidates, log)
+                          matched_pairs, seed, max_len, loss_on, val_fraction, glaive_candidates, log,
+                          chat_format or ChatFormat())
         manifest["build_seconds"] = round(time.time() - t0, 2)
         (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-        _fsync_tree(out)
+        fsync_tree(out)
         if final.exists():  # --overwrite: move the old folder aside first, so a crash here loses neither
             old = final.parent / f".{final.name}.replaced-{os.getpid()}"
             os.replace(final, old)
@@ -205,25 +208,22 @@ def build(out_dir, tokenizer, tokenizer_name: str, tokenizer_sha256: str | None 
     return manifest
 
 
-def _fsync_tree(root: Path):
-    for path in sorted(root.rglob("*")):
-        if path.is_file():
-            with open(path, "rb") as f:
-                os.fsync(f.fileno())
-
-
 def _build(out: Path, tokenizer, tokenizer_name, tokenizer_sha256, source_dir, counts, eval_counts, matched_pairs,
-           seed, max_len, loss_on, val_fraction, glaive_candidates, log) -> dict:
+           seed, max_len, loss_on, val_fraction, glaive_candidates, log, fmt) -> dict:
     counts = {**PAPER_COUNTS, **(counts or {})}
     eval_counts = {**PAPER_EVAL_COUNTS, **(eval_counts or {})}
     source_dir = Path(source_dir) if source_dir is not None else None
     manifest = {"format": 1, "tokenizer": tokenizer_name, "tokenizer_sha256": tokenizer_sha256,
                 "vocab_size": tokenizer.get_vocab_size(with_added_tokens=True), "max_len": max_len,
                 "loss_on": loss_on, "seed": seed, "val_fraction": val_fraction, "counts": counts,
-                "eval_counts": eval_counts, "sources": {}, "eval_sources": {}, "splits": {}, "token_lengths": {}}
+                "eval_counts": eval_counts, "sources": {}, "eval_sources": {}, "splits": {}, "token_lengths": {},
+                "chat_format": {"default_system": fmt.default_system, "template_has_tools": fmt.template_has_tools}}
+    if not fmt.template_has_tools:
+        log(f"[data_prep] note: the model's chat template has no tool section; tool rows are rendered in Qwen2.5's "
+            "format (<tools> in the system turn, <tool_call> JSON, <tool_response> in a user turn)")
 
     def encode(s: Sample):
-        return encode_chat(tokenizer, s.messages, s.tools, max_len=max_len, loss_on=loss_on)
+        return encode_chat(tokenizer, s.messages, s.tools, max_len=max_len, loss_on=loss_on, fmt=fmt)
 
     # ---- the four training sources
     pool, pool_enc, leftovers = [], [], {}

@@ -29,6 +29,15 @@ def _fsync_dir(path: Path):
         os.close(fd)
 
 
+def fsync_tree(root: Path):
+    """fsync every file under root, then root itself: what a rename of root makes durable."""
+    for path in sorted(Path(root).rglob("*")):
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+    _fsync_dir(Path(root))
+
+
 def atomic_write_text(path: Path, text: str):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
@@ -40,7 +49,7 @@ def atomic_write_text(path: Path, text: str):
     _fsync_dir(path.parent)
 
 
-def _file_mode() -> int:
+def file_mode() -> int:
     """What open() gives a new file under the current umask (safetensors writes its files 0600)."""
     mask = os.umask(0)
     os.umask(mask)
@@ -49,7 +58,7 @@ def _file_mode() -> int:
 
 def _save_tensors(tensors: dict, path: Path):
     save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
-    os.chmod(path, _file_mode())
+    os.chmod(path, file_mode())
     with open(path, "rb") as f:
         os.fsync(f.fileno())
 

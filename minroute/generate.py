@@ -72,9 +72,11 @@ def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) 
 
 def chat_main(argv=None):
     """python -m minroute.generate --ckpt RUN_DIR [--model ID_OR_PATH] [--prompt TEXT] [--tools FILE]
+    python -m minroute.generate --model ID_OR_PATH --prompt TEXT          (the plain model: no LoRA, no routers)
 
     Streams the answer; after each turn prints the gate pattern (1 = block ran) and tokens/s. Without
-    --prompt it is interactive (empty line or Ctrl-D quits).
+    --prompt it is interactive (empty line or Ctrl-D quits). The chat is rendered with the model's own
+    conventions (default system prompt, stop tokens) read from its tokenizer_config / generation_config.
     """
     import argparse
     import json
@@ -87,12 +89,12 @@ def chat_main(argv=None):
     from .safety import UserError, default_device, device, nonneg_float, nonneg_int, positive_float, positive_int
 
     ap = argparse.ArgumentParser(prog="python -m minroute.generate", description=chat_main.__doc__)
-    ap.add_argument("--ckpt", required=True, help="train.py run folder or ckpt-* folder")
+    ap.add_argument("--ckpt", help="train.py run folder or ckpt-* folder (omit it to chat with --model alone)")
     ap.add_argument("--which", choices=["latest", "best"], default="latest")
     ap.add_argument("--model", help="base model (default: the one the checkpoint was trained on)")
     ap.add_argument("--prompt", help="one user turn, then exit")
     ap.add_argument("--tools", help="JSON file with a list of tool schemas for the system turn")
-    ap.add_argument("--system", help="system prompt (default: Qwen's)")
+    ap.add_argument("--system", help="system prompt (default: the model's own, from its chat template)")
     ap.add_argument("--max-new-tokens", type=positive_int, default=256)
     ap.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
     ap.add_argument("--top-p", type=positive_float, default=1.0)
@@ -100,6 +102,8 @@ def chat_main(argv=None):
     ap.add_argument("--all-open", action="store_true", help="ignore the routers: run every block")
     ap.add_argument("--device", type=device, default=default_device(), help="cpu, cuda or cuda:N")
     a = ap.parse_args(argv)
+    if not a.ckpt and not a.model:
+        ap.error("pass --ckpt RUN_DIR (a trained LayerRoute run) or --model ID_OR_PATH (the plain model)")
     if a.top_p > 1:
         ap.error(f"--top-p {a.top_p}: must be in (0, 1]")
     tools = None
@@ -113,8 +117,14 @@ def chat_main(argv=None):
         if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise UserError(f"--tools {a.tools} must hold a JSON list of tool objects")
     cuda = a.device.startswith("cuda")
-    route, meta = load_layerroute(a.ckpt, a.which, model=a.model, device=a.device,
-                                  dtype=torch.bfloat16 if cuda else torch.float32)
+    dtype = torch.bfloat16 if cuda else torch.float32
+    if a.ckpt:
+        route, meta = load_layerroute(a.ckpt, a.which, model=a.model, device=a.device, dtype=dtype)
+    else:
+        from .load import load_model
+        from .router import LayerRoute
+        route = LayerRoute(load_model(a.model, dtype=dtype, device=a.device)).eval()
+        a.all_open, meta = True, {"args": {"model": a.model}}  # untrained routers: every block runs
     tok = load_tokenizer(a.model or meta["args"]["model"])
     L = route.config.num_hidden_layers
     context = route.config.max_position_embeddings
@@ -123,7 +133,7 @@ def chat_main(argv=None):
 
     def turn(user: str):
         messages.append({"role": "user", "content": user})
-        ids = torch.tensor([tok.tokenizer.encode(render(messages, tools, add_generation_prompt=True),
+        ids = torch.tensor([tok.tokenizer.encode(render(messages, tools, add_generation_prompt=True, fmt=tok.chat),
                                                  add_special_tokens=False).ids], device=a.device)
         if ids.shape[1] >= context:
             raise UserError(f"the conversation is {ids.shape[1]} tokens, the model's context is {context}")

@@ -16,6 +16,7 @@ from typing import NamedTuple
 import torch
 from safetensors import safe_open
 
+from .chat import ChatFormat
 from .model import CausalLM, ModelConfig
 from .safety import MissingFile, UserError
 
@@ -160,17 +161,18 @@ def load_model(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, dtype: torch.
 
 
 class LoadedTokenizer(NamedTuple):
-    """A `tokenizers.Tokenizer` with the ids generation needs."""
+    """A `tokenizers.Tokenizer` with the ids generation needs and the model's chat conventions."""
 
     tokenizer: "object"
     eos_ids: list[int]  # stop on any of these (Qwen2.5-Instruct: <|im_end|>, <|endoftext|>)
     pad_id: int
+    chat: ChatFormat  # default system prompt etc., from the model's own chat template
 
 
 def load_tokenizer(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, revision: str | None = None) -> LoadedTokenizer:
-    """(tokenizer, eos_ids, pad_id) from tokenizer.json plus generation_config.json / tokenizer_config.json.
-
-    Accepts a model directory, a path to a tokenizer.json, or a Hub repo id.
+    """(tokenizer, eos_ids, pad_id, chat) from tokenizer.json plus generation_config.json / tokenizer_config.json
+    (and chat_template.jinja, where transformers 5 saves the template): the checkpoint's own stop tokens, pad id
+    and chat template. Accepts a model directory, a path to a tokenizer.json, or a Hub repo id.
     """
     from tokenizers import Tokenizer
 
@@ -211,4 +213,8 @@ def load_tokenizer(path_or_repo_id: str | os.PathLike = DEFAULT_MODEL, revision:
         pad_id = token_id(tcfg["pad_token"], "pad_token", model_dir / "tokenizer_config.json")
     else:
         pad_id = eos_ids[-1]
-    return LoadedTokenizer(tok, eos_ids, pad_id)
+    template = tcfg.get("chat_template")
+    if template is None and (model_dir / "chat_template.jinja").exists():
+        template = (model_dir / "chat_template.jinja").read_text(encoding="utf-8")
+    chat = ChatFormat.from_template(template, str(model_dir / "tokenizer_config.json"))
+    return LoadedTokenizer(tok, eos_ids, pad_id, chat)

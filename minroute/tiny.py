@@ -25,6 +25,11 @@ from .model import CausalLM, ModelConfig, init_weights
 CORPUS = Path(__file__).with_name("assets") / "tiny_corpus.txt"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # special in Qwen: never split, skipped on decode
 ADDED_TOKENS = ["<tool_call>", "</tool_call>"]  # added but not special in Qwen
+# a minimal ChatML template with Qwen2.5's default system prompt (what ChatFormat reads; tools render the Qwen way)
+CHAT_TEMPLATE = (r"{%- for message in messages %}{%- if loop.first and message['role'] != 'system' %}{{- '<|im_start|>"
+                 r"system\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\n' }}{%- endif "
+                 r"%}{{- '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}{%- endfor %}"
+                 r"{%- if add_generation_prompt %}{{- '<|im_start|>assistant\n' }}{%- endif %}")
 
 
 def train_tiny_tokenizer(vocab_size: int = 512, extra_text: list[str] | None = None):
@@ -76,7 +81,7 @@ def write_tiny_checkpoint(out_dir, *, hidden_size: int = 64, num_hidden_layers: 
         (out / "tokenizer_config.json").write_text(json.dumps({
             "tokenizer_class": "Qwen2Tokenizer", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
             "bos_token": None, "model_max_length": 32768, "clean_up_tokenization_spaces": False,
-            "errors": "replace", "split_special_tokens": False}, indent=2))
+            "errors": "replace", "split_special_tokens": False, "chat_template": CHAT_TEMPLATE}, indent=2))
 
     cfg = ModelConfig(vocab_size=vocab_size, hidden_size=hidden_size, intermediate_size=intermediate_size,
                       num_hidden_layers=num_hidden_layers, num_attention_heads=num_attention_heads,
