@@ -142,3 +142,445 @@ def test_chat_command_checks_tools_first_and_caps_new_tokens(demo_run, tmp_path,
                       "100000"]) == 0
     out = capsys.readouterr().out
     assert "[note: --max-new-tokens 100000 capped at" in out
+
+
+# ---- BFCL AST scorer: bfcl_check / bfcl_correct and the tolerant parser ----
+
+from minroute.tasks import bfcl_check, bfcl_correct, parse_tool_calls_tolerant, standardize_string
+
+BFCL_FIXTURE = Path(__file__).parent / "fixtures" / "bfcl" / "bfcl_v4_sample.json"
+MODES = ("omit", "first")  # optional args ("" accepted): left out, or given their first non-"" accepted value
+
+
+def call_block(name, args) -> str:
+    return "<tool_call>\n" + json.dumps({"name": name, "arguments": args}) + "\n</tool_call>"
+
+
+def is_accepted_lists(d) -> bool:
+    """A dict in BFCL's ground-truth form {key: [accepted values]} (nested dict parameters use it too)."""
+    return isinstance(d, dict) and all(isinstance(v, list) for v in d.values())
+
+
+def render_value(v, mode):
+    if is_accepted_lists(v):
+        return render_args(v, mode)
+    if isinstance(v, list) and v and all(is_accepted_lists(d) for d in v):
+        return [render_args(d, mode) for d in v]
+    return v
+
+
+def rendered_keys(args: dict, mode: str) -> list:
+    """The ground-truth arguments a rendering gives: those without "" ('omit') / with a non-"" value ('first')."""
+    return [k for k, acc in args.items() if not ("" in acc and (mode == "omit" or all(a == "" for a in acc)))]
+
+
+def render_args(args: dict, mode: str) -> dict:
+    """Each rendered argument's first accepted value ('first': first non-"" value), nested dicts likewise."""
+    return {k: render_value(next((a for a in args[k] if a != ""), ""), mode) for k in rendered_keys(args, mode)}
+
+
+def render(gt: list, mode: str, order=None) -> str:
+    calls = [next(iter(c.items())) for c in gt]
+    return "\n".join(call_block(n, render_args(a, mode)) for n, a in (calls if order is None else [calls[i] for i in order]))
+
+
+def impossible(functions, gt, mode: str, docs: bool) -> str | None:
+    """Why this rendering cannot pass under BFCL's rules, read off the data alone (not via the scorer), or None."""
+    by_name = {f["name"]: f for f in functions}
+    for c in gt:
+        (name, args), = c.items()
+        if any(acc == [] for acc in args.values()):
+            return "an argument with no accepted value at all ([])"
+        if docs:
+            params = by_name[name]["parameters"]
+            given = rendered_keys(args, mode)
+            if any(k not in params["properties"] for k in given):
+                return "a ground-truth argument the function doc does not have"
+            if any(k not in given for k in params.get("required", [])):
+                return "a doc-required argument the rendering leaves out"
+    return None
+
+
+def not_accepted(v, accepted):
+    """A value of the same kind as v that the ground truth does not list."""
+    if isinstance(v, bool):
+        m = not v
+    elif isinstance(v, (int, float)):
+        m = v + 1000003
+    elif isinstance(v, str):
+        m = v + " zq9"
+    elif isinstance(v, list):
+        m = v + [v[-1]] if v else ["zq9"]
+    elif isinstance(v, dict):
+        m = {**v, "zq9": 1}
+    else:
+        m = "zq9"
+    return "zq9" if any(type(a) is type(m) and a == m for a in accepted) else m
+
+
+def sweep(rows, mode: str, docs: bool):
+    """(ids that fail, ids predicted impossible with the reason) for rendered ground truths."""
+    failed, predicted = set(), {}
+    for rid, functions, gt in rows:
+        if not bfcl_correct(render(gt, mode), gt, functions if docs else None):
+            failed.add(rid)
+        why = impossible(functions, gt, mode, docs)
+        if why:
+            predicted[rid] = why
+    return failed, predicted
+
+
+def mutation_sweep(rows, docs: bool):
+    """Every rendered argument of every passable row, one at a time, set to a value not accepted: must fail
+    with wrong_value/wrong_type (on that argument where the row has one call; with several, the reason may name
+    another pair when ground-truth calls overlap). Returns (checks made, [problems])."""
+    n, problems = 0, []
+    for rid, functions, gt in rows:
+        if impossible(functions, gt, "first", docs):
+            continue
+        calls = [next(iter(c.items())) for c in gt]
+        for i, (name, args) in enumerate(calls):
+            for k in rendered_keys(args, "first"):
+                rendered = [(nm, render_args(a, "first")) for nm, a in calls]
+                rendered[i][1][k] = not_accepted(rendered[i][1][k], args[k])
+                res = bfcl_check("\n".join(call_block(*c) for c in rendered), gt, functions if docs else None)
+                n += 1
+                kind, _, arg = (res["reason"] or "").partition(":")
+                if res["correct"] or kind not in ("wrong_value", "wrong_type") or (len(calls) == 1 and arg != k):
+                    problems.append((rid, k, rendered[i][1][k], res["reason"]))
+    return n, problems
+
+
+def load_fixture_rows():
+    return [(r["id"], r["function"], r["ground_truth"]) for r in json.loads(BFCL_FIXTURE.read_text())["rows"]]
+
+
+@pytest.fixture(scope="module")
+def bfcl_data():
+    """{category: [(id, functions, ground_truth)]} from $MINROUTE_DATA/bfcl-v4, or skip."""
+    root = os.environ.get("MINROUTE_DATA")
+    folder = Path(root) / "bfcl-v4" if root else None
+    if folder is None or not (folder / "possible_answer").is_dir():
+        pytest.skip("real BFCL v4 data not available (set MINROUTE_DATA to the folder holding bfcl-v4/)")
+    data = {}
+    for answers in sorted((folder / "possible_answer").glob("BFCL_v4_*.json")):
+        qs = [json.loads(line) for line in (folder / answers.name).read_text().splitlines() if line.strip()]
+        gts = [json.loads(line) for line in answers.read_text().splitlines() if line.strip()]
+        assert [q["id"] for q in qs] == [g["id"] for g in gts], f"{answers.name}: question and answer ids differ"
+        data[answers.name[len("BFCL_v4_"):-len(".json")]] = [(q["id"], q["function"], g["ground_truth"])
+                                                            for q, g in zip(qs, gts)]
+    assert data, f"no ground-truth files under {folder}"
+    return data
+
+
+def real_row(data, rid):
+    return next(r for rows in data.values() for r in rows if r[0] == rid)
+
+
+# -- the parser: what it forgives and what it does not (no data needed) --
+
+@pytest.mark.parametrize("text,calls", [
+    ('<tool_call>\n{"name": "f", "arguments": {"a": 1}}\n</tool_call>', [("f", {"a": 1})]),
+    ('Sure.\n<tool_call>\n{"name": "f", "arguments": {"a": 1}}', [("f", {"a": 1})]),  # no closing tag at the end
+    ('<tool_call>{"name": "f"}\n<tool_call>{"name": "g"}</tool_call>', [("f", {}), ("g", {})]),  # next block closes
+    ('<tool_call>\n{"name": "f", "arguments": "{\\"a\\": [1, 2]}"}\n</tool_call>', [("f", {"a": [1, 2]})]),
+    ('<tool_call>{"name": "f", "parameters": {"a": "x"}}</tool_call>', [("f", {"a": "x"})]),
+    ('<tool_call>{"name": "f", "arguments": {"a": 1}, "parameters": {"a": 2}}</tool_call>', [("f", {"a": 1})]),
+    ("<tool_call>\n{'name': 'f', 'arguments': {'a': True, 'b': None, 'c': (1, 2)}}\n</tool_call>",
+     [("f", {"a": True, "b": None, "c": (1, 2)})]),
+    ('<tool_call>[{"name": "f", "arguments": {}}, {"name": "g", "arguments": {"x": 2}}]</tool_call>',
+     [("f", {}), ("g", {"x": 2})]),
+    ('<tool_call>\n```json\n{"name": "f", "arguments": {"a": 1}}\n```\n</tool_call>', [("f", {"a": 1})]),
+    ('<tool_call>\n```\n{"name": "f"}\n</tool_call>', [("f", {})]),  # an unclosed fence
+    ('<tool_call>{"name": "f", "arguments": {"a": 1}}<|im_end|>', [("f", {"a": 1})]),
+    ('<tool_call>{"type": "function", "function": {"name": "f", "arguments": "{\\"a\\": 1}"}}</tool_call>',
+     [("f", {"a": 1})]),
+    ('<tool_call>{"name": " f ", "arguments": null, "id": "c1"}</tool_call>', [("f", {})]),
+    ('<tool_call>{"name": "f", "arguments": ""}</tool_call>', [("f", {})]),
+])
+def test_tolerant_parser_accepts(text, calls):
+    assert parse_tool_calls_tolerant(text) == [{"name": n, "arguments": a} for n, a in calls]
+
+
+@pytest.mark.parametrize("text", [
+    "The weather in Paris is nice.",  # prose only
+    '{"name": "f", "arguments": {"a": 1}}',  # a bare call without the tag
+    '```json\n{"name": "f", "arguments": {}}\n```',
+    "<tool_call>\n</tool_call>",  # empty block
+    "<tool_call>[]</tool_call>",  # empty list of calls
+    '<tool_call>{"arguments": {"a": 1}}</tool_call>',  # no name
+    '<tool_call>{"name": "", "arguments": {}}</tool_call>',
+    '<tool_call>{"name": 3, "arguments": {}}</tool_call>',
+    '<tool_call>{"name": "f", "arguments": [1, 2]}</tool_call>',  # arguments not an object
+    '<tool_call>{"name": "f", "arguments": "not json"}</tool_call>',
+    "<tool_call>{'name': 'f', 'arguments': {1: 2}}</tool_call>",  # non-string keys
+    '<tool_call>{"name": "f", "arguments": {}}}</tool_call>',  # an extra brace
+    '<tool_call>{"name": "f", "arguments": {}} and then some</tool_call>',
+    '<tool_call>\n{"name": "f", "arguments": {"city": "Pa',  # truncated
+    '<tool_call>{"name": "f"}</tool_call><tool_call>oops</tool_call>',  # one bad block spoils the output
+    "<tool_call>__import__('os').system('echo hi')</tool_call>",  # code is never run
+    "<tool_call>{'name': 'f', 'arguments': {'a': len('x')}}</tool_call>",
+])
+def test_tolerant_parser_rejects(text):
+    assert parse_tool_calls_tolerant(text) is None
+    assert bfcl_check(text, [{"f": {"a": [1]}}])["reason"] == "unparsable"
+
+
+@pytest.mark.parametrize("payload", [
+    "[" * 100_000, "{" * 100_000, "(" * 100_000 + ")" * 100_000, '{"name": "f", "arguments": {"a": ' + "[" * 5000
+    + "]" * 5000 + "}}", "{'name': 'f', 'arguments': {'a': " + "-" * 90_000 + "1}}",
+    '{"name": "f", "arguments": {"a": ' + "9" * 10_000 + "}}", "x" * 3_000_000])
+def test_tolerant_parser_survives_deep_and_huge_inputs(payload):
+    text = "<tool_call>" + payload + "</tool_call>"
+    assert parse_tool_calls_tolerant(text) is None
+    assert bfcl_check(text, [{"f": {"a": [1]}}]) == {"correct": False, "reason": "unparsable", "calls": None}
+
+
+def test_deep_but_parsable_value_is_scored_not_crashed():
+    deep = "[" * 900 + "]" * 900
+    res = bfcl_check('<tool_call>{"name": "f", "arguments": {"a": ' + deep + "}}</tool_call>", [{"f": {"a": [[[1]]]}}])
+    assert res["reason"] == "wrong_value:a" and res["calls"] is not None
+
+
+def test_strict_parser_is_unchanged():
+    """The existing exact-match scorer keeps its stricter JSON-only parser."""
+    text = "<tool_call>\n{'name': 'f', 'arguments': {}}\n</tool_call>"
+    assert parse_tool_calls(text) is None and parse_tool_calls_tolerant(text) == [{"name": "f", "arguments": {}}]
+
+
+# -- the matching rules on hand-made cases (no data needed) --
+
+def test_standardize_string_is_bfcls():
+    """BFCL strips exactly space , . / - _ * ^, lowercases, and turns ' into "; nothing else."""
+    assert standardize_string("A b,c.d/e-f_g*h^i'J") == 'abcdefghi"j'
+    assert standardize_string("a\tb:c;d!e(f)") == "a\tb:c;d!e(f)"
+    gt = [{"f": {"s": ["New York, NY"]}}]
+    for ok in ("new york ny", "NEW-YORK/NY.", "New_York,NY", "new  york,  ny"):
+        assert bfcl_correct(call_block("f", {"s": ok}), gt), ok
+    for bad in ("New York NY!", "New York:NY", "New\tYork NY", "New York"):
+        assert bfcl_check(call_block("f", {"s": bad}), gt)["reason"] == "wrong_value:s", bad
+
+
+def test_numbers_booleans_and_types():
+    doc = [{"name": "f", "parameters": {"type": "dict", "properties": {
+        "i": {"type": "integer"}, "x": {"type": "float"}, "b": {"type": "boolean"}, "s": {"type": "string"},
+        "xs": {"type": "array", "items": {"type": "float"}}}, "required": ["i"]}}]
+    gt = [{"f": {"i": [5], "x": [2.0, ""], "b": [True, ""], "s": ["5", ""], "xs": [[1.5, 2.0], ""]}}]
+
+    def check(args, d=doc):
+        return bfcl_check(call_block("f", args), gt, d)["reason"]
+    assert check({"i": 5, "x": 2}) is None  # an int for a float
+    assert check({"i": 5, "x": 2.0}) is None
+    assert check({"i": 5.0}) == "wrong_type:i"  # BFCL: no float for an integer parameter...
+    assert check({"i": 5.0}, None) is None  # ...but without the doc the type is unknown: 5.0 == 5
+    assert check({"i": True}) == "wrong_type:i" and check({"i": True}, None) == "wrong_type:i"
+    assert check({"i": 5, "b": 1}) == "wrong_type:b" and check({"i": 5, "b": 1}, None) == "wrong_type:b"
+    assert check({"i": 5, "b": False}) == "wrong_value:b"
+    assert check({"i": 5, "s": 5}) == "wrong_type:s" and check({"i": "5"}) == "wrong_type:i"
+    assert check({"i": 5, "xs": [1.5, 2]}) is None  # BFCL's item check passes when "" is accepted (no list)
+    assert check({"i": 5, "xs": [2.0, 1.5]}) == "wrong_value:xs"  # order matters in lists
+    assert check({"x": 2.0}) == "missing_required:i"
+    gt_xs = [{"f": {"i": [5], "xs": [[1.5, 2.0]]}}]
+    assert bfcl_check(call_block("f", {"i": 5, "xs": [1.5, 2]}), gt_xs, doc)["reason"] == "wrong_type:xs"  # no
+    assert bfcl_correct(call_block("f", {"i": 5, "xs": [1.5, 2]}), gt_xs)  # int in a float array (BFCL); no doc: ok
+    assert bfcl_correct(call_block("f", {"i": 5, "xs": [1.5, 2.0]}), gt_xs, doc)
+
+
+def test_tuples_lists_dicts():
+    doc = [{"name": "f", "parameters": {"type": "dict", "properties": {
+        "t": {"type": "tuple", "items": {"type": "integer"}}, "a": {"type": "array", "items": {"type": "integer"}},
+        "d": {"type": "dict"}}, "required": []}}]
+    gt = [{"f": {"t": [[1, 2], ""], "a": [[3], ""], "d": [{"k": ["v"], "n": [1, ""]}, ""]}}]
+
+    def py(body):
+        return "<tool_call>{'name': 'f', 'arguments': {" + body + "}}</tool_call>"
+    assert bfcl_correct(py("'t': (1, 2)"), gt, doc) and bfcl_correct(py("'t': [1, 2]"), gt, doc)
+    assert bfcl_check(py("'a': (3,)"), gt, doc)["reason"] == "wrong_type:a"  # a tuple is no array (BFCL)
+    assert bfcl_correct(py("'a': (3,)"), gt)  # without the doc a tuple is a list
+    assert bfcl_correct(py("'d': {'k': 'V'}"), gt, doc)  # optional key n left out, value standardised
+    assert bfcl_correct(py("'d': {'k': 'v', 'n': 1}"), gt, doc) and bfcl_correct(py("'d': {'k': 'v', 'n': 1}"), gt)
+    assert bfcl_check(py("'d': {'k': 'v', 'z': 1}"), gt, doc)["reason"] == "wrong_value:d"  # unknown key
+    assert bfcl_check(py("'d': {'n': 1}"), gt, doc)["reason"] == "wrong_value:d"  # missing key k
+    assert bfcl_check(py("'d': {'k': 'v', 'n': True}"), gt)["reason"] == "wrong_value:d"  # True is not 1
+    assert bfcl_correct(py("'a': []"), gt, doc) and bfcl_correct(py("'a': []"), gt)  # [] for "" (BFCL)
+    assert bfcl_check(py("'d': {}"), gt, doc)["reason"] == "wrong_value:d"  # but {} is not "" for a dict
+
+
+def test_names_arguments_counts():
+    gt = [{"math.factorial": {"number": [5]}}]
+    assert bfcl_check(call_block("math.factorial", {"number": 5}), gt) == {
+        "correct": True, "reason": None, "calls": [{"name": "math.factorial", "arguments": {"number": 5}}]}
+    assert bfcl_check(call_block("math_factorial", {"number": 5}), gt)["reason"] == "wrong_name"
+    assert bfcl_check(call_block("Math.factorial", {"number": 5}), gt)["reason"] == "wrong_name"
+    assert bfcl_check(call_block("math.factorial", {"number": 5, "x": 1}), gt)["reason"] == "unknown_argument:x"
+    assert bfcl_check(call_block("math.factorial", {}), gt)["reason"] == "missing_required:number"
+    two = call_block("math.factorial", {"number": 5}) * 2
+    assert bfcl_check(two, gt)["reason"] == "wrong_count"
+    doc = [{"name": "math.factorial", "parameters": {"type": "dict", "properties": {"number": {"type": "integer"}},
+                                                      "required": []}}]
+    gt_opt = [{"math.factorial": {"number": [5, ""], "extra": ["", 1]}}]
+    assert bfcl_check(call_block("math.factorial", {"extra": 1}), gt_opt, doc)["reason"] == "unknown_argument:extra"
+    assert bfcl_correct(call_block("math.factorial", {"extra": 1}), gt_opt)  # no doc: the ground truth decides
+
+
+def test_order_free_matching_finds_a_full_matching():
+    """Each ground-truth call gets its own output call. BFCL matches greedily in ground-truth order and would
+    give the first call (x in {a, b}) the output x=a, leaving x=b for the second (x in {a}) and failing."""
+    gt = [{"f": {"x": ["a", "b"]}}, {"f": {"x": ["a"]}}]
+    out = call_block("f", {"x": "a"}) + call_block("f", {"x": "b"})
+    assert bfcl_correct(out, gt)
+    assert bfcl_correct(call_block("f", {"x": "b"}) + call_block("f", {"x": "a"}), gt)
+    assert bfcl_check(call_block("f", {"x": "b"}) * 2, gt)["reason"] == "wrong_value:x"
+    gt3 = [{"f": {"x": ["a"]}}, {"g": {"y": [1]}}]
+    assert bfcl_check(call_block("g", {"y": 1}) + call_block("h", {"x": "a"}), gt3)["reason"] == "wrong_name"
+
+
+def test_empty_ground_truth_wants_no_call():
+    assert bfcl_check("I cannot help with that.", []) == {"correct": True, "reason": None, "calls": None}
+    assert bfcl_check(call_block("f", {}), [])["reason"] == "unexpected_call"
+    with pytest.raises(ValueError):
+        bfcl_check("x", [{"f": {"a": 1}}])  # accepted values must be lists
+    with pytest.raises(ValueError):
+        bfcl_check("x", {"f": {"a": [1]}})
+
+
+# -- on the committed sample of real BFCL rows (no data folder needed) --
+
+def test_fixture_sample_rules():
+    rows = {rid: (fns, gt) for rid, fns, gt in load_fixture_rows()}
+    fns, gt = rows["parallel_0"]
+    assert bfcl_correct(render(gt, "first", order=[1, 0]), gt, fns)  # reordered
+    assert bfcl_check(render(gt, "first")[: render(gt, "first").index("\n<tool_call>")], gt, fns)["reason"] == \
+        "wrong_count"
+    fns, gt = rows["simple_python_83"]  # tuple-typed coordinates, written as a Python tuple
+    assert bfcl_correct("<tool_call>{'name': 'calculate_distance', 'arguments': {'coord1': (33.4484, -112.074), "
+                        "'coord2': (34.0522, -118.2437), 'unit': 'miles'}}</tool_call>", gt, fns)
+    fns, gt = rows["live_multiple_306-131-5"]  # "dontcare" listed for an integer parameter: compared as is
+    (name, args), = gt[0].items()
+    rendered = render_args(args, "first")
+    assert rendered["number_of_rooms"] == "dontcare" and bfcl_correct(call_block(name, rendered), gt, fns)
+    assert not bfcl_correct(call_block(name, {**rendered, "number_of_rooms": "DontCare"}), gt, fns)
+    assert not bfcl_correct(call_block(name, {**rendered, "number_of_rooms": 1}), gt, fns)
+    fns, gt = rows["live_multiple_507-149-4"]  # doc-required origin_airport whose only accepted value is ""
+    (name, args), = gt[0].items()
+    rendered = render_args(args, "first")
+    assert bfcl_check(call_block(name, rendered), gt, fns)["reason"] == "missing_required:origin_airport"
+    assert bfcl_correct(call_block(name, {**rendered, "origin_airport": ""}), gt, fns)
+    assert bfcl_correct(call_block(name, rendered), gt)
+    fns, gt = rows["live_multiple_23-5-0"]  # None among the accepted values
+    (name, args), = gt[0].items()
+    assert args["price_max"] == ["", None]
+    assert bfcl_correct(call_block(name, {**render_args(args, "first"), "price_max": None}), gt, fns)
+    fns, gt = rows["parallel_84"]  # float parameter, ground truth [0] in its last call: 0 and 0.0 both pass
+    assert gt[-1]["calculate_displacement"]["acceleration"] == [0]
+    calls = [(n, render_args(a, "first")) for c in gt for n, a in c.items()]
+    for v in (0, 0.0, 0.5):
+        calls[-1][1]["acceleration"] = v
+        assert bfcl_correct("\n".join(call_block(*c) for c in calls), gt, fns) == (v == 0)
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("docs", [True, False])
+def test_fixture_sample_sweep(mode, docs):
+    rows = load_fixture_rows()
+    failed, predicted = sweep(rows, mode, docs)
+    assert failed == set(predicted), f"fails {sorted(failed)}, predicted {predicted}"
+    assert "live_simple_112-68-0" in failed  # its ground truth accepts nothing for five required arguments
+    assert ("live_multiple_507-149-4" in failed) == docs
+    assert ("parallel_multiple_26" in failed) == (docs and mode == "first")
+    assert len(failed) < len(rows) // 3
+
+
+@pytest.mark.parametrize("docs", [True, False])
+def test_fixture_sample_mutations_fail(docs):
+    n, problems = mutation_sweep(load_fixture_rows(), docs)
+    assert n > 50 and not problems, problems[:10]
+
+
+# -- on the real BFCL v4 files ($MINROUTE_DATA/bfcl-v4) --
+
+def test_real_positive_cases(bfcl_data):
+    _, fns, gt = real_row(bfcl_data, "parallel_3")  # an alternative accepted value
+    alt = [(n, {**render_args(a, "first"), "protein_name": a["protein_name"][-1]}) for c in gt for n, a in c.items()]
+    assert gt[0]["protein_info.get_sequence_and_3D"]["protein_name"] == ["human HbA1c", "HbA1c"]
+    assert bfcl_correct("\n".join(call_block(*c) for c in alt), gt, fns)
+    _, fns, gt = real_row(bfcl_data, "simple_python_0")  # optional unit left out
+    assert gt[0]["calculate_triangle_area"]["unit"] == ["units", ""]
+    assert bfcl_correct(call_block("calculate_triangle_area", {"base": 10, "height": 5}), gt, fns)
+    assert bfcl_correct(call_block("calculate_triangle_area", {"base": 10, "height": 5, "unit": "Units"}), gt, fns)
+    for rid in ("parallel_0", "parallel_1", "parallel_multiple_0"):  # parallel calls in reverse order
+        _, fns, gt = real_row(bfcl_data, rid)
+        assert len(gt) > 1 and bfcl_correct(render(gt, "first", order=list(range(len(gt)))[::-1]), gt, fns), rid
+    _, fns, gt = real_row(bfcl_data, "parallel_178")  # overlapping ground-truth calls: call 0 also takes Apple
+    assert gt[0]["get_stock_price"]["company_name"] == ["Microsoft", "Apple"]
+    assert gt[2]["get_stock_price"]["company_name"] == ["Apple"]
+    # Apple/Jan first: BFCL's greedy pass gives it to ground-truth call 0 and then finds none for call 2
+    assert bfcl_correct(render(gt, "first", order=[2, 0, 1, 3]), gt, fns)
+    _, fns, gt = real_row(bfcl_data, "live_multiple_122-46-1")  # ints for float parameters
+    (name, args), = gt[0].items()
+    assert args["ego_velocity"] == [50.0] and fns[[f["name"] for f in fns].index(name)]["parameters"][
+        "properties"]["ego_velocity"]["type"] == "float"
+    ints = {k: int(v) if type(v) is float and v == int(v) else v for k, v in render_args(args, "first").items()}
+    assert ints["ego_velocity"] == 50 and type(ints["ego_velocity"]) is int
+    assert bfcl_correct(call_block(name, ints), gt, fns)
+    _, fns, gt = real_row(bfcl_data, "parallel_0")  # BFCL's string standardisation
+    assert gt[0]["spotify.play"]["artist"] == ["Taylor Swift"]
+    for artist in ("taylor swift", "TAYLOR-SWIFT", "Taylor_Swift", " Taylor  Swift."):
+        out = call_block("spotify.play", {"artist": artist, "duration": 20}) + \
+            call_block("spotify.play", {"artist": "maroon5", "duration": 15})
+        assert bfcl_correct(out, gt, fns), artist
+    out = call_block("spotify.play", {"artist": "Taylor Swift!", "duration": 20}) + \
+        call_block("spotify.play", {"artist": "Maroon 5", "duration": 15})
+    assert not bfcl_correct(out, gt, fns)
+
+
+def test_real_negative_cases(bfcl_data):
+    _, fns, gt = real_row(bfcl_data, "simple_python_0")
+    name = "calculate_triangle_area"
+    good = {"base": 10, "height": 5}
+    assert bfcl_correct(call_block(name, good), gt, fns)
+    cases = {"wrong_value:base": call_block(name, {**good, "base": 11}),
+             "missing_required:height": call_block(name, {"base": 10}),
+             "unknown_argument:colour": call_block(name, {**good, "colour": "red"}),
+             "wrong_name": call_block("calculate_square_area", good),
+             "wrong_count": call_block(name, good) * 2,
+             "wrong_type:base": call_block(name, {**good, "base": "10"})}
+    for reason, out in cases.items():
+        for d in (fns, None):
+            got = bfcl_check(out, gt, d)["reason"]
+            assert got == reason, (reason, got, d is None)
+    _, fns, gt = real_row(bfcl_data, "parallel_0")
+    full = render(gt, "first")
+    assert bfcl_correct(full, gt, fns)
+    assert bfcl_check(full.split("\n<tool_call>")[0], gt, fns)["reason"] == "wrong_count"  # a missing call
+    assert bfcl_check(full + "\n" + full.split("\n<tool_call>")[0], gt, fns)["reason"] == "wrong_count"  # extra
+    swapped = full.replace('"duration": 20', '"duration": 15', 1)
+    assert bfcl_check(swapped, gt, fns)["reason"] == "wrong_value:duration"
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("docs", [True, False])
+def test_real_ground_truths_rendered_pass(bfcl_data, mode, docs):
+    """Every row's ground truth, rendered as a model output, passes, except rows that BFCL's own rules make
+    impossible (read off the data: no accepted value, or an argument the doc lacks / requires)."""
+    per_cat, all_failed, all_predicted = {}, set(), {}
+    for cat, rows in bfcl_data.items():
+        failed, predicted = sweep(rows, mode, docs)
+        per_cat[cat] = (len(rows), len(rows) - len(failed))
+        all_failed |= failed
+        all_predicted.update(predicted)
+    total = sum(n for n, _ in per_cat.values())
+    msg = f"mode={mode} docs={docs}: {total} rows, passed per category {per_cat}; impossible {all_predicted}"
+    assert all_failed == set(all_predicted), msg + f"; failed {sorted(all_failed)}"
+    assert total >= 2000 and len(all_failed) <= 20, msg
+    print(msg)
+
+
+@pytest.mark.parametrize("docs", [True, False])
+def test_real_ground_truths_one_value_off_fail(bfcl_data, docs):
+    n, problems = 0, []
+    for rows in bfcl_data.values():
+        k, p = mutation_sweep(rows, docs)
+        n, problems = n + k, problems + p
+    assert n > 5000 and not problems, f"{len(problems)} of {n} changed arguments still pass: {problems[:10]}"
+    print(f"docs={docs}: {n} single-argument changes, all rejected")
