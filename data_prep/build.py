@@ -219,7 +219,7 @@ def _build(out: Path, tokenizer, tokenizer_name, tokenizer_sha256, source_dir, c
                 "eval_counts": eval_counts, "sources": {}, "eval_sources": {}, "splits": {}, "token_lengths": {},
                 "chat_format": {"default_system": fmt.default_system, "template_has_tools": fmt.template_has_tools}}
     if not fmt.template_has_tools:
-        log(f"[data_prep] note: the model's chat template has no tool section; tool rows are rendered in Qwen2.5's "
+        log("[data_prep] note: the model's chat template has no tool section; tool rows are rendered in Qwen2.5's "
             "format (<tools> in the system turn, <tool_call> JSON, <tool_response> in a user turn)")
 
     def encode(s: Sample):
