@@ -47,7 +47,7 @@ from minroute.checkpoint import (adapter_tensors, build_layerroute, check_same_s
                                  save_checkpoint,
                                  trained_rows_text)
 from minroute.data import ROUTE_ON, TokenSplit, check_tokenizer, collate, counted_tokens, manifest_hash, read_manifest, update_batches
-from minroute.load import load_tokenizer
+from minroute.load import hub_revision, load_tokenizer, resolve_dir
 from minroute.loss import lm_loss_per_sample
 from minroute.optim import AdamW, get_lr
 from minroute.router import bce_gate_loss, gate_regulariser
@@ -400,7 +400,8 @@ def main(argv=None):
             say(f"extended to {updates} updates; the LR schedule is unchanged (T_max {args.t_max}, then "
                 f"min-lr {args.min_lr:g})")
     run_args = {k: v for k, v in vars(args).items() if k not in ("given", "restart")}
-    meta_base = {"args": run_args, "model_config": model_shape(cfg), "manifest_sha256": data_hash}
+    meta_base = {"args": run_args, "model_config": model_shape(cfg), "manifest_sha256": data_hash,
+                 "model_revision": hub_revision(resolve_dir(args.model))}
     rows_text = trained_rows_text(trained_row_hashes(args.data))
     say(f"LayerRoute on {args.model}: {cfg.num_hidden_layers} layers, trainable {sum(p.numel() for p in trainable):,} | "
         f"data {args.data}: train {len(train_split)} val {len(val_split)} | {updates} updates of {args.batch_size}x"

@@ -21,7 +21,8 @@ from .model import CausalLM, ModelConfig
 from .safety import MissingFile, UserError
 
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
-# Known-good Hub revisions; a repo id not listed here is fetched at the revision asked for (or main).
+# Known-good Hub revisions; a repo id not listed here (e.g. HuggingFaceTB/SmolLM2-135M-Instruct, whose commit could
+# not be verified offline) is fetched at the revision asked for (or main), and the commit downloaded is recorded.
 PINNED_REVISIONS = {DEFAULT_MODEL: "7ae557604adf67be50417f59c2c2f167def9a775"}
 MODEL_FILES = ["config.json", "generation_config.json", "*.safetensors", "model.safetensors.index.json",
                "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "LICENSE"]
@@ -56,6 +57,15 @@ def resolve_dir(path_or_repo_id: str | os.PathLike, revision: str | None = None)
             f"could not get '{repo_id}' (revision {revision or 'main'}) from the Hugging Face Hub and it is not in "
             f"the local cache ({type(e).__name__}: {e}). Connect to the Hub (HF_HUB_OFFLINE unset), or pass a local "
             "directory holding config.json and model.safetensors") from e
+
+
+def hub_revision(model_dir) -> str | None:
+    """The Hub commit a model folder was downloaded at (`<cache>/snapshots/<commit>/`); None for a local folder.
+
+    Recorded by train.py and data_prep for repos without a pinned revision (e.g. SmolLM2), so a run says
+    exactly which weights it used."""
+    parts = Path(model_dir).resolve().parts
+    return parts[parts.index("snapshots") + 1] if "snapshots" in parts[:-1] else None
 
 
 def read_json(path: Path) -> dict:

@@ -247,6 +247,27 @@ def test_model_download_asks_for_the_needed_files_at_the_pinned_revision(tmp_pat
                     "allow_patterns": MODEL_FILES}
 
 
+def test_unpinned_model_is_fetched_at_main_and_its_commit_recorded(tmp_path, tiny_dir, monkeypatch):
+    """--model HuggingFaceTB/SmolLM2-135M-Instruct: no verified pin, so main; the snapshot's commit is recorded."""
+    import shutil
+
+    import huggingface_hub
+
+    from minroute.load import MODEL_FILES, hub_revision, load_model, load_tokenizer
+    snap = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / ("c" * 40)
+    shutil.copytree(tiny_dir, snap)
+    seen = []
+
+    def fake_snapshot(repo_id, revision=None, allow_patterns=None, **kw):
+        seen.append((repo_id, revision, allow_patterns))
+        return str(snap)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    load_model("HuggingFaceTB/SmolLM2-135M-Instruct")
+    load_tokenizer("HuggingFaceTB/SmolLM2-135M-Instruct")
+    assert seen == [("HuggingFaceTB/SmolLM2-135M-Instruct", None, MODEL_FILES)] * 2
+    assert hub_revision(snap) == "c" * 40 and hub_revision(tiny_dir) is None
+
+
 def test_held_out_rows_are_never_truncated(tmp_path, tiny_tok):
     """A held-out row longer than --max-len is left out and counted; nothing evaluated is cut short."""
     lengths = []
