@@ -46,7 +46,7 @@ from minroute.checkpoint import (adapter_tensors, build_layerroute, check_same_s
                                  model_shape, nonfinite_tensors, restore_rng, rng_state_tensors, run_dir_of,
                                  save_checkpoint,
                                  trained_rows_text)
-from minroute.data import ROUTE_ON, TokenSplit, check_tokenizer, collate, counted_tokens, manifest_hash, read_manifest, update_batches
+from minroute.data import ROUTE_ON, DataFolder, TokenSplit, collate, counted_tokens, update_batches
 from minroute.load import hub_revision, load_tokenizer, resolve_dir
 from minroute.loss import lm_loss_per_sample
 from minroute.optim import AdamW, get_lr
@@ -182,10 +182,10 @@ def prepare_demo(out: Path, args):
     args.model, args.data = str(model_dir), str(data_dir)
 
 
-def check_data_matches_model(manifest: dict, model_path: str, vocab_size: int, data_dir):
-    check_tokenizer(manifest, data_dir, model_path)
-    if manifest["vocab_size"] > vocab_size:
-        raise UserError(f"{data_dir} uses {manifest['vocab_size']} token ids, the model {model_path} has {vocab_size}")
+def check_data_matches_model(data: DataFolder, model_path: str, vocab_size: int):
+    data.check_tokenizer(model_path)
+    if data.manifest["vocab_size"] > vocab_size:
+        raise UserError(f"{data} uses {data.manifest['vocab_size']} token ids, the model {model_path} has {vocab_size}")
 
 
 def resume_args(args):
@@ -324,9 +324,11 @@ def all_reduce_(tensors: list[torch.Tensor], device: torch.device):
         t.copy_(chunk.view_as(t))
 
 
-def trained_row_hashes(data_dir) -> list[str]:
-    """Content hashes of every row the run can learn from or select on (train and val)."""
-    return sorted({r["hash"] for split in ("train", "val") for r in TokenSplit(data_dir, split).rows})
+def trained_row_hashes(data: DataFolder) -> list[str]:
+    """Content and prompt hashes of every row the run can learn from or select on (train and val): eval.py
+    refuses held-out rows whose conversation or whose prompt (first user message) is among them."""
+    contents, prompts = data.trained_hashes()
+    return sorted(contents | {f"prompt:{h}" for h in prompts})
 
 
 def main(argv=None):
@@ -366,8 +368,9 @@ def main(argv=None):
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    manifest = read_manifest(args.data, verify=True)
-    train_split, val_split = TokenSplit(args.data, "train"), TokenSplit(args.data, "val")
+    data = DataFolder(args.data)
+    manifest = data.manifest
+    train_split, val_split = data.split("train"), data.split("val")
     longest = max(int(train_split.lengths().max()), int(val_split.lengths().max()) if len(val_split) else 0)
     if args.pad_to and args.pad_to < longest:
         raise UserError(f"--pad-to {args.pad_to} is shorter than the longest sample of {args.data} ({longest} tokens); "
@@ -375,18 +378,18 @@ def main(argv=None):
     route = build_layerroute(args.model, {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout},
                              pool=args.pool, init=args.init, device=device, dtype=dtype)
     cfg = route.config
-    check_data_matches_model(manifest, args.model, cfg.vocab_size, args.data)
+    check_data_matches_model(data, args.model, cfg.vocab_size)
     pad_id = load_tokenizer(args.model).pad_id
     groups = param_groups(route, args.weight_decay, args.decay_biases)
     opt = AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     names = {p: n for n, p in route.named_parameters()}
     trainable = [p for g in groups for p in g["params"]]
     start, best = 0, float("inf")
-    data_hash = manifest_hash(args.data)
     if resume:
         adapter, opt_state, resume_meta = resume
-        if resume_meta.get("manifest_sha256") != data_hash:
-            raise UserError(f"{args.data}/manifest.json changed since this run started; resume needs the same data")
+        if not data.same_as_trained(resume_meta):
+            raise UserError(f"{args.data} is not the data this run started on (its content differs); resume needs the "
+                            "same data (an identical rebuild is the same data)")
         check_same_shape(resume_meta, cfg, out)
         bad = nonfinite_tensors({**adapter, **opt_state})
         if bad:
@@ -400,9 +403,10 @@ def main(argv=None):
             say(f"extended to {updates} updates; the LR schedule is unchanged (T_max {args.t_max}, then "
                 f"min-lr {args.min_lr:g})")
     run_args = {k: v for k, v in vars(args).items() if k not in ("given", "restart")}
-    meta_base = {"args": run_args, "model_config": model_shape(cfg), "manifest_sha256": data_hash,
+    meta_base = {"args": run_args, "model_config": model_shape(cfg), "manifest_sha256": data.raw_sha256,
+                 "data_sha256": data.identity,
                  "model_revision": hub_revision(resolve_dir(args.model))}
-    rows_text = trained_rows_text(trained_row_hashes(args.data))
+    rows_text = trained_rows_text(trained_row_hashes(data))
     say(f"LayerRoute on {args.model}: {cfg.num_hidden_layers} layers, trainable {sum(p.numel() for p in trainable):,} | "
         f"data {args.data}: train {len(train_split)} val {len(val_split)} | {updates} updates of {args.batch_size}x"
         f"{args.accum} on {world} process(es) | preset {args.preset} ablation {args.ablation} pool {args.pool} "

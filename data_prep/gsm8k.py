@@ -1,4 +1,6 @@
-"""openai/gsm8k (MIT), config `main`: parquet files with `question` and `answer`.
+"""openai/gsm8k (MIT), config `main`: parquet files with `question` and `answer` on the Hub; the same rows as
+JSON lines in the original release (GitHub openai/grade-school-math, `grade_school_math/data/{train,test}.jsonl`,
+read from `<source-dir>/gsm8k/`).
 
 The answer keeps its <<expr=result>> calculator annotations and its final "#### N" line, as published.
 Reading parquet needs pyarrow (`pip install "minroute[data]"`).
@@ -16,6 +18,7 @@ REPO = "openai/gsm8k"
 REVISION = "cc7b047b6e5bb11b4f1af84efc572db110a51b3c"
 TRAIN_FILE = "main/train-00000-of-00001.parquet"
 TEST_FILE = "main/test-00000-of-00001.parquet"
+RELEASE_TRAIN, RELEASE_TEST = "gsm8k/train.jsonl", "gsm8k/test.jsonl"  # openai/grade-school-math's own JSON lines
 FINAL_RE = re.compile(r"####\s*(-?[\d,]*\.?\d+)")
 
 

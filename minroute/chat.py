@@ -138,6 +138,7 @@ class Encoded:
     n_full: int  # tokens before truncation
     truncated: bool
     tool_call_cut: bool  # truncation removed (part of) the last </tool_call>
+    response_cut: bool  # truncation removed (part of) the last assistant output: the routed response
     prompt_len: int  # tokens up to and including the last assistant header (the generation prompt)
     assistant_mask: np.ndarray  # (n,) uint8: 1 = the token starts inside an assistant output span
 
@@ -169,10 +170,12 @@ def encode_chat(tokenizer, messages: list[dict], tools: list[dict] | None = None
     prompt_len = int((starts < last_out).sum())
     n_full = len(ids)
     truncated = n_full > max_len
-    cut = False
+    cut = response_cut = False
     if truncated:
         end = text.rfind("</tool_call>")
         kept_end = enc.offsets[max_len - 1][1]
         cut = end >= 0 and kept_end < end + len("</tool_call>")
+        response_cut = bool(spans) and kept_end < spans[-1][1]
         ids, mask, in_output = ids[:max_len], mask[:max_len], in_output[:max_len]
-    return Encoded(ids, mask, n_full, truncated, cut, min(prompt_len, len(ids)), in_output.astype(np.uint8))
+    return Encoded(ids, mask, n_full, truncated, cut, response_cut, min(prompt_len, len(ids)),
+                   in_output.astype(np.uint8))

@@ -59,7 +59,18 @@ def check_tokenizer(manifest: dict, data_dir, model_path: str):
 
 
 def manifest_hash(data_dir) -> str:
+    """sha256 of manifest.json's bytes (what runs before data_identity recorded)."""
     return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
+
+
+VOLATILE = ("build_seconds", "tokenizer")  # when it was built, and how the tokenizer path was spelled
+
+
+def data_identity(manifest: dict) -> str:
+    """sha256 of what a data folder *is*: its files' hashes and every setting that made them, not when it was
+    built; an identical rebuild has the same identity, so the runs trained on it can still resume."""
+    kept = {k: v for k, v in manifest.items() if k not in VOLATILE}
+    return hashlib.sha256(json.dumps(kept, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
 
 class TokenSplit:
@@ -96,6 +107,55 @@ class TokenSplit:
             with open(self.dir / "samples.jsonl", encoding="utf-8") as f:
                 self._rows = [json.loads(line) for line in f]
         return self._rows
+
+
+class DataFolder:
+    """A data folder built by data_prep, opened and verified once: its manifest (every file's size and sha256
+    checked), identity, splits, and the checks every script needs (tokenizer, same data as a run, trained rows).
+
+    Everything downstream takes this object, not the path, so the manifest is read and hashed once."""
+
+    def __init__(self, path, verify: bool = True):
+        self.path = Path(path)
+        self.manifest = read_manifest(self.path, verify=verify)
+        self.identity = data_identity(self.manifest)
+        self.raw_sha256 = manifest_hash(self.path)
+        self._splits: dict[str, TokenSplit] = {}
+
+    def __str__(self):
+        return str(self.path)
+
+    def split(self, name: str) -> "TokenSplit":
+        if name not in self._splits:
+            self._splits[name] = TokenSplit(self.path, name)
+        return self._splits[name]
+
+    def has_split(self, name: str) -> bool:
+        return (self.path / name / "ids.npy").exists()
+
+    def matched_split(self, route_on: str) -> str | None:
+        """The length-matched eval split for routers that pool the prompt ('eval_matched', matched on prompt
+        length) or the whole row ('eval_matched_sequence'); older folders have only the first (whole-row)."""
+        if route_on == "sequence" and self.has_split("eval_matched_sequence"):
+            return "eval_matched_sequence"
+        return "eval_matched" if self.has_split("eval_matched") else None
+
+    def matched_on(self, split: str) -> str:
+        return self.manifest.get("splits", {}).get(split, {}).get("matched_on", "whole-row tokens")
+
+    def check_tokenizer(self, model_path: str):
+        check_tokenizer(self.manifest, self.path, model_path)
+
+    def same_as_trained(self, meta: dict) -> bool:
+        """Is this the data a run trained on? By content (data_sha256), or for older runs by manifest bytes."""
+        if meta.get("data_sha256"):
+            return meta["data_sha256"] == self.identity
+        return meta.get("manifest_sha256") == self.raw_sha256
+
+    def trained_hashes(self) -> tuple[set[str], set[str]]:
+        """Content and prompt hashes of the rows a run on this folder can learn from or select on (train, val)."""
+        rows = [r for split in ("train", "val") for r in self.split(split).rows]
+        return {r["hash"] for r in rows}, {r["prompt_hash"] for r in rows if "prompt_hash" in r}
 
 
 ROUTE_ON = ("prompt", "sequence")

@@ -66,27 +66,46 @@ def verify_files(root, records: dict[str, dict], what: str, fix: str = "restore 
                             f"file); {fix}")
 
 
-class RunLock:
-    """Exclusive lock on a run folder for the life of the process (or until release)."""
+class FileLock:
+    """Exclusive, non-blocking flock on `path` for the life of the process, until release, or as a `with`
+    block; a second holder is refused with one line naming `what` and the pid that holds it."""
 
-    def __init__(self, run_dir):
-        self.path = Path(run_dir) / ".lock"
-        self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+    def __init__(self, path, what: str, remove: bool = True):
+        self.path, self.remove = Path(path), remove
+        try:
+            self.fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{what}: cannot create the lock file {self.path} ({e.strerror})") from None
         try:
             fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(self.fd)
             holder = self.path.read_text().strip() or "another process"
-            raise UserError(f"{run_dir} is being written by {holder}; wait for it to finish or use another --out "
-                            "folder") from None
+            raise UserError(f"{what} is being written by {holder}; wait for it to finish or use another folder") \
+                from None
         os.ftruncate(self.fd, 0)
         os.write(self.fd, f"pid {os.getpid()}\n".encode())
 
     def release(self):
         if self.fd is not None:
+            if self.remove:
+                self.path.unlink(missing_ok=True)
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.release()
+
+
+class RunLock(FileLock):
+    """Exclusive lock on a run folder (`<run>/.lock`, kept) for the life of the process (or until release)."""
+
+    def __init__(self, run_dir):
+        super().__init__(Path(run_dir) / ".lock", str(run_dir), remove=False)
 
 
 # ----------------------------------------------------------------------------- argparse types

@@ -1,5 +1,6 @@
 """data_prep: exact parses of raw-format fixtures, counted malformed records, splits, eval disjointness."""
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -8,8 +9,8 @@ import pytest
 
 from data_prep import glaive, gsm8k, hermes, turing
 from data_prep.__main__ import main as cli
-from minroute.safety import run_cli
-from data_prep.build import build, parse_in_order
+from minroute.safety import UserError, run_cli, sha256_file
+from data_prep.build import build
 from data_prep.records import Malformed, read_json_records
 
 FIX = Path(__file__).parent / "fixtures"
@@ -23,8 +24,14 @@ def records(rel):
 
 def parse_all(rel, parse):
     """Every record of a fixture file: (samples, malformed counts by reason)."""
-    ok, bad, unused = parse_in_order("t", records(rel), parse, None)
-    assert unused == 0
+    ok, bad = [], {}
+    for i, rec in enumerate(records(rel)):
+        try:
+            if isinstance(rec, Malformed):
+                raise rec
+            ok.append(parse(rec, i))
+        except Malformed as e:
+            bad[e.reason] = bad.get(e.reason, 0) + 1
     return ok, bad
 
 
@@ -111,8 +118,9 @@ def test_build_accounts_for_every_record(tmp_path, tiny_tok):
     src = m["sources"]
     assert set(src) == {"hermes", "glaive", "gsm8k", "turing"}
     for name, s in src.items():
-        assert s["read"] == s["used"] + s["malformed"] + s["unused"], name
+        assert s["read"] == s["used"] + s["malformed"] + s["excluded"] + s["unused"], name
         assert s["malformed"] == sum(s["malformed_by_reason"].values())
+        assert s["excluded"] == sum(s["excluded_by_reason"].values())
     assert (src["hermes"]["read"], src["hermes"]["used"], src["hermes"]["malformed"]) == (7, 3, 4)
     assert (src["glaive"]["used"], src["glaive"]["malformed"], src["glaive"]["unused"]) == (2, 0, 4)
     assert src["turing"]["malformed_by_reason"] == {"not_json": 1, "invalid_utf8": 1, "missing_field": 1}
@@ -275,7 +283,8 @@ def test_held_out_rows_are_never_truncated(tmp_path, tiny_tok):
         m = build(tmp_path / f"d{max_len}", tiny_tok, "tiny", source_dir=FIX, counts=ALL, max_len=max_len,
                   eval_counts={"tool": 1, "planning": 1}, matched_pairs=5, log=lambda *a: None)
         for name, s in m["eval_sources"].items():
-            assert s["read"] == s["eligible"] + s["malformed"] + s["overlap_with_training"] + s["truncated"], name
+            assert s["read"] == s["eligible"] + s["malformed"] + s["excluded"] + s["overlap_with_training"] + \
+                s["truncated"], name
         lengths.append(sum(s["truncated"] for s in m["eval_sources"].values()))
         for split in ("eval", "eval_matched"):
             rows = [json.loads(x) for x in open(tmp_path / f"d{max_len}" / split / "samples.jsonl")]
@@ -300,7 +309,7 @@ def test_build_is_atomic_and_never_replaces_silently(tmp_path, tiny_tok, monkeyp
             raise OSError("disk full (simulated)")
         return real(out_, name, *a, **k)
     monkeypatch.setattr(b, "write_split", crash)
-    with pytest.raises(OSError, match="simulated"):
+    with pytest.raises(UserError, match=r"writing the data failed \(disk full \(simulated\)\); the previous folder"):
         build(out, tiny_tok, "tiny", seed=2, overwrite=True, **kw)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before, "an interrupted rebuild changed data"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["d"], "no temporary folder is left behind"
@@ -312,3 +321,248 @@ def test_build_is_atomic_and_never_replaces_silently(tmp_path, tiny_tok, monkeyp
     ids.write_bytes(ids.read_bytes()[:-4])
     with pytest.raises(UserError, match=rf"{ids}: size or sha256 does not match"):
         read_manifest(out, verify=True)
+
+
+# ----------------------------------------------------------------------------- GSM8K's own release, BFCL v4, mixtures
+
+from data_prep import bfcl  # noqa: E402
+
+BFCL_FIX = FIX / "bfcl-v4"
+REAL_DATA = os.environ.get("MINROUTE_DATA")
+
+
+def release_dir(tmp_path, with_bfcl=True):
+    """A --source-dir as the original releases lay it out: gsm8k/{train,test}.jsonl (the fixture parquet's rows,
+    with a BOM on one file and U+2028 inside a string), bfcl-v4/ (BFCL's own layout)."""
+    raw = tmp_path / "release"
+    (raw / "gsm8k").mkdir(parents=True)
+    for split in ("train", "test"):
+        rows = gsm8k.read_parquet(FIX / "gsm8k" / "main" / f"{split}-00000-of-00001.parquet", "t")
+        if split == "train":
+            rows[0] = {**rows[0], "answer": rows[0]["answer"].replace("\n", "\u2028\n", 1)}  # U+2028 inside a string
+        text = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+        (raw / "gsm8k" / f"{split}.jsonl").write_text(("\ufeff" if split == "test" else "") + text, encoding="utf-8")
+    if with_bfcl:
+        shutil.copytree(BFCL_FIX, raw / "bfcl-v4")
+    return raw
+
+
+def test_gsm8k_release_jsonl_equals_hub_parquet(tmp_path, tiny_tok):
+    raw = release_dir(tmp_path)
+    for split in ("train", "test"):
+        pq = gsm8k.read_parquet(FIX / "gsm8k" / "main" / f"{split}-00000-of-00001.parquet", "t")
+        js = read_json_records(raw / "gsm8k" / f"{split}.jsonl", "t")
+        assert len(js) == len(pq) and [r["answer"] for r in js][1:] == [r["answer"] for r in pq][1:]
+        def parsed(rows):
+            out = []
+            for i, r in enumerate(rows):
+                try:
+                    out.append(gsm8k.to_sample(r, i).messages)
+                except Malformed as e:
+                    out.append(e.reason)
+            return out
+        a, b = parsed(pq), parsed(js)
+        assert a[1:] == b[1:] and [type(x) for x in a] == [type(x) for x in b]
+        if split == "train":
+            assert b[0][1]["content"] == a[0][1]["content"].replace("\n", "\u2028\n", 1)
+    m = build(tmp_path / "d", tiny_tok, "tiny", source_dir=raw, sources={"bfcl": 6, "gsm8k": 3},
+              eval_counts={"tool": 2, "planning": 2}, max_len=4096, log=lambda *a: None)
+    assert m["sources"]["gsm8k"]["file"] == "gsm8k/train.jsonl" and m["sources"]["gsm8k"]["repo"] is None
+    assert m["sources"]["gsm8k"]["sha256"] == sha256_file(raw / "gsm8k" / "train.jsonl")
+    assert m["eval_sources"]["gsm8k_test"]["file"] == "gsm8k/test.jsonl"
+    hub = build(tmp_path / "h", tiny_tok, "tiny", source_dir=FIX, counts=ALL, eval_counts={"tool": 1, "planning": 1},
+                log=lambda *a: None)
+    assert hub["sources"]["gsm8k"]["file"] == "main/train-00000-of-00001.parquet"
+
+
+def test_bfcl_rows_become_chats_with_json_schema_tools():
+    records, facts = bfcl.read(FIX)
+    assert facts["files_not_read"] == {"BFCL_v4_irrelevance.json": "no possible_answer/BFCL_v4_irrelevance.json "
+                                                                   "(no ground truth: not read)"}
+    assert sorted(facts["categories"]) == ["live_multiple", "parallel", "simple_python"]
+    by_id = {r["id"]: r for r in records if isinstance(r, dict) and not isinstance(r, Malformed)}
+    s = bfcl.to_sample(by_id["simple_python_0"], 0)
+    assert s.tools[0]["type"] == "function" and s.tools[0]["function"]["parameters"]["type"] == "object"
+    assert s.meta["functions"][0]["parameters"]["type"] == "dict", "the original docs are kept for scoring"
+    # ground truth {"base": [10], "height": [5], "unit": ["units", ""]}: first accepted values
+    assert s.messages == [{"role": "user", "content": by_id["simple_python_0"]["question"][0][0]["content"]},
+                          {"role": "assistant", "content": "", "tool_calls": [{"name": "calculate_triangle_area",
+                                                                               "arguments": {"base": 10, "height": 5,
+                                                                                             "unit": "units"}}]}]
+    # {"x": [4], "y": [5], "z": ["", 0]}: z's first accepted value is "", so it is left out (not required)
+    assert bfcl.to_sample(by_id["simple_python_2"], 2).messages[-1]["tool_calls"][0]["arguments"] == {"x": 4, "y": 5}
+    assert bfcl.reference_call("f", {"a": ["", 7]}, {"parameters": {"required": ["a"]}}) == {"name": "f",
+                                                                                           "arguments": {"a": 7}}
+    assert len(bfcl.to_sample(by_id["parallel_0"], 0).messages[-1]["tool_calls"]) >= 2
+    for rid, reason in (("simple_python_no_answer", "no_ground_truth"), ("simple_python_bad_truth", "bad_ground_truth"),
+                        ("simple_python_two_turns", "multi_turn")):
+        with pytest.raises(Malformed, match=reason):
+            bfcl.to_sample(by_id[rid], 0)
+    assert sum(isinstance(r, Malformed) for r in records) == 1  # the line that is not JSON
+
+
+def test_bfcl_reference_answers_pass_bfcl_scoring():
+    """Every usable fixture row's rendered reference call is correct by minroute's BFCL scorer."""
+    from minroute.chat import render
+    from minroute.tasks import bfcl_correct
+    records, _ = bfcl.read(FIX)
+    n = 0
+    for i, r in enumerate(records):
+        try:
+            s = bfcl.to_sample(r, i)
+        except Malformed:
+            continue
+        text = render(s.messages, s.tools).split("<|im_start|>assistant\n")[-1]
+        assert bfcl_correct(text, s.meta["ground_truth"], s.meta["functions"]), s.meta["id"]
+        n += 1
+    assert n == 16
+
+
+def test_mixture_of_exactly_the_named_sources(tmp_path, tiny_tok):
+    raw = release_dir(tmp_path)  # no Hermes, Glaive or Turing file anywhere
+    m = build(tmp_path / "d", tiny_tok, "tiny", source_dir=raw, sources={"bfcl": 8, "gsm8k": None},
+              eval_counts={"tool": 3, "planning": 2}, matched_pairs=5, max_len=4096, log=lambda *a: None)
+    assert set(m["sources"]) == {"bfcl", "gsm8k"} and m["counts"] == {"bfcl": 8, "gsm8k": None}
+    b = m["sources"]["bfcl"]
+    assert b["read"] == 20 and b["read"] == b["used"] + b["malformed"] + b["excluded"] + b["unused"]
+    assert b["used"] == 8 and sum(b["used_by_category"].values()) == 8
+    assert b["malformed"] + b["excluded"] <= 4 and set(b["malformed_by_reason"]) | set(b["excluded_by_reason"]) <= {
+        "not_json", "no_ground_truth", "bad_ground_truth", "multi_turn"}
+    held = m["eval_sources"]["bfcl_heldout"]
+    assert "hermes_heldout" not in m["eval_sources"]
+    assert held["read"] == b["unused"] + 0 and len(held["chosen_rows"]) == 3
+    d = tmp_path / "d"
+    rows = {s: [json.loads(x) for x in open(d / s / "samples.jsonl")] for s in ("train", "val", "eval")}
+    trained = {r["row"] for s in ("train", "val") for r in rows[s] if r["source"] == "bfcl"}
+    assert trained.isdisjoint(held["chosen_rows"]), "held-out BFCL rows come from rows training did not take"
+    prompts = {r["prompt_hash"] for s in ("train", "val") for r in rows[s]}
+    assert not prompts & {r["prompt_hash"] for r in rows["eval"]}, "no held-out prompt equal to a training prompt"
+    assert all(r["meta"]["ground_truth"] for r in rows["eval"] if r["source"] == "bfcl_heldout")
+    with pytest.raises(FileNotFoundError, match="hermes"):  # a source that is named needs its file
+        build(tmp_path / "e", tiny_tok, "tiny", source_dir=raw, sources={"hermes": 2, "gsm8k": 2}, log=lambda *a: None)
+    with pytest.raises(UserError, match=r"19 requested. Lower it with --sources / --counts bfcl=16"):
+        build(tmp_path / "f", tiny_tok, "tiny", source_dir=raw, sources={"bfcl": 19, "gsm8k": 2}, log=lambda *a: None)
+
+
+def test_cut_rows_are_counted_and_dropped_on_request(tmp_path, tiny_tok):
+    from minroute.chat import encode_chat
+    raw = release_dir(tmp_path)
+    records, _ = bfcl.read(raw)
+    lengths = []
+    for i, r in enumerate(records):
+        try:
+            s = bfcl.to_sample(r, i)
+        except Malformed:
+            continue
+        lengths.append(len(encode_chat(tiny_tok, s.messages, s.tools, max_len=10**6).ids))
+    max_len = int(np.percentile(lengths, 60))  # 40% of the tool rows do not fit
+    kw = dict(source_dir=raw, sources={"bfcl": 9, "gsm8k": 3}, eval_counts={"tool": 1, "planning": 1},
+              max_len=max_len, log=lambda *a: None)
+    keep = build(tmp_path / "k", tiny_tok, "tiny", cut_rows="keep", **kw)
+    drop = build(tmp_path / "d", tiny_tok, "tiny", cut_rows="drop", **kw)
+    assert keep["cut_rows"] == "keep" and drop["cut_rows"] == "drop"
+    assert keep["sources"]["bfcl"]["response_cut"] > 0, f"the fixture's tool rows all fit {max_len} tokens"
+    train = [json.loads(x) for s in ("train", "val") for x in open(tmp_path / "d" / s / "samples.jsonl")]
+    assert not any(r["response_cut"] for r in train), "--cut-rows drop trained on a row whose response was cut"
+    assert drop["sources"]["bfcl"]["excluded_by_reason"]["response_cut"] == drop["sources"]["bfcl"]["response_cut"]
+    kept = [json.loads(x) for s in ("train", "val") for x in open(tmp_path / "k" / s / "samples.jsonl")]
+    assert sum(r["response_cut"] for r in kept) == keep["sources"]["bfcl"]["response_cut"] + \
+        keep["sources"]["gsm8k"]["response_cut"]
+
+
+def test_multi_turn_rows_end_at_their_routed_response(tmp_path, tiny_tok):
+    """Glaive rows go on past their call (function response, final answer): cut, each is routed on the prompt
+    before its call, as deployment routes; 'whole' keeps the authors' conversations."""
+    kw = dict(source_dir=FIX, counts=ALL, eval_counts={"tool": 1, "planning": 1}, log=lambda *a: None)
+    cut = build(tmp_path / "c", tiny_tok, "tiny", **kw)
+    whole = build(tmp_path / "w", tiny_tok, "tiny", multi_turn="whole", **kw)
+    assert cut["sources"]["glaive"]["cut_at_first_response"] > 0 and whole["sources"]["glaive"]["cut_at_first_response"] == 0
+    from minroute.data import TokenSplit
+    for d in ("c", "w"):
+        tr = TokenSplit(tmp_path / d, "train")
+        for i, r in enumerate(tr.rows):
+            if r["source"] != "glaive":
+                continue
+            ids = tr.get(i)[0]
+            text = tiny_tok.decode(ids[tr.prompt_len[i]:].tolist(), skip_special_tokens=False)
+            if d == "c":
+                assert text.count("<|im_end|>") == 1, f"row {r['row']} still holds turns after its routed response"
+    assert cut["multi_turn"] == "cut" and whole["multi_turn"] == "whole"
+
+
+def test_length_matched_sets_match_on_what_the_routers_see(tmp_path, tiny_tok):
+    demo = Path(__file__).parent.parent / "data_prep" / "demo"
+    build(tmp_path / "d", tiny_tok, "tiny", source_dir=demo, counts={"hermes": 40, "glaive": 40, "gsm8k": 40},
+          eval_counts={"tool": 10, "planning": 10}, matched_pairs=10, log=lambda *a: None)
+    from minroute.data import TokenSplit
+    for split, length in (("eval_matched", "prompt"), ("eval_matched_sequence", "row")):
+        s = TokenSplit(tmp_path / "d", split)
+        n = len(s) // 2
+        got = s.prompt_len if length == "prompt" else s.lengths()
+        assert n > 0
+        for a, b in zip(got[:n], got[n:]):  # tool i is paired with planning i
+            assert abs(int(a) - int(b)) <= max(4, 0.05 * max(a, b)), f"{split}: {a} vs {b} {length} tokens"
+        for r in s.rows[:n]:
+            assert r["messages"][-1].get("tool_calls"), f"{split}: a tool candidate whose routed response is no call"
+
+
+def test_overwrite_replaces_only_a_data_folder(tmp_path, tiny_tok):
+    from minroute.safety import UserError
+    kw = dict(counts=ALL, eval_counts={"tool": 1, "planning": 1}, log=lambda *a: None, overwrite=True)
+    raw = tmp_path / "raw"
+    shutil.copytree(FIX, raw)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "latest.json").write_text('{"dir": "ckpt-000004", "step": 4}')
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "a.txt").write_text("mine")
+    for out, words in ((raw, "holds the raw files"), (tmp_path, "holds the raw files"), (run, "not built by data_prep"),
+                       (other, "not built by data_prep")):
+        before = sorted(p for p in out.rglob("*"))
+        with pytest.raises(UserError, match=words):
+            build(out, tiny_tok, "tiny", source_dir=raw, **kw)
+        assert sorted(p for p in out.rglob("*")) == before, f"{out} changed"
+    d = tmp_path / "data"
+    build(d, tiny_tok, "tiny", source_dir=raw, **kw)
+    shutil.copy(run / "latest.json", d / "latest.json")  # a run written into a data folder is not replaced either
+    with pytest.raises(UserError, match="holds a train.py run"):
+        build(d, tiny_tok, "tiny", source_dir=raw, **kw)
+
+
+def test_identical_rebuild_keeps_the_data_identity(tmp_path, tiny_tok):
+    from minroute.data import data_identity, read_manifest
+    kw = dict(source_dir=FIX, counts=ALL, eval_counts={"tool": 1, "planning": 1}, log=lambda *a: None)
+    a = build(tmp_path / "a", tiny_tok, "tiny", **kw)
+    b = build(tmp_path / "b", tiny_tok, "./tiny", **kw)  # the same tokenizer, spelled differently
+    assert data_identity(a) == data_identity(b) == data_identity(read_manifest(tmp_path / "a"))
+    c = build(tmp_path / "c", tiny_tok, "tiny", seed=7, **kw)
+    assert data_identity(c) != data_identity(a)
+
+
+def test_a_second_build_into_the_same_out_is_refused(tmp_path, tiny_tok):
+    from minroute.safety import FileLock, UserError
+    with FileLock(tmp_path / ".d.lock", "--out d"):
+        with pytest.raises(UserError, match="is being written by pid"):
+            build(tmp_path / "d", tiny_tok, "tiny", source_dir=FIX, counts=ALL, log=lambda *a: None)
+    assert not (tmp_path / "d").exists()
+
+
+def test_real_bfcl_and_gsm8k_build(tmp_path, real_tokenizer_path):
+    """The real files (MINROUTE_DATA): every record accounted for, GSM8K's release rows and hashes."""
+    if not REAL_DATA or not (Path(REAL_DATA) / "bfcl-v4").is_dir():
+        pytest.skip("real data not available (set MINROUTE_DATA=path/to/shared/data)")
+    from minroute import load_tokenizer
+    tok = load_tokenizer(real_tokenizer_path)
+    m = build(tmp_path / "d", tok.tokenizer, "qwen", source_dir=REAL_DATA, sources={"bfcl": 1200, "gsm8k": 1200},
+              max_len=1024, chat_format=tok.chat, log=print)
+    b, g = m["sources"]["bfcl"], m["sources"]["gsm8k"]
+    assert b["read"] == 2311 and b["read"] == b["used"] + b["malformed"] + b["excluded"] + b["unused"]
+    assert set(b["files_not_read"]) == {"BFCL_v4_irrelevance.json", "BFCL_v4_live_irrelevance.json"}
+    assert set(b["categories"]) == {"simple_python", "multiple", "parallel", "parallel_multiple", "live_simple",
+                                    "live_multiple"}
+    assert g["read"] == 7473 and g["malformed"] == 0 and g["file"] == "gsm8k/train.jsonl"
+    assert g["sha256"] == "17f347dc51477c50d4efb83959dbb7c56297aba886e5544ee2aaed3024813465"
+    t = m["eval_sources"]["gsm8k_test"]
+    assert t["read"] == 1319 and t["sha256"] == "3730d312f6e3440559ace48831e51066acaca737f6eabec99bccb9e4b3c39d14"
+    assert m["splits"]["eval"]["n"] == 100 and m["splits"]["eval_matched_sequence"]["pairs"] == 50

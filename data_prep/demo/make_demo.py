@@ -136,14 +136,18 @@ def glaive_row(i):
 def gsm8k_row():
     a, b, c = R.randint(3, 60), R.randint(2, 9), R.randint(2, 20)
     name, item = R.choice(NAMES), R.choice(ITEMS)
-    kind = R.randint(0, 3)
-    if kind == 3:  # a long multi-step problem, so planning lengths overlap tool-call lengths
-        steps, total, lines = R.randint(2, 6), a, []
+    kind = R.choice([0, 1, 2, 3, 3])
+    if kind == 3:  # a long multi-step problem, so planning lengths (prompt and whole row) overlap tool-call lengths
+        steps, total, lines = R.randint(2, 5), a, []
         q = f"{name} starts the week with {a} {item}."
         for day in ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday", "the next Monday",
-                    "the next Tuesday"][:steps]:
+                    "the next Tuesday", "the next Wednesday", "the next Thursday", "the next Friday",
+                    "the next Saturday", "the next Sunday"][:steps]:
             n, k = R.randint(2, 6), R.randint(2, 9)
-            q += f" On {day} {name} buys {n} packs of {k} {item} and gives {k} {item} to a friend."
+            q += (f" On {day} {name} walks to the market, buys {n} packs of {k} {item} and gives {k} {item} to a "
+                  f"friend who lives nearby. The market opens at {R.randint(6, 10)} in the morning, {R.choice(NAMES)} "
+                  f"sells {R.choice(ITEMS)} there for ${R.randint(2, 9)} a pack, and the walk takes "
+                  f"{R.randint(5, 40)} minutes each way.")  # distractors: GSM8K has them too
             new = total + n * k - k
             lines.append(f"On {day}: {n} * {k} = <<{n}*{k}={n * k}>>{n * k} bought, {total} + {n * k} - {k} = "
                          f"<<{total}+{n * k}-{k}={new}>>{new} {item}.")
