@@ -211,7 +211,11 @@ def build_layerroute(model_path, lora: dict, pool: str = "mask", init: str = "ba
 def load_layerroute(ckpt, which: str = "latest", model=None, device="cpu", dtype=None):
     """(LayerRoute with the checkpoint's adapters, meta). `model` overrides the base model path in meta."""
     adapter, _, meta = load_checkpoint(ckpt, which)
-    a = meta["args"]
+    a = meta.get("args")
+    need = ("model", "lora_r", "lora_alpha", "lora_dropout", "pool")
+    if not isinstance(a, dict) or any(k not in a for k in need):
+        raise UserError(f"{resolve_checkpoint(ckpt, which)}/meta.json lacks the run's settings ('args' with "
+                        f"{', '.join(need)}); it is not a checkpoint train.py wrote, or it was edited")
     route = build_layerroute(model or a["model"], {"r": a["lora_r"], "alpha": a["lora_alpha"],
                                                    "dropout": a["lora_dropout"]}, pool=a["pool"], device=device,
                              dtype=dtype)

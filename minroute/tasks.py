@@ -91,64 +91,112 @@ def reference_of(row: dict):
 
 
 @torch.no_grad()
-def generate_one(route, tokenizer, ids: torch.Tensor, max_new_tokens: int, eos_ids, pad_id) -> tuple[str, int, float]:
-    """Greedy output text, number of new tokens and wall time of one prompt (batch 1, KV cache)."""
-    t0 = time.perf_counter()
-    out = [int(t) for t in generate(route, ids, max_new_tokens, eos_ids=eos_ids, pad_id=pad_id)]
-    dt = time.perf_counter() - t0
-    text = tokenizer.decode([t for t in out if t not in eos_ids], skip_special_tokens=False)
-    return text, len(out), dt
+def generate_batch(route, prompts: list[np.ndarray], max_new_tokens: int, eos_ids, pad_id, device,
+                   gates: torch.Tensor | None = None) -> list[tuple[list[int], int]]:
+    """Greedy outputs of several prompts at once (left-padded, KV cache; a left-padded row decodes as it would
+    alone). gates (B, L) imposes each row's gates; None lets the routers decide at prefill. Returns per row
+    (new token ids without the stop token, new tokens generated), and the layers each row ran in route.last."""
+    T = max(len(p) for p in prompts)
+    ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for b, p in enumerate(prompts):
+        ids[b, T - len(p):] = torch.as_tensor(np.asarray(p, dtype=np.int64))
+        mask[b, T - len(p):] = 1
+    steps = []
+    with route.forcing(gates):
+        for nxt in generate(route, ids.to(device), max_new_tokens, attention_mask=mask.to(device), eos_ids=eos_ids,
+                            pad_id=pad_id):
+            steps.append(nxt.cpu())
+    out = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
+    eos = set(eos_ids)
+    results = []
+    for row in out:
+        stop = next((k for k, t in enumerate(row) if t in eos), None)
+        results.append((row[:stop] if stop is not None else row, stop + 1 if stop is not None else len(row)))
+    return results
 
 
-def run_tasks(route, ev: TokenSplit, gated_pass, tok, args, device, csv_tables, table, masks: dict | None = None,
-              include_base: bool = True):
-    """Generate for every eval prompt under each method and score it; returns per-method summaries and rows."""
+def score_row(text: str, row: dict) -> dict:
+    """Every score a generation gets: tool rows the strict JSON match (and BFCL's AST match when the row carries a
+    BFCL ground truth), planning rows GSM8K's final number."""
+    if row["step_type"] != "tool_call":
+        return score_gsm8k(text, reference_of(row) or "")
+    out = score_tool_call(text, reference_of(row))
+    truth = row.get("meta", {}).get("ground_truth")
+    if truth is not None:
+        check = bfcl_check(text, truth, row["meta"].get("functions"))
+        out.update(bfcl=check["correct"], bfcl_reason=(check["reason"] or "").split(":")[0] or None)
+    return out
+
+
+def run_tasks(route, ev: TokenSplit, tok, max_new_tokens: int, device, methods: dict, batch_size: int = 16):
+    """Generate for every eval prompt under each method and score it. methods: {name: (gates, lora)} with gates
+    None (the routers), (L,) or (N, L) bool. Prompts are batched by step type and length (the outputs of one
+    batch are of similar length). Returns {"summary": {method: ...}, "samples": [...]}."""
     from contextlib import nullcontext
 
     from .lora import lora_disabled
     L = route.config.num_hidden_layers
-    ones = torch.ones(L, dtype=torch.bool)
-    methods = {"base": (ones, True), "full": (ones, False), "gated": (None, False)}
-    if not include_base:
-        methods.pop("base")
-    for name, m in (masks or {}).items():
-        methods[name] = (torch.as_tensor(m), False)
+    groups = []
+    for t in ("tool_call", "planning"):
+        rows = [i for i, r in enumerate(ev.rows) if r["step_type"] == t]
+        rows.sort(key=lambda i: int(ev.prompt_len[i]))
+        groups += [rows[a:a + batch_size] for a in range(0, len(rows), batch_size)]
     results, samples = {}, []
-    for name, (forced, no_lora) in methods.items():
-        recs = []
-        for i, row in enumerate(ev.rows):
-            ids = torch.as_tensor(ev.get(i)[0][: ev.prompt_len[i]])[None].to(device)
-            f = forced if forced is None or forced.dim() == 1 else forced[i]
-            with (lora_disabled(route.base) if no_lora else nullcontext()), route.forcing(f):
-                text, n_new, dt = generate_one(route, tok.tokenizer, ids, args.max_new_tokens, tok.eos_ids, tok.pad_id)
-                layers = int(route.last.hard[0].sum()) if route.last is not None else L
-            rec = {"method": name, "sample": i, "step_type": row["step_type"], "layers_run": layers,
-                   "new_tokens": n_new, "hit_cap": n_new >= args.max_new_tokens, "seconds": dt}
-            ref = reference_of(row)
-            rec.update(score_tool_call(text, ref) if row["step_type"] == "tool_call" else score_gsm8k(text, ref or ""))
-            recs.append(rec)
+    for name, (gates, lora) in methods.items():
+        recs, t0 = {}, time.perf_counter()
+        for rows in groups:
+            prompts = [ev.get(i)[0][: ev.prompt_len[i]] for i in rows]
+            g = None
+            if gates is not None:
+                g = torch.as_tensor(np.asarray(gates, dtype=bool))
+                g = g.expand(len(rows), L) if g.dim() == 1 else g[torch.as_tensor(rows)]
+            tb = time.perf_counter()
+            with nullcontext() if lora else lora_disabled(route.base):
+                outs = generate_batch(route, prompts, max_new_tokens, tok.eos_ids, tok.pad_id, device, g)
+            layers = route.last.hard.sum(1).tolist() if route.last is not None else [L] * len(rows)
+            dt = (time.perf_counter() - tb) / len(rows)
+            for i, (ids, n_new), k in zip(rows, outs, layers):
+                text = tok.tokenizer.decode(ids, skip_special_tokens=False)
+                rec = {"method": name, "sample": i, "step_type": ev.rows[i]["step_type"], "layers_run": int(k),
+                       "new_tokens": n_new, "hit_cap": n_new >= max_new_tokens, "seconds": dt, "output": text[:2000]}
+                rec.update(score_row(text, ev.rows[i]))
+                recs[i] = rec
+        recs = [recs[i] for i in sorted(recs)]
         samples += recs
         results[name] = summarize(recs)
-    rows = []
-    for name, r in results.items():
-        t, p = r["tool"], r["planning"]
-        rows.append([name, t["parsable"], t["name_match"], t["exact"], p["accuracy"], t["layers_run"],
-                     p["layers_run"], t["new_tokens"], p["new_tokens"], r["hit_cap"], t["seconds"], p["seconds"]])
-    table(f"Task accuracy of greedy generation (held-out prompts, cap {args.max_new_tokens} new tokens; % of samples)",
-          ["method", "tool parsable", "tool name", "tool exact", "GSM8K acc", "layers tool", "layers plan",
-           "new tok tool", "new tok plan", "hit cap %", "s/task tool", "s/task plan"], rows, csv_tables, "tasks")
-    return {"summary": results, "samples": samples}
+        results[name]["seconds_total"] = time.perf_counter() - t0
+    return {"summary": results, "samples": samples, "max_new_tokens": max_new_tokens}
 
 
 def summarize(recs: list[dict]) -> dict:
+    """Per step type: % of rows (with a Wilson 95% interval) parsable / name match / exact / BFCL-correct, GSM8K
+    accuracy, and the mean layers run, new tokens and seconds."""
+    from .stats import wilson_ci
+
     def mean(xs):
         return float(np.mean(xs)) if xs else float("nan")
+
+    def pct(rs, key):
+        k = sum(bool(r[key]) for r in rs)
+        lo, hi = wilson_ci(k, len(rs))
+        return {"pct": 100 * k / len(rs) if rs else float("nan"), "ci95": [100 * lo, 100 * hi], "n": len(rs)}
     tool = [r for r in recs if r["step_type"] == "tool_call"]
     plan = [r for r in recs if r["step_type"] != "tool_call"]
+    bfcl = [r for r in tool if "bfcl" in r]
     out = {"tool": {k: 100 * mean([r[k] for r in tool]) for k in ("parsable", "name_match", "exact")},
            "planning": {"accuracy": 100 * mean([r["correct"] for r in plan]),
                         "no_marker": sum(r["how"] != "marker" for r in plan)},
-           "hit_cap": 100 * mean([r["hit_cap"] for r in recs])}
+           "hit_cap": 100 * mean([r["hit_cap"] for r in recs]),
+           "ci95": {"tool_exact": pct(tool, "exact")["ci95"], "gsm8k": pct(plan, "correct")["ci95"]}}
+    if bfcl:
+        out["tool"]["bfcl"] = pct(bfcl, "bfcl")["pct"]
+        out["ci95"]["bfcl"] = pct(bfcl, "bfcl")["ci95"]
+        reasons = {}
+        for r in bfcl:
+            if not r["bfcl"]:
+                reasons[r["bfcl_reason"]] = reasons.get(r["bfcl_reason"], 0) + 1
+        out["tool"]["bfcl_fail_reasons"] = reasons
     for key, rs in (("tool", tool), ("planning", plan)):
         out[key].update(layers_run=mean([r["layers_run"] for r in rs]), new_tokens=mean([r["new_tokens"] for r in rs]),
                         seconds=mean([r["seconds"] for r in rs]))
@@ -156,4 +204,4 @@ def summarize(recs: list[dict]) -> dict:
 
 
 __all__ = ["parse_tool_calls", "score_tool_call", "parse_tool_calls_tolerant", "standardize_string",
-           "bfcl_check", "bfcl_correct", "gsm8k_prediction", "score_gsm8k", "run_tasks", "TOOL"]
+           "bfcl_check", "bfcl_correct", "gsm8k_prediction", "score_gsm8k", "run_tasks", "generate_batch", "TOOL"]

@@ -32,10 +32,18 @@ def measure(fn, warmup: int = 1, repeats: int = 5, device="cpu") -> dict:
             "p75_ms": float(np.percentile(t, 75)), "min_ms": float(t.min()), "max_ms": float(t.max()), "n": len(t)}
 
 
+def positions(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens (a left-padded row starts at 0), as `generate` counts them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
 @torch.no_grad()
 def prefill(model, input_ids, attention_mask=None):
+    """One forward over the prompt batch filling a KV cache; the LM head on the last position (as generation).
+    Left-padded rows get `generate`'s positions, so each row's logits are its logits alone."""
     cache = model.new_cache(input_ids.shape[1] + 1)
-    h = model.hidden(input_ids, attention_mask, None, cache)
+    pos = None if attention_mask is None else positions(attention_mask)
+    h = model.hidden(input_ids, attention_mask, pos, cache)
     return model.lm_head(h[:, -1]), cache
 
 
@@ -45,7 +53,7 @@ def decode_steps(model, input_ids, n_new: int, attention_mask=None):
     B, T = input_ids.shape
     cache = model.new_cache(T + n_new)
     mask = torch.ones_like(input_ids) if attention_mask is None else attention_mask
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
+    pos = positions(mask)
     logits = model.lm_head(model.hidden(input_ids, mask, pos, cache)[:, -1])
     pos = pos[:, -1:]
     for _ in range(n_new):

@@ -11,7 +11,8 @@ import torch.nn.functional as F
 import eval as eval_script
 from minroute.checkpoint import load_layerroute
 from minroute.data import TokenSplit, collate
-from minroute.evaluate import PassResult, bootstrap_ci, length_regression, random_masks, run_pass, static_mask
+from minroute.evaluate import (PassResult, bootstrap_ci, length_regression, random_masks, run_pass, static_mask,
+                               static_masks)
 from minroute.flops import sequence_flops
 from minroute.load import load_tokenizer
 
@@ -29,8 +30,9 @@ def test_pass_metrics_by_hand():
     assert r.layers_run.tolist() == [2, 1, 4, 3]
     assert r.ce(0) == pytest.approx(6 / 4) and r.ppl(0) == pytest.approx(math.exp(1.5))
     assert r.ppl() == pytest.approx(math.exp(18 / 10))
-    assert r.paper_ppl(0, 1.0, forced=False) == pytest.approx(math.exp(1.5 + (3 * 0.8 + 5 * 0.2) / 8))
-    assert r.paper_ppl(0, 1.0, forced=True) == pytest.approx(math.exp(2.5))
+    # the authors' definition: the mean over samples of exp(CE_i + lambda * R_i), R_i the sample's mean soft gate
+    assert r.paper_ppl(0, 1.0, forced=False) == pytest.approx((math.exp(1.0 + 0.5) + math.exp(2.0 + 0.35)) / 2)
+    assert r.paper_ppl(0, 1.0, forced=True) == pytest.approx((math.exp(2.0) + math.exp(3.0)) / 2)
     from minroute.model import ModelConfig
     cfg = ModelConfig(num_hidden_layers=4)
     assert r.flops_reduction(cfg, 0, whole_model=False) == pytest.approx(100 * 5 / 8)
@@ -40,12 +42,32 @@ def test_pass_metrics_by_hand():
 
 
 def test_controls_by_hand():
-    r = synthetic()  # mean layers run 2.5 -> 1.5 skipped -> k = 2; skip rates per layer 0, .25, .5, .75
-    assert static_mask(r).tolist() == [True, True, False, False]
+    r = synthetic()  # layers run 2, 1, 4, 3 (mean 2.5); skip rates per layer 0, .25, .5, .75
+    assert static_mask(r).tolist() == [True, True, False, False]  # one mask, round(1.5) = 2 closed (generation)
+    s = static_masks(r, seed=1)  # 6 skipped blocks over 4 rows: two rows close {3}, two close {3, 2}
+    assert sorted((~s).sum(1).tolist()) == [1, 1, 2, 2] and not s[:, 3].any() and s[:, :2].all()
     m = random_masks(r, seed=3)
-    assert (~m[:2]).sum(1).tolist() == [2, 2]  # tool: 1.5 -> round to 2 skipped (banker's rounding: 2)
-    assert (~m[2:]).sum(1).tolist() == [0, 0]  # planning: 0.5 -> 0
+    assert sorted((~m[:2]).sum(1).tolist()) == [2, 3]  # tool rows skipped 2 + 3 blocks: so do the random masks
+    assert sorted((~m[2:]).sum(1).tolist()) == [0, 1]  # planning rows 0 + 1
     assert np.array_equal(random_masks(r, seed=3), m), "the random control is reproducible for a seed"
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_controls_match_the_learned_compute_exactly(seed):
+    """Any routing: the static and random controls run exactly the learned mean layers (per step type for random)."""
+    rng = np.random.default_rng(seed)
+    N, L = 37, 24
+    hard = rng.random((N, L)) < rng.uniform(0.3, 0.9)
+    r = PassResult(step_type=rng.integers(0, 2, N), n_tokens=rng.integers(50, 500, N), ce_sum=np.ones(N),
+                   n_counted=np.ones(N, dtype=np.int64), soft=hard * 0.6 + 0.2, hard=hard)
+    learned = r.layers_run.mean()
+    for masks in (static_masks(r, seed), random_masks(r, seed)):
+        assert abs(masks.sum(1).mean() - learned) < 1e-9, (masks.sum(1).mean(), learned)
+    k = int(np.floor(L - learned + 1e-9))
+    assert set(np.unique((~static_masks(r, seed)).sum(1)).tolist()) <= {k, k + 1}
+    rm = random_masks(r, seed)
+    for t in (0, 1):
+        assert abs(rm[r.step_type == t].sum(1).mean() - r.layers_run[r.step_type == t].mean()) < 1e-9
 
 
 def test_bootstrap_and_regression_on_synthetic_numbers():
@@ -126,7 +148,7 @@ def test_data_from_another_tokenizer_and_other_folder(tmp_path, demo_run, capsys
 
 
 def test_output_paths_are_checked_before_any_work(tmp_path, demo_run, capsys, monkeypatch):
-    monkeypatch.setattr(eval_script, "load_run", lambda *a, **k: pytest.fail("loaded a model before checking paths"))
+    monkeypatch.setattr(eval_script, "open_run", lambda *a, **k: pytest.fail("loaded a model before checking paths"))
     for argv, msg in ((["--json", str(tmp_path / "no" / "such" / "e.json")], "does not exist"),
                       (["--json", str(tmp_path)], "is a folder"),
                       (["--csv", str(demo_run / "latest.json")], "is a file")):
@@ -151,11 +173,12 @@ def test_differential_stats_by_hand():
     hard[:20, :4] = rng.random((20, 4)) < 0.2  # tool rows skip about 3 of the first 4 blocks
     step = np.array([0] * 20 + [1] * 20)
     r = PassResult(step, np.full(40, 10), np.zeros(40), np.ones(40), hard.astype(float), hard)
-    st = differential_stats(r, n=4000)
+    st = differential_stats(r.skip_per_sample, step == 0, n=4000)
+    assert r.differential()["diff"] == st["diff"]
     assert st["diff"] == pytest.approx(r.skip_pct(0) - r.skip_pct(1))
     assert st["ci95"][0] < st["diff"] < st["ci95"][1] and st["ci95"][0] > 0 and st["p_permutation"] < 0.001
     same = PassResult(step, np.full(40, 10), np.zeros(40), np.ones(40), hard.astype(float), np.tile(hard[:20], (2, 1)))
-    st = differential_stats(same, n=2000)
+    st = differential_stats(same.skip_per_sample, step == 0, n=2000)
     assert st["diff"] == 0.0 and st["p_permutation"] == 1.0 and st["ci95"][0] < 0 < st["ci95"][1]
 
 
@@ -180,7 +203,7 @@ def test_demo_evaluation_end_to_end(tmp_path, demo_run, capsys):
     assert res["timing"]["layers_skipped"]["prefill_b1"] == 8 - timed.count("1")
     assert res["step"] == res["updates"] == 40 and res["which"] == "latest"
     text = capsys.readouterr().out
-    for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Per-layer gates", "Controls at matched compute",
+    for title in ("Table 2", "Table 3", "Table 4", "Table 5", "Per-layer gates", "Controls at exactly matched compute",
                   "Length confound", "Wall-clock", "Task accuracy", "Skip differential of this run"):
         assert title in text
     assert "(update 40 of 40: final)" in text
@@ -189,14 +212,18 @@ def test_demo_evaluation_end_to_end(tmp_path, demo_run, capsys):
                      "timing", "tasks"}, names
 
 
-def test_across_seeds(tmp_path, demo_run):
+def test_across_seeds_counts_one_checkpoint_once(tmp_path, demo_run, capsys):
+    """The same run, its own final ckpt-* folder and a backup copy of it are one seed, not three."""
+    backup = tmp_path / "run.bak"
+    shutil.copytree(demo_run, backup)
+    ckpt = demo_run / json.loads((demo_run / "latest.json").read_text())["dir"]
     out = tmp_path / "s.json"
-    assert eval_script.main(["--runs", str(demo_run), str(demo_run), "--which", "latest", "--json", str(out),
+    assert eval_script.main(["--runs", str(demo_run), str(ckpt), str(backup), "--which", "latest", "--json", str(out),
                              "--csv", str(tmp_path / "c"), "--tasks", "--max-new-tokens", "4"]) == 0
     s = json.loads(out.read_text())["seeds"]
-    assert s["n"] == 2 and s["summary"]["diff"]["sd"] == 0.0
-    assert s["summary"]["gsm8k_acc_gated"]["sd"] == 0.0 and "tool_exact_full" in s["runs"][0]
-    assert s["summary"]["diff"]["ci95"][0] == pytest.approx(s["summary"]["diff"]["mean"])
+    assert s["n"] == 1 and s["n_given"] == 3 and [d["run"] for d in s["duplicates"]] == [str(ckpt), str(backup)]
+    assert "tool_exact_full" in s["runs"][0] and np.isnan(s["summary"]["diff"]["sd"])
+    assert "counted once" in capsys.readouterr().out
 
 
 def test_compare_adds_table2_rows(tmp_path, demo_run):

@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import torch
 import pytest
 
 from minroute import tasks
@@ -59,12 +60,13 @@ def test_gsm8k_scoring():
 
 
 def test_run_tasks_with_forced_outputs_gives_hand_computed_values(demo_run, monkeypatch):
-    """Generation replaced by fixed outputs: the summary must be the hand-computed shares."""
+    """Generation replaced by fixed outputs: the summary must be the hand-computed shares, with Wilson intervals."""
     from minroute.checkpoint import load_layerroute
     from minroute.data import TokenSplit
     from minroute.load import load_tokenizer
     route, meta = load_layerroute(demo_run, "latest")
     ev = TokenSplit(meta["args"]["data"], "eval")
+    tok = load_tokenizer(meta["args"]["model"])
     tool_rows = [i for i, r in enumerate(ev.rows) if r["step_type"] == "tool_call"]
     plan_rows = [i for i, r in enumerate(ev.rows) if r["step_type"] == "planning"]
     outputs = {}
@@ -79,26 +81,55 @@ def test_run_tasks_with_forced_outputs_gives_hand_computed_values(demo_run, monk
     for k, i in enumerate(plan_rows):  # first two right, the rest wrong
         ans = ev.rows[i]["meta"]["final_answer"]
         outputs[i] = f"#### {ans}" if k < 2 else "#### -99999"
-    calls = iter(range(10 ** 6))
-    order = list(range(len(ev)))
+    by_prompt = {tuple(ev.get(i)[0][: ev.prompt_len[i]].tolist()): i for i in range(len(ev))}
 
-    def fake(route_, tokenizer, ids, max_new, eos, pad):
-        i = order[next(calls) % len(ev)]
-        return outputs[i], 5 if i % 2 else max_new, 0.01
-    monkeypatch.setattr(tasks, "generate_one", fake)
-
-    class A:
-        max_new_tokens = 8
-    table_calls = []
-    res = tasks.run_tasks(route, ev, None, load_tokenizer(meta["args"]["model"]), A, "cpu", [],
-                          lambda *a, **k: table_calls.append(a))
+    def fake(route_, prompts, max_new, eos, pad, device, gates=None):
+        rows = [by_prompt[tuple(np.asarray(p).tolist())] for p in prompts]
+        return [(tok.tokenizer.encode(outputs[i], add_special_tokens=False).ids, 5 if i % 2 else max_new)
+                for i in rows]
+    monkeypatch.setattr(tasks, "generate_batch", fake)
+    L = route.config.num_hidden_layers
+    methods = {"base": (np.ones(L, bool), False), "full": (np.ones(L, bool), True), "gated": (None, True)}
+    res = tasks.run_tasks(route, ev, tok, 8, "cpu", methods, batch_size=3)
     s = res["summary"]["gated"]
     nt, npl = len(tool_rows), len(plan_rows)
     assert s["tool"]["parsable"] == pytest.approx(100 * 2 / nt)
     assert s["tool"]["name_match"] == pytest.approx(100 * 1 / nt) and s["tool"]["exact"] == pytest.approx(100 / nt)
     assert s["planning"]["accuracy"] == pytest.approx(100 * 2 / npl)
+    lo, hi = s["ci95"]["gsm8k"]
+    assert 0 < lo < 100 * 2 / npl < hi < 100
     assert s["hit_cap"] == pytest.approx(100 * np.mean([i % 2 == 0 for i in range(len(ev))]))
-    assert set(res["summary"]) == {"base", "full", "gated"} and table_calls
+    assert set(res["summary"]) == {"base", "full", "gated"}
+    assert [r["sample"] for r in res["samples"] if r["method"] == "gated"] == list(range(len(ev)))
+
+
+def test_batched_generation_equals_one_prompt_at_a_time(demo_run):
+    """Left-padded batches of prompts of different lengths give each prompt its own greedy output and gates."""
+    from minroute.checkpoint import load_layerroute
+    from minroute.data import TokenSplit
+    from minroute.load import load_tokenizer
+    route, meta = load_layerroute(demo_run, "latest")
+    ev = TokenSplit(meta["args"]["data"], "eval")
+    tok = load_tokenizer(meta["args"]["model"])
+    prompts = [ev.get(i)[0][: ev.prompt_len[i]] for i in (0, 3, 11, 14)]
+    together = tasks.generate_batch(route, prompts, 12, tok.eos_ids, tok.pad_id, "cpu")
+    gates = route.last.hard.clone()
+    for k, p in enumerate(prompts):
+        alone = tasks.generate_batch(route, [p], 12, tok.eos_ids, tok.pad_id, "cpu")
+        assert alone[0] == together[k], f"prompt {k}: {alone[0]} != {together[k]}"
+        assert torch.equal(route.last.hard[0], gates[k])
+
+
+def test_bfcl_rows_are_scored_by_bfcl_rules():
+    row = {"step_type": "tool_call", "messages": [{"role": "assistant", "content": "", "tool_calls": [
+        {"name": "calc", "arguments": {"base": 10}}]}], "meta": {"ground_truth": [{"calc": {"base": [10],
+                                                                                      "unit": ["units", ""]}}],
+                                                                 "functions": None}}
+    ok = tasks.score_row('<tool_call>\n{"name": "calc", "arguments": {"base": 10.0, "unit": "units"}}\n</tool_call>',
+                         row)
+    assert ok["bfcl"] and not ok["exact"], "BFCL accepts an accepted alternative the strict JSON match does not"
+    bad = tasks.score_row('<tool_call>\n{"name": "calc", "arguments": {"base": 11}}\n</tool_call>', row)
+    assert not bad["bfcl"] and bad["bfcl_reason"] == "wrong_value"
 
 
 def test_chat_command_runs_on_demo_checkpoint(demo_run, tmp_path):
