@@ -84,6 +84,9 @@ def parse_args(argv=None):
     ap.add_argument("--task-controls", action="store_true", help="with --tasks: also the static and random masks")
     ap.add_argument("--max-new-tokens", type=positive_int, default=256, help="generation cap for --tasks")
     ap.add_argument("--seed", type=nonneg_int, default=0, help="random-mask control and bootstrap seed")
+    ap.add_argument("--cache", metavar="DIR", help="keep what does not depend on the run (the base model's pass and "
+                    "generations on these eval rows) in DIR, keyed by the model's and data's content, and reuse it "
+                    "(reproduce.sh: one base evaluation per study)")
     ap.add_argument("--demo", action="store_true", help="evaluate the demo checkpoint (CPU, offline)")
     ap.add_argument("--report", metavar="STUDY_DIR", help="write STUDY_DIR/REPORT.md (+ study.json, tables/, figures/) "
                     "from the eval.json of every run in STUDY_DIR/runs/ (what reproduce.sh lays out); loads no model")
@@ -178,20 +181,79 @@ def describe_checkpoint(run: Run, which: str) -> str:
 
 # ----------------------------------------------------------------------------- the passes
 
-def measure_passes(run: Run, args, dev, autocast) -> tuple[dict[str, PassResult], dict]:
+class BaseCache:
+    """What an evaluation computes of the base model alone (no LoRA, no routers: the same for every run of a study),
+    in DIR under a key of the model's files, the data's identity and the evaluation settings; None = no cache."""
+
+    def __init__(self, folder, run: "Run", args):
+        self.dir = Path(folder) if folder else None
+        if self.dir is None:
+            return
+        from minroute.load import resolve_dir
+        from minroute.safety import sha256_file
+        mdir = resolve_dir(run.meta["args"]["model"] if not args.model else args.model)
+        weights = sorted(mdir.glob("*.safetensors"))
+        ident = {"data": run.data.identity, "config": (mdir / "config.json").read_text(),
+                 "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights],
+                 "tokenizer": sha256_file(mdir / "tokenizer.json"), "batching": run.batching,
+                 "max_new_tokens": args.max_new_tokens, "dtype": str(next(run.route.parameters()).dtype)}
+        import hashlib
+        self.key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+    def path(self, what: str) -> Path | None:
+        return None if self.dir is None else self.dir / f"base-{what}-{self.key}"
+
+    def load_pass(self):
+        p = self.path("pass")
+        if p is None or not p.with_suffix(".npz").exists():
+            return None
+        from minroute.passes import SettingResult
+        with np.load(p.with_suffix(".npz")) as z:  # plain arrays only: never unpickles
+            return SettingResult(**{k: z[k] for k in z.files})
+
+    def save_pass(self, r):
+        p = self.path("pass")
+        if p is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(p.name + ".tmp.npz")
+            arrays = {k: v for k, v in vars(r).items() if v is not None}
+            arrays["soft"] = np.full_like(r.soft, np.nan)  # the routers of this run: meaningless for another
+            np.savez(tmp, **arrays)
+            os.replace(tmp, p.with_suffix(".npz"))
+
+    def load_json(self, what: str):
+        p = self.path(what)
+        return json.loads(p.with_suffix(".json").read_text()) if p is not None and p.with_suffix(".json").exists() \
+            else None
+
+    def save_json(self, what: str, value):
+        p = self.path(what)
+        if p is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_text(p.with_suffix(".json"), json.dumps(value, default=float))
+
+
+def measure_passes(run: Run, args, dev, autocast, cache: BaseCache) -> tuple[dict[str, PassResult], dict]:
     """Every setting on the eval rows in shared passes, the length-matched rows, and the floor beside the cost."""
     L, ev = run.route.config.num_hidden_layers, run.data.split("eval")
     pad, kw = run.tok.pad_id, dict(device=dev, autocast=autocast, **run.batching)
     ones = np.ones(L, bool)
-    first = [Setting("base", ones, lora=False), Setting("full", ones), Setting("gated", route_on="prompt"),
-             Setting("teacher-forced", route_on="sequence", loss=False)]
+    base = cache.load_pass()
+    first = ([] if base is not None else [Setting("base", ones, lora=False)]) + [
+        Setting("full", ones), Setting("gated", route_on="prompt"),
+        Setting("teacher-forced", route_on="sequence", loss=False)]
     t0 = time.perf_counter()
     res = run_settings(run.route, ev, pad, first, **kw)
+    if base is None:
+        cache.save_pass(res["base"])
+    else:
+        res["base"] = base
+        print(f"base model pass: from the cache {cache.dir}")
     g = PassResult.of(ev, res["gated"])
     controls = [Setting("static mask", static_masks(g, args.seed)), Setting("random mask", random_masks(g, args.seed))]
     res.update(run_settings(run.route, ev, pad, controls, **kw))
     passes = {k: PassResult.of(ev, v) for k, v in res.items()}
-    settings = first + controls
+    settings = first + controls  # the floor of what this evaluation computed (a cached base pass costs nothing)
     matched = run.data.matched_split(run.route_on)
     if matched and len(run.data.split(matched)):
         passes["matched"] = PassResult.of(run.data.split(matched), run_settings(
@@ -418,16 +480,25 @@ def timing(run: Run, g: PassResult, args, dev, autocast, tables) -> dict:
     return out
 
 
-def tasks(run: Run, g: PassResult, args, dev, autocast, tables, include_base=True, quiet=False) -> dict:
+def tasks(run: Run, g: PassResult, args, dev, autocast, tables, include_base=True, quiet=False,
+          cache: "BaseCache | None" = None) -> dict:
     from minroute.tasks import run_tasks
     L = run.route.config.num_hidden_layers
     methods = {"base": (np.ones(L, bool), False), "full": (np.ones(L, bool), True), "gated": (None, True)}
-    if not include_base:
+    cached = cache.load_json("tasks") if cache is not None and include_base else None
+    if not include_base or cached is not None:
         methods.pop("base")
     if args.task_controls:
         methods.update({"static mask": (static_mask(g), True), "random mask": (random_masks(g, args.seed), True)})
     with autocast():
         out = run_tasks(run.route, run.data.split("eval"), run.tok, args.max_new_tokens, dev, methods)
+    if cached is not None:  # the base model's generations: the same for every run of a study
+        out["summary"] = {"base": cached["summary"], **out["summary"]}
+        out["samples"] = cached["samples"] + out["samples"]
+        print(f"base model generations: from the cache {cache.dir}")
+    elif cache is not None and include_base:
+        cache.save_json("tasks", {"summary": out["summary"]["base"],
+                                  "samples": [r for r in out["samples"] if r["method"] == "base"]})
     rows = []
     for name, r in out["summary"].items():
         t, q, ci = r["tool"], r["planning"], r["ci95"]
@@ -464,7 +535,8 @@ def evaluate_run(run: Run, args, dev, autocast, tables) -> dict:
     t0 = time.perf_counter()
     print(f"checkpoint: {describe_checkpoint(run, args.which)}\ngates: routed on each eval row's prompt (deployment: "
           f"prefill gates); {run.how}. Teacher-forced gates (prompt + reference answer) beside them.")
-    p, seconds = measure_passes(run, args, dev, autocast)
+    cache = BaseCache(args.cache, run, args)
+    p, seconds = measure_passes(run, args, dev, autocast, cache)
     ev = run.data.split("eval")
     res = {"checkpoint": str(run.ckpt_dir), "step": run.meta["step"], "updates": run.meta["args"].get("updates"),
            "which": args.which, "data": str(run.data), "n_eval": len(ev), "route_on": "prompt", "eval_batching": run.how}
@@ -485,7 +557,7 @@ def evaluate_run(run: Run, args, dev, autocast, tables) -> dict:
         res["timing"] = timing(run, g, args, dev, autocast, tables)
     if args.tasks:
         t1 = time.perf_counter()
-        res["tasks"] = tasks(run, g, args, dev, autocast, tables)
+        res["tasks"] = tasks(run, g, args, dev, autocast, tables, cache=cache)
         seconds["tasks"] = time.perf_counter() - t1
     seconds["total"] = time.perf_counter() - t0
     if "floor" in seconds:

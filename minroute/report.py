@@ -29,7 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .evaluate import bootstrap_ci, t_ci
+from .checkpoint import atomic_write_text
+from .stats import bootstrap_ci, log_t_ci, t_ci, t_ci_clipped
 
 VARIANTS = ("paper", "author", "noreg", "uniform-init", "bce")
 PAPER = {"skip_tool": 15.25, "skip_planning": 2.34, "diff": 12.91,
@@ -56,7 +57,19 @@ METRICS = {  # study.json metric -> where it sits in a run's eval.json
     "matched_diff": ("length_confound", "matched_diff"), "len_coef": ("length_confound", "regression", "per_100_tokens"),
     "tool_coef": ("length_confound", "regression", "tool"),
     "r_length_score": ("length_confound", "regression", "r_length_score"),
+    "matched_pairs": ("length_confound", "matched_pairs"),
+    "layers_run_learned": ("controls", "learned routing", "layers_run"),
+    "layers_run_static": ("controls", "static mask", "layers_run"),
+    "layers_run_random": ("controls", "random mask", "layers_run"),
+    "eval_seconds": ("seconds", "passes"), "eval_floor_seconds": ("seconds", "floor"),
+    **{f"{task}_{m}": ("tasks", "summary", m, *where) for m in ("base", "full", "gated")
+       for task, where in (("bfcl", ("tool", "bfcl")), ("tool_exact", ("tool", "exact")),
+                           ("gsm8k", ("planning", "accuracy")))},
 }
+BOUNDED = {"skip_tool": (0, 100), "skip_planning": (0, 100), "diff": (-100, 100), "tf_diff": (-100, 100),
+           "matched_diff": (-100, 100), "r_length_score": (-1, 1)}  # the ranges these quantities can take
+METHOD_KEYS = ("preset", "ablation", "bce_target", "route_on", "pool", "gate_reg", "init", "ce_mean", "lora_r",
+               "lora_alpha", "lora_dropout", "lr", "steps", "batch_size", "accum", "model", "data")
 
 
 def variant_of(args: dict) -> str:
@@ -77,34 +90,90 @@ def _get(d, path):
     return d
 
 
-def summarise(values, seed: int = 0) -> dict:
+def summarise(values, metric: str = "", seed: int = 0) -> dict:
+    """Mean, sd and the Student-t 95% CI of the mean over seeds: clipped to the quantity's range (and flagged),
+    or on log scale for a perplexity; the bootstrap beside it."""
     v = np.asarray([x for x in values if x is not None and math.isfinite(x)], dtype=float)
     if not v.size:
         return {"mean": float("nan"), "sd": float("nan"), "ci95": [float("nan")] * 2,
-                "ci95_bootstrap": [float("nan")] * 2, "n": 0, "values": []}
+                "ci95_bootstrap": [float("nan")] * 2, "n": 0, "values": [], "clipped": False}
+    bounds = BOUNDED.get(metric) or ((0, 100) if metric.startswith(("bfcl", "tool_exact", "gsm8k")) else None)
+    if "ppl" in metric:
+        lo, hi, clipped = (*log_t_ci(v), False)
+    else:
+        lo, hi, clipped = t_ci_clipped(v, bounds=bounds)
     return {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if v.size > 1 else float("nan"),
-            "ci95": list(t_ci(v)), "ci95_bootstrap": list(bootstrap_ci(v, seed=seed)), "n": int(v.size),
-            "values": v.tolist()}
+            "ci95": [lo, hi], "ci95_bootstrap": list(bootstrap_ci(v, seed=seed)), "n": int(v.size),
+            "values": v.tolist(), "clipped": clipped}
+
+
+def run_settings(run: Path, res: dict) -> dict:
+    """The run's recorded train.py settings (its checkpoint's meta.json; the eval's provenance if it is gone)."""
+    for d in (Path(res.get("checkpoint", "")), run):
+        meta = d / "meta.json"
+        if meta.is_file():
+            try:
+                return json.loads(meta.read_text()).get("args", {})
+            except (OSError, ValueError):
+                pass
+    return dict(res.get("provenance", {}))
+
+
+def current_checkpoint(run: Path) -> Path | None:
+    try:
+        return (run / json.loads((run / "latest.json").read_text())["dir"]).resolve()
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def collect(study: Path) -> tuple[list[dict], list[dict]]:
-    """(usable runs, runs left out with why) of a study folder."""
-    runs, left_out = [], []
+    """(usable runs, runs left out with why) of a study folder. Left out: a run reproduce.sh listed as failed, an
+    unreadable or non-finite eval.json, one made for an older checkpoint than the run's latest (the run moved on),
+    and a second copy of a checkpoint already counted (the same adapter sha256: a backup is not a seed)."""
+    runs, left_out, seen = [], [], {}
+    failed = {}
+    if (study / "failed.txt").exists():
+        for line in (study / "failed.txt").read_text().splitlines():
+            name, _, why = line.partition(" ")
+            failed[name] = why
     for run in sorted((study / "runs").glob("*")):
         if not run.is_dir() or ".replaced-" in run.name:
+            continue
+        if run.name in failed:
+            left_out.append({"run": str(run), "why": failed[run.name] or "failed in this study's last run"})
             continue
         ev = run / "eval.json"
         try:
             res = json.loads(ev.read_text())
             prov = res["provenance"]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
+            finite = all(math.isfinite(x) for x in (res["skip_diff"], res["ppl"]["tool"]["gated"]))
+        except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
             left_out.append({"run": str(run), "why": f"no usable eval.json ({type(e).__name__})"})
             continue
-        if not all(math.isfinite(x) for x in (res["skip_diff"], res["ppl"]["tool"]["gated"])):
+        if not finite:
             left_out.append({"run": str(run), "why": "non-finite metrics"})
             continue
+        latest = current_checkpoint(run)
+        if latest is not None and Path(res.get("checkpoint", "")).resolve() != latest:
+            left_out.append({"run": str(run), "why": f"eval.json is of {Path(res.get('checkpoint', '?')).name}, the "
+                             f"run's latest checkpoint is {latest.name}: re-evaluate it"})
+            continue
+        sha = prov.get("checkpoint_sha256", {}).get("adapter.safetensors")
+        if sha and sha in seen:
+            left_out.append({"run": str(run), "why": f"the same checkpoint as {seen[sha]} (counted once)"})
+            continue
+        seen[sha] = run.name
+        args = run_settings(run, res)
         runs.append({"run": str(run), "variant": variant_of(prov), "seed": prov.get("seed"), "eval": str(ev),
-                     "res": res})
+                     "res": res, "method": {k: args.get(k) for k in METHOD_KEYS}})
+    # runs of one variant name but different method settings are different methods: never averaged together
+    for v in {r["variant"] for r in runs}:
+        keys = sorted({json.dumps(r["method"], sort_keys=True, default=str) for r in runs if r["variant"] == v})
+        if len(keys) > 1:
+            for r in runs:
+                if r["variant"] == v:
+                    k = keys.index(json.dumps(r["method"], sort_keys=True, default=str))
+                    r["variant"] = f"{v}#{k + 1}"
     return runs, left_out
 
 
@@ -117,11 +186,21 @@ def fmt(s: dict, digits: int = 2) -> str:
 
 
 def write_csv(path: Path, header, rows):
+    import io
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(header)
-        w.writerows(rows)
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(header)
+    w.writerows(rows)
+    atomic_write_text(path, buf.getvalue())
+
+
+def save_figure(fig, path: Path):
+    """A PNG written under a temporary name and renamed: a half-written figure never replaces a good one."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    fig.savefig(tmp, dpi=120, format="png")
+    import os
+    os.replace(tmp, path)
 
 
 def write_report(study, title: str = "LayerRoute reproduction") -> dict:
@@ -131,8 +210,8 @@ def write_report(study, title: str = "LayerRoute reproduction") -> dict:
     if not runs:
         raise ValueError(f"{study}: no run with a usable eval.json under runs/ "
                          + ("; ".join(f"{x['run']}: {x['why']}" for x in left_out)))
-    variants = [v for v in VARIANTS if any(r["variant"] == v for r in runs)]
-    summary = {v: {m: summarise([_get(r["res"], path) for r in runs if r["variant"] == v])
+    variants = sorted({r["variant"] for r in runs}, key=lambda v: (VARIANTS.index(v.split("#")[0]), v))
+    summary = {v: {m: summarise([_get(r["res"], path) for r in runs if r["variant"] == v], m)
                    for m, path in METRICS.items()} for v in variants}
     for v in variants:
         diffs = summary[v]["diff"]["values"]
@@ -140,10 +219,11 @@ def write_report(study, title: str = "LayerRoute reproduction") -> dict:
     figures, why_no_figures = make_figures(study, runs, variants)
     out = {"variants": summary, "runs": [{k: r[k] for k in ("run", "variant", "seed", "eval")} for r in runs],
            "left_out": left_out, "figures": figures}
-    (study / "study.json").write_text(json.dumps(out, indent=2, default=float))
+    out["methods"] = {v: next(r["method"] for r in runs if r["variant"] == v) for v in variants}
+    atomic_write_text(study / "study.json", json.dumps(out, indent=2, default=float))
     _tables(study, runs, variants, summary)
-    (study / "REPORT.md").write_text(_markdown(study, title, runs, left_out, variants, summary, figures,
-                                               why_no_figures))
+    atomic_write_text(study / "REPORT.md", _markdown(study, title, runs, left_out, variants, summary, figures,
+                                                     why_no_figures))
     return out
 
 
@@ -234,18 +314,24 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
     md += ["## Table 5: perplexity (CE only), assistant-only, and the paper's definition", "",
            _md_table(["variant", "step type", "base", "full (LoRA)", "gated", "assistant full", "assistant gated",
                       "paper-def full", "paper-def gated"], rows), ""]
-    rows = [[f"`{v}`", fmt(S[v]["dce_static"], 3), fmt(S[v]["dce_random"], 3), fmt(S[v]["dce_all_open"], 3)]
-            for v in variants]
+    rows = [[f"`{v}`", fmt(S[v]["layers_run_learned"], 3), fmt(S[v]["layers_run_static"], 3),
+             fmt(S[v]["layers_run_random"], 3), fmt(S[v]["dce_static"], 3), fmt(S[v]["dce_random"], 3),
+             fmt(S[v]["dce_all_open"], 3)] for v in variants]
     md += ["## Controls at matched compute", "",
-           "dCE = CE of the control minus CE of the learned routing, at the same number of blocks run (> 0: the "
-           "learned routing is better).", "",
-           _md_table(["variant", "static mask (k most-skipped layers)", "random mask", "all open"], rows), ""]
-    rows = [[f"`{v}`", fmt(S[v]["matched_diff"]), fmt(S[v]["len_coef"], 4), fmt(S[v]["tool_coef"], 4),
-             fmt(S[v]["r_length_score"], 3)] for v in variants]
+           "dCE = CE of the control minus CE of the learned routing (> 0: the learned routing is better). The controls "
+           "run exactly the learned routing's mean layers (rows skip k or k + 1 blocks; the random masks are matched "
+           "per step type); the layers-run columns show it.", "",
+           _md_table(["variant", "layers run: learned", "static", "random", "dCE static mask (most-skipped layers)",
+                      "dCE random mask", "dCE all open"], rows), ""]
+    lc0 = runs[0]["res"].get("length_confound", {})
+    rows = [[f"`{v}`", fmt(S[v]["matched_pairs"], 0), fmt(S[v]["matched_diff"]), fmt(S[v]["len_coef"], 4),
+             fmt(S[v]["tool_coef"], 4), fmt(S[v]["r_length_score"], 3)] for v in variants]
     md += ["## The length confound", "",
-           "Differential on tool/planning pairs matched in length, and the OLS of each row's mean soft gate on "
-           "length (per 100 tokens) and step type.", "",
-           _md_table(["variant", "length-matched differential", "coef per 100 tokens", "coef tool",
+           f"On the length the routers see, {lc0.get('length', 'prompt tokens')}: the differential on tool/planning "
+           f"pairs matched in it ({lc0.get('matched_on') or 'no matched set'}), and the OLS of each row's mean soft "
+           "gate on it (per 100 tokens) and step type. With no matched pair the two step types' routed lengths do not "
+           "overlap, and only the regression speaks to the confound.", "",
+           _md_table(["variant", "matched pairs", "length-matched differential", "coef per 100 tokens", "coef tool",
                       "r(length, gate score)"], rows), ""]
     timed = [r for r in runs if r["res"].get("timing")]
     md += ["## Wall-clock against its bound", ""]
@@ -258,7 +344,8 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
                 a, b = tm["decode_all open"]["ms_per_token"], tm["decode_gated"]["ms_per_token"]
             else:
                 a, b = tm[f"{what}_all open"]["median_ms"], tm[f"{what}_gated"]["median_ms"]
-            rows.append([what, f"{a:.2f}", f"{b:.2f}", f"{a / b:.3f}", f"{tm['layers_skipped'][what]:.2f}",
+            flag = " (above its bound: a noisy measurement, not a result)" if tm.get("above_bound", {}).get(what) else ""
+            rows.append([what, f"{a:.2f}", f"{b:.2f}", f"{a / b:.3f}{flag}", f"{tm['layers_skipped'][what]:.2f}",
                          f"{tm['bound'][what]:.3f}"])
         md += [f"Measured on `{r['run']}` ({r['res']['provenance']['eval_device']}); k = blocks the timed prompts' "
                "own gates skipped.", "", _md_table(["measure", "all open ms", "gated ms", "speedup", "k", "bound"],
@@ -269,15 +356,41 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
     md += ["## Task accuracy", ""]
     if tasked:
         rows = []
+        for v in variants:
+            for m in ("base", "full", "gated"):
+                if S[v][f"gsm8k_{m}"]["n"]:
+                    rows.append([f"`{v}`", m, fmt(S[v][f"bfcl_{m}"], 1), fmt(S[v][f"tool_exact_{m}"], 1),
+                                 fmt(S[v][f"gsm8k_{m}"], 1)])
+        md += ["Greedy generation on the held-out prompts (% of rows; mean over seeds, Student-t 95% CI clipped to "
+               "[0, 100]). BFCL AST = the Berkeley Function Calling Leaderboard's abstract-syntax match against every "
+               "accepted value (minroute/bfcl.py); tool exact = the call's JSON equal to the reference's; GSM8K = the "
+               "final number. Each run's own Wilson intervals are in its eval.json.", "",
+               _md_table(["variant", "method", "BFCL AST %", "tool exact %", "GSM8K accuracy %"], rows), ""]
+        rows = []
         for r in tasked:
             s = r["res"]["tasks"]["summary"]
-            for m in ("full", "gated"):
-                if m in s:
-                    rows.append([f"`{Path(r['run']).name}`", m, f"{s[m]['tool']['exact']:.1f}",
-                                 f"{s[m]['planning']['accuracy']:.1f}"])
-        md += [_md_table(["run", "method", "tool-call exact %", "GSM8K accuracy %"], rows), ""]
+            for m in s:
+                ci = s[m].get("ci95", {})
+                b = (f"{s[m]['tool']['bfcl']:.1f} [{ci['bfcl'][0]:.0f}, {ci['bfcl'][1]:.0f}]" if "bfcl" in s[m]["tool"]
+                     else "n/a")
+                g = ci.get("gsm8k", [float("nan")] * 2)
+                rows.append([f"`{Path(r['run']).name}`", m, b, f"{s[m]['planning']['accuracy']:.1f} "
+                             f"[{g[0]:.0f}, {g[1]:.0f}]", f"{s[m]['tool']['layers_run']:.2f}",
+                             f"{s[m]['planning']['layers_run']:.2f}", f"{s[m]['hit_cap']:.0f}"])
+        md += ["Per run (Wilson 95% intervals over its held-out rows):", "",
+               _md_table(["run", "method", "BFCL AST %", "GSM8K %", "layers run tool", "layers run planning",
+                          "hit the cap %"], rows), ""]
     else:
         md += ["Not run (eval.py --tasks).", ""]
+    costed = [r for r in runs if r["res"].get("seconds", {}).get("floor")]
+    if costed:
+        sec = costed[0]["res"]["seconds"]
+        md += ["## What the evaluation cost", "",
+               f"`{Path(costed[0]['run']).name}`: the shared passes over every gate setting took {sec['passes']:.1f} s "
+               f"against a floor of {sec['floor']:.1f} s (each setting's own forward: "
+               + ", ".join(f"{k} {v:.1f} s" for k, v in sec["floor_settings"].items())
+               + f"), {sec['passes'] / sec['floor']:.2f}x; the whole evaluation {sec['total']:.1f} s.", ""]
+    md += ["## What these numbers can and cannot support", "", *support(runs, variants, S), ""]
     md += ["## Figures", ""]
     if figures:
         captions = {"gates_heatmap": "Hard-skip rate per layer, by step type and variant (mean over seeds; the "
@@ -310,6 +423,49 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
     return "\n".join(md)
 
 
+def support(runs, variants, S) -> list[str]:
+    """The report's verdict in words, from the numbers themselves: what a CI crossing zero, few seeds or a short
+    run can and cannot say."""
+    out = []
+    steps = sorted({r["res"].get("step") for r in runs if r["res"].get("step") is not None})
+    out.append(f"- Training length: {', '.join(map(str, steps))} optimizer updates per run (the paper's recipe: "
+               "3,000). Whatever routing these runs learned is the routing of an early phase of training; a "
+               "converged router could differ.")
+    for v in variants:
+        d = S[v]["diff"]
+        if d["n"] < 2:
+            out.append(f"- `{v}`: one seed; its across-seed uncertainty is unknown, and no differential is claimed.")
+            continue
+        lo, hi = d["ci95"]
+        if lo == hi:
+            verdict = f"every seed gave the same differential ({lo:+.2f}): the routers did not tell the step types apart"
+        elif lo > 0:
+            verdict = "tool calls skip more than planning: the CI of the mean differential lies above zero"
+        elif hi < 0:
+            verdict = "planning skips more than tool calls (the reverse of the paper's claim): the CI lies below zero"
+        else:
+            verdict = "no differential can be claimed: the CI of the mean differential crosses zero"
+        within = [r for r in runs if r["variant"] == v]
+        sig = sum(r["res"]["skip_diff_ci95"][0] > 0 or r["res"]["skip_diff_ci95"][1] < 0 for r in within)
+        out.append(f"- `{v}` ({d['n']} seeds): differential {d['mean']:+.2f} [{lo:+.2f}, {hi:+.2f}]; {verdict}. "
+                   f"{sig} of {len(within)} runs have a within-run CI (over eval rows) that excludes zero; the paper "
+                   f"claimed {PAPER['diff']:+.2f}, the authors' own 10 seeds gave {AUTHORS_RERUN['diff'][0]:+.2f} "
+                   f"(sd {AUTHORS_RERUN['diff'][1]}).")
+        if d.get("clipped"):
+            out.append("  The interval was clipped to the range a differential can take.")
+        ds, dr = S[v]["dce_static"], S[v]["dce_random"]
+        if ds["n"] >= 2:
+            beats = "beats" if ds["ci95"][0] > 0 else ("loses to" if ds["ci95"][1] < 0 else "is not distinguishable from")
+            out.append(f"  At exactly matched compute the learned routing {beats} a static mask (dCE {ds['mean']:+.3f} "
+                       f"[{ds['ci95'][0]:+.3f}, {ds['ci95'][1]:+.3f}]) and has dCE {dr['mean']:+.3f} against random masks.")
+        mp = S[v]["matched_pairs"]
+        if mp["n"] and mp["mean"] == 0:
+            out.append("  No length-matched pair exists on the routed length: tool prompts (with their schemas) are "
+                       "longer than every planning prompt, so length and step type cannot be told apart by matching; "
+                       "see the regression.")
+    return out
+
+
 def make_figures(study: Path, runs, variants) -> tuple[list[str], str]:
     """PNG figures under study/figures; ([], why) when matplotlib is missing."""
     try:
@@ -335,7 +491,7 @@ def make_figures(study: Path, runs, variants) -> tuple[list[str], str]:
     ax.set_xticks(range(len(grid[0])))
     fig.colorbar(im, ax=ax)
     fig.tight_layout()
-    fig.savefig(out / "gates_heatmap.png", dpi=120)
+    save_figure(fig, out / "gates_heatmap.png")
     made.append("gates_heatmap")
     # training curves
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
@@ -349,17 +505,20 @@ def make_figures(study: Path, runs, variants) -> tuple[list[str], str]:
         va = [x for x in rows if x.get("val_ce")]
         c = colours[r["variant"]]
         lab = r["variant"] if r is next(x for x in runs if x["variant"] == r["variant"]) else None
+        if lab and r["method"].get("ablation") == "bce":
+            lab += " (loss = CE + λ·BCE)"
         steps = [int(x["step"]) for x in tr]
         axes[0].plot(steps, [float(x["loss"]) for x in tr], color=c, alpha=0.6, label=lab)
         axes[1].plot(steps, [float(x["ce"]) for x in tr], color=c, alpha=0.6)
         axes[2].plot(steps, [float(x["skip_tool"]) for x in tr], color=c, alpha=0.6)
         axes[2].plot(steps, [float(x["skip_plan"]) for x in tr], color=c, alpha=0.6, ls="--")
         axes[3].plot([int(x["step"]) for x in va], [float(x["val_ce"]) for x in va], color=c, alpha=0.6, marker=".")
-    for a, t in zip(axes, ("loss (CE + λR)", "train CE", "skip% (solid tool, dashed planning)", "validation CE")):
+    for a, t in zip(axes, ("loss (CE + λR; BCE runs: CE + λ·BCE)", "train CE", "skip% (solid tool, dashed planning)",
+                           "validation CE")):
         a.set(xlabel="update", title=t)
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "training_curves.png", dpi=120)
+    save_figure(fig, out / "training_curves.png")
     made.append("training_curves")
     # forest plot of the differential
     fig, ax = plt.subplots(figsize=(7, 0.5 * len(runs) + 0.6 * len(variants) + 1))
@@ -373,7 +532,7 @@ def make_figures(study: Path, runs, variants) -> tuple[list[str], str]:
             names.append(f"{v} seed {r['seed']}")
             y += 1
         s = [r["res"]["skip_diff"] for r in mine]
-        lo, hi = t_ci(s) if len(s) > 1 else (s[0], s[0])
+        lo, hi = t_ci(s, bounds=(-100, 100)) if len(s) > 1 else (s[0], s[0])
         ax.errorbar(np.mean(s), y, xerr=[[np.mean(s) - lo], [hi - np.mean(s)]], fmt="D", color=colours[v],
                     markersize=8, capsize=4)
         ticks.append(y)
@@ -385,7 +544,7 @@ def make_figures(study: Path, runs, variants) -> tuple[list[str], str]:
     ax.invert_yaxis()
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "differential_forest.png", dpi=120)
+    save_figure(fig, out / "differential_forest.png")
     made.append("differential_forest")
     # skip% against the routed length (the prompt), by step type, for the first variant
     v0 = variants[0]
@@ -404,7 +563,7 @@ def make_figures(study: Path, runs, variants) -> tuple[list[str], str]:
            title=f"Skip% against prompt length ({v0}, all seeds)")
     ax.legend()
     fig.tight_layout()
-    fig.savefig(out / "skip_vs_length.png", dpi=120)
+    save_figure(fig, out / "skip_vs_length.png")
     made.append("skip_vs_length")
     plt.close("all")
     return made, ""

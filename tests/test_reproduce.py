@@ -11,7 +11,7 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 SECTIONS = ("## The claim, side by side", "## Table 2: skipping by variant", "## Table 5: perplexity",
             "## Controls at matched compute", "## The length confound", "## Wall-clock against its bound",
-            "## Task accuracy", "## Figures", "## How it was made")
+            "## Task accuracy", "## What these numbers can and cannot support", "## Figures", "## How it was made")
 FIGURES = ("gates_heatmap", "training_curves", "differential_forest", "skip_vs_length")
 
 
@@ -95,3 +95,31 @@ def test_a_failing_run_is_named_and_the_rest_go_on(study):
     s = json.loads((out / "study.json").read_text())
     assert len(s["runs"]) == 3 and s["left_out"][0]["run"].endswith("noreg-s2")
     assert "**Left out:**" in (out / "REPORT.md").read_text()
+
+
+def test_real_cpu_quick_study(tmp_path):
+    """bash reproduce.sh --real-cpu --quick on the real SmolLM2 GGUF and real BFCL + GSM8K (skipped without them):
+    every section is there, and the report's numbers are the runs' eval.json numbers."""
+    gguf, data = os.environ.get("MINROUTE_GGUF"), os.environ.get("MINROUTE_DATA")
+    if not gguf or not Path(gguf).is_file() or not data or not (Path(data) / "bfcl-v4").is_dir():
+        pytest.skip("real model or data not available (set MINROUTE_GGUF and MINROUTE_DATA)")
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "quick"
+    res = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "--real-cpu", "--quick", "--out", str(out),
+                          "--variants", "paper", "--steps", "2"], env=env(), capture_output=True, text=True, cwd=ROOT)
+    assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
+    report = (out / "REPORT.md").read_text()
+    for section in SECTIONS + ("## What the evaluation cost",):
+        assert section in report, f"REPORT.md lacks '{section}'"
+    manifest = json.loads((out / "data" / "manifest.json").read_text())
+    assert set(manifest["sources"]) == {"bfcl", "gsm8k"} and manifest["cut_rows"] == "drop"
+    assert json.loads((out / "model" / "conversion.json").read_text())["architecture"] == "llama"
+    ev = json.loads((out / "runs" / "paper-s1" / "eval.json").read_text())
+    row = next(line for line in report.splitlines() if line.startswith("| minroute `paper`"))
+    cells = [c.strip() for c in row.split("|")[1:-1]]
+    assert cells[1] == f"{ev['skip_pct']['tool']:.2f} (1 seed)" and cells[3].startswith(f"{ev['skip_diff']:.2f} (1 seed)")
+    s = ev["tasks"]["summary"]
+    assert set(s) == {"base", "full", "gated"} and "bfcl" in s["gated"]["tool"]
+    assert f"| `paper` | gated | {s['gated']['tool']['bfcl']:.1f} (1 seed)" in report
+    assert ev["seconds"]["passes"] > 0 and ev["seconds"]["floor"] > 0
+    assert json.loads((out / "study.json").read_text())["runs"][0]["eval"].endswith("paper-s1/eval.json")
