@@ -165,6 +165,8 @@ def open_run(path, which, model=None, data=None, device="cpu", batch_size: int =
     if "args" not in meta or not isinstance(meta["args"], dict):
         raise UserError(f"{ckpt_dir}/meta.json has no 'args'; not a checkpoint train.py wrote")
     folder = DataFolder(data or meta["args"]["data"])
+    if not folder.has_split("eval") or len(folder.split("eval")) == 0:
+        raise UserError(f"{folder}/eval: no held-out rows to evaluate; rebuild the data with --eval-counts above 0")
     model = model or meta["args"]["model"]
     folder.check_tokenizer(model)
     check_held_out(folder, meta, ckpt_dir, say=say)

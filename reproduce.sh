@@ -145,8 +145,9 @@ eval_is_current() {  # eval.json readable, made for this checkpoint with these e
 import json, sys
 from pathlib import Path
 ev, ckpt, tasks = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]).resolve(), sys.argv[3] == "1"
-s = ev.get("settings", {})
+s, meta = ev.get("settings", {}), json.loads((ckpt / "meta.json").read_text())
 ok = Path(s.get("checkpoint", "")).resolve() == ckpt and s.get("which") == "latest" and bool(s.get("tasks")) == tasks
+ok = ok and s.get("data_sha256") == meta.get("data_sha256", s.get("data_sha256")) and not s.get("model")
 sys.exit(0 if ok and "skip_diff" in ev else 1)
 PY
 }

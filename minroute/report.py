@@ -154,6 +154,14 @@ def collect(study: Path) -> tuple[list[dict], list[dict]]:
             left_out.append({"run": str(run), "why": "non-finite metrics"})
             continue
         latest = current_checkpoint(run)
+        settings = res.get("settings", {})
+        trained_on = res["provenance"].get("trained_on_data_sha256")  # None for runs older than data identities
+        adhoc = settings and (settings.get("which") != "latest" or settings.get("model") or
+                              (trained_on is not None and settings.get("data_sha256") != trained_on))
+        if adhoc:
+            left_out.append({"run": str(run), "why": "eval.json is an ad-hoc evaluation (another checkpoint choice, "
+                             "model or data than the run's own); re-run the study to evaluate it as the study does"})
+            continue
         if latest is not None and Path(res.get("checkpoint", "")).resolve() != latest:
             left_out.append({"run": str(run), "why": f"eval.json is of {Path(res.get('checkpoint', '?')).name}, the "
                              f"run's latest checkpoint is {latest.name}: re-evaluate it"})

@@ -123,3 +123,67 @@ def test_real_cpu_quick_study(tmp_path):
     assert f"| `paper` | gated | {s['gated']['tool']['bfcl']:.1f} (1 seed)" in report
     assert ev["seconds"]["passes"] > 0 and ev["seconds"]["floor"] > 0
     assert json.loads((out / "study.json").read_text())["runs"][0]["eval"].endswith("paper-s1/eval.json")
+
+
+# ----------------------------------------------------------------------------- a study under a hostile user (issue 23)
+
+def rerun(out, *extra):
+    return subprocess.run(study_cmd(out) + list(extra), env=env(), capture_output=True, text=True, cwd=ROOT)
+
+
+def test_study_numbers_survive_a_hostile_user(study, tmp_path):
+    """Each BAD case of the black-box probe, as a user types it, on a copy of the demo study."""
+    import shutil
+    src, _ = study
+    out = tmp_path / "s"
+    shutil.copytree(src, out)
+    runs = out / "runs"
+    # 5: a backup copy of a run is not a third seed
+    shutil.copytree(runs / "paper-s1", runs / "paper-s1.bak")
+    # 7: a damaged eval.json is redone, never skipped
+    (runs / "paper-s2" / "eval.json").write_text('{"skip_diff": 1.0, "trunc')
+    # 8: an ad-hoc evaluation into a study run (another checkpoint choice) is not the study's number
+    adhoc = subprocess.run([os.environ.get("PYTHON", "python"), str(ROOT / "eval.py"), "--ckpt",
+                            str(runs / "noreg-s1"), "--which", "best", "--no-timing", "--floor-every", "0"],
+                           env=env(), capture_output=True, text=True, cwd=ROOT)
+    assert adhoc.returncode == 0, adhoc.stderr[-2000:]
+    assert json.loads((runs / "noreg-s1" / "eval.json").read_text())["settings"]["which"] == "best"
+    res = rerun(out)
+    assert res.returncode == 0, res.stderr[-2000:]
+    s = json.loads((out / "study.json").read_text())
+    assert sorted(Path(r["run"]).name for r in s["runs"]) == ["noreg-s1", "noreg-s2", "paper-s1", "paper-s2"]
+    assert [Path(x["run"]).name for x in s["left_out"]] == ["paper-s1.bak"] and "counted once" in s["left_out"][0]["why"]
+    assert json.loads((runs / "paper-s2" / "eval.json").read_text())["settings"]["which"] == "latest"
+    assert json.loads((runs / "noreg-s1" / "eval.json").read_text())["settings"]["which"] == "latest", \
+        "the study re-evaluated the run its own way"
+    shutil.rmtree(runs / "paper-s1.bak")
+    # 6 and 10: asked for more steps, the runs are extended and re-evaluated; the report follows them
+    res = rerun(out, "--steps", "10")
+    assert res.returncode == 0, res.stderr[-2000:]
+    for r in json.loads((out / "study.json").read_text())["runs"]:
+        ev = json.loads(Path(r["eval"]).read_text())
+        assert ev["step"] == 10 and json.loads((Path(r["run"]) / "latest.json").read_text())["step"] == 10
+    # 10: a run whose eval.json is older than its checkpoint is left out by the report, named
+    adapter = runs / "noreg-s2" / json.loads((runs / "noreg-s2" / "latest.json").read_text())["dir"]
+    ev = json.loads((runs / "noreg-s2" / "eval.json").read_text())
+    ev["checkpoint"] = str(adapter.parent / "ckpt-000008")
+    (runs / "noreg-s2" / "eval.json").write_text(json.dumps(ev))
+    report = subprocess.run([os.environ.get("PYTHON", "python"), str(ROOT / "eval.py"), "--report", str(out)],
+                            env=env(), capture_output=True, text=True, cwd=ROOT)
+    assert report.returncode == 0
+    left = json.loads((out / "study.json").read_text())["left_out"]
+    assert [Path(x["run"]).name for x in left] == ["noreg-s2"] and "re-evaluate it" in left[0]["why"]
+
+
+def test_study_paths_and_interrupts(tmp_path):
+    """A relative --out is the user's folder; a study folder cannot be a data folder or a run."""
+    rel = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "--demo", "--out", "mine", "--variants", "nope"],
+                         env=env(), capture_output=True, text=True, cwd=tmp_path)
+    assert rel.returncode == 2 and not (ROOT / "mine").exists()
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "manifest.json").write_text("{}")
+    bad = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "--demo", "--out", "data"], env=env(),
+                         capture_output=True, text=True, cwd=tmp_path)
+    assert bad.returncode == 2 and "data folder or a run" in bad.stderr
+    script = (ROOT / "reproduce.sh").read_text()
+    assert "trap " in script and "INT" in script, "Ctrl-C must stop the study, not go on with the next run"
