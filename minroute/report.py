@@ -162,13 +162,13 @@ def collect(study: Path) -> tuple[list[dict], list[dict]]:
             left_out.append({"run": str(run), "why": "eval.json is an ad-hoc evaluation (another checkpoint choice, "
                              "model or data than the run's own); re-run the study to evaluate it as the study does"})
             continue
-        if latest is not None and Path(res.get("checkpoint", "")).resolve() != latest:
-            left_out.append({"run": str(run), "why": f"eval.json is of {Path(res.get('checkpoint', '?')).name}, the "
-                             f"run's latest checkpoint is {latest.name}: re-evaluate it"})
-            continue
         sha = prov.get("checkpoint_sha256", {}).get("adapter.safetensors")
         if sha and sha in seen:
             left_out.append({"run": str(run), "why": f"the same checkpoint as {seen[sha]} (counted once)"})
+            continue
+        if latest is not None and Path(res.get("checkpoint", "")).resolve() != latest:
+            left_out.append({"run": str(run), "why": f"eval.json is of {res.get('checkpoint', '?')}, the run's latest "
+                             f"checkpoint is {latest}: re-evaluate it"})
             continue
         seen[sha] = run.name
         args = run_settings(run, res)
