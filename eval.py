@@ -47,17 +47,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from minroute import tables as T
 from minroute.checkpoint import atomic_write_text, load_layerroute, resolve_checkpoint, trained_rows
-from minroute.data import TOOL, DataFolder, collate
-from minroute.evaluate import STEP_NAMES, PassResult, random_masks, static_mask, static_masks
-from minroute.flops import paper_flops, sequence_flops, skip_bound_speedup
+from minroute.data import TOOL, DataFolder
+from minroute.evaluate import BaseCache, PassResult, random_masks, static_mask, static_masks
 from minroute.load import load_tokenizer
 from minroute.passes import Setting, floor_seconds, run_settings
+from minroute.report import plot_gates
 from minroute.safety import UserError, default_device, device, nonneg_int, positive_int, run_cli
-from minroute.stats import length_regression, log_t_ci, t_ci_clipped
-from minroute.timing import decode_ms_per_token, measure, prefill
-
-TYPES = (TOOL, 1)
+from minroute.tables import method_name, table
 
 
 def parse_args(argv=None):
@@ -93,18 +91,6 @@ def parse_args(argv=None):
     a = ap.parse_args(argv)
     a.max_new_tokens = min(a.max_new_tokens, 1 << 16)
     return a
-
-
-def table(title: str, header: list[str], rows: list[list], out: list | None = None, name: str = "") -> str:
-    """Aligned plain-text table; also appended to `out` as (CSV name, header, rows)."""
-    cells = [[f"{c:.2f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(header)]
-    lines = [f"\n{title}", "  ".join(h.ljust(w) for h, w in zip(header, widths)), "  ".join("-" * w for w in widths)]
-    lines += ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    print("\n".join(lines))
-    if out is not None:
-        out.append((name or "".join(ch if ch.isalnum() else "_" for ch in title.lower())[:40].strip("_"), header, rows))
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- a run and its data
@@ -183,58 +169,6 @@ def describe_checkpoint(run: Run, which: str) -> str:
 
 # ----------------------------------------------------------------------------- the passes
 
-class BaseCache:
-    """What an evaluation computes of the base model alone (no LoRA, no routers: the same for every run of a study),
-    in DIR under a key of the model's files, the data's identity and the evaluation settings; None = no cache."""
-
-    def __init__(self, folder, run: "Run", args):
-        self.dir = Path(folder) if folder else None
-        if self.dir is None:
-            return
-        from minroute.load import resolve_dir
-        from minroute.safety import sha256_file
-        mdir = resolve_dir(run.meta["args"]["model"] if not args.model else args.model)
-        weights = sorted(mdir.glob("*.safetensors"))
-        ident = {"data": run.data.identity, "config": (mdir / "config.json").read_text(),
-                 "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights],
-                 "tokenizer": sha256_file(mdir / "tokenizer.json"), "batching": run.batching,
-                 "max_new_tokens": args.max_new_tokens, "dtype": str(next(run.route.parameters()).dtype)}
-        import hashlib
-        self.key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
-
-    def path(self, what: str) -> Path | None:
-        return None if self.dir is None else self.dir / f"base-{what}-{self.key}"
-
-    def load_pass(self):
-        p = self.path("pass")
-        if p is None or not p.with_suffix(".npz").exists():
-            return None
-        from minroute.passes import SettingResult
-        with np.load(p.with_suffix(".npz")) as z:  # plain arrays only: never unpickles
-            return SettingResult(**{k: z[k] for k in z.files})
-
-    def save_pass(self, r):
-        p = self.path("pass")
-        if p is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            tmp = p.with_name(p.name + ".tmp.npz")
-            arrays = {k: v for k, v in vars(r).items() if v is not None}
-            arrays["soft"] = np.full_like(r.soft, np.nan)  # the routers of this run: meaningless for another
-            np.savez(tmp, **arrays)
-            os.replace(tmp, p.with_suffix(".npz"))
-
-    def load_json(self, what: str):
-        p = self.path(what)
-        return json.loads(p.with_suffix(".json").read_text()) if p is not None and p.with_suffix(".json").exists() \
-            else None
-
-    def save_json(self, what: str, value):
-        p = self.path(what)
-        if p is not None:
-            self.dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_text(p.with_suffix(".json"), json.dumps(value, default=float))
-
-
 def measure_passes(run: Run, args, dev, autocast, cache: BaseCache) -> tuple[dict[str, PassResult], dict]:
     """Every setting on the eval rows in shared passes, the length-matched rows, and the floor beside the cost."""
     L, ev = run.route.config.num_hidden_layers, run.data.split("eval")
@@ -270,49 +204,7 @@ def measure_passes(run: Run, args, dev, autocast, cache: BaseCache) -> tuple[dic
     return passes, seconds
 
 
-# ----------------------------------------------------------------------------- the tables
-
-def method_name(path, meta) -> str:
-    a, name = meta["args"], Path(path).name
-    if a.get("ablation") == "bce":
-        name += f" (BCE, tool = {'1: open' if a.get('bce_target') == 'open' else '0: skip'})"
-    return name
-
-
-def differential_table(p: dict, res: dict, args, tables):
-    g, tf = p["gated"], p["teacher-forced"]
-    st = g.differential(args.seed)
-    res.update(skip_pct={STEP_NAMES[t]: g.skip_pct(t) for t in TYPES}, skip_diff=st["diff"], skip_diff_ci95=st["ci95"],
-               skip_diff_p_permutation=st["p_permutation"],
-               teacher_forced={"skip_pct": {STEP_NAMES[t]: tf.skip_pct(t) for t in TYPES},
-                               "skip_diff": tf.skip_pct(TOOL) - tf.skip_pct(1),
-                               "gates_differ_pct": 100 * float((tf.hard != g.hard).any(1).mean())},
-               layers_run={STEP_NAMES[t]: float(g.layers_run[g.sel(t)].mean()) for t in TYPES})
-    rows = [["routed on the prompt (deployment: prefill gates)", g.skip_pct(TOOL), g.skip_pct(1), st["diff"], 0.0],
-            ["routed on prompt + answer (teacher-forced)", tf.skip_pct(TOOL), tf.skip_pct(1),
-             res["teacher_forced"]["skip_diff"], res["teacher_forced"]["gates_differ_pct"]]]
-    if "authors' protocol" in p:
-        a = p["authors' protocol"]
-        res["authors_protocol"] = {"skip_pct": {STEP_NAMES[t]: a.skip_pct(t) for t in TYPES},
-                                   "skip_diff": a.skip_pct(TOOL) - a.skip_pct(1),
-                                   "gates_differ_pct": 100 * float((a.hard != g.hard).any(1).mean())}
-        rows.append(["authors' protocol (batch 1, unpadded, prompt + answer)", a.skip_pct(TOOL), a.skip_pct(1),
-                     res["authors_protocol"]["skip_diff"], res["authors_protocol"]["gates_differ_pct"]])
-    table(f"Skip differential of this run: tool - planning = {st['diff']:+.2f} points, 95% CI [{st['ci95'][0]:+.2f}, "
-          f"{st['ci95'][1]:+.2f}] (stratified bootstrap over {st['n_tool']} + {st['n_planning']} eval rows), "
-          f"permutation p = {st['p_permutation']:.4f}",
-          ["gates", "skip% tool", "skip% plan", "diff", "rows whose gates differ from deployment %"], rows, tables,
-          "differential")
-
-
-def table2_row(p: dict, cfg, seed: int) -> dict:
-    gp, fp, tfp = p["gated"], p["full"], p["teacher-forced"]
-    return {"skip_tool": gp.skip_pct(TOOL), "skip_planning": gp.skip_pct(1), "diff": gp.skip_pct(TOOL) - gp.skip_pct(1),
-            "diff_ci95": gp.differential(seed)["ci95"], "flops_red_tool_paper": gp.flops_reduction(cfg, TOOL, False),
-            "flops_red_tool_whole": gp.flops_reduction(cfg, TOOL), "dppl_tool": gp.ppl(TOOL) - fp.ppl(TOOL),
-            "dppl_planning": gp.ppl(1) - fp.ppl(1), "tf_skip_tool": tfp.skip_pct(TOOL),
-            "tf_skip_planning": tfp.skip_pct(1)}
-
+# ----------------------------------------------------------------------------- Table 2 (with other runs)
 
 def table2(run: Run, p: dict, res: dict, args, dev, autocast, tables):
     cfg, methods = run.route.config, [(method_name(run.ckpt_dir.parent, run.meta), p)]
@@ -328,7 +220,7 @@ def table2(run: Run, p: dict, res: dict, args, dev, autocast, tables):
         methods.append((name, {k: PassResult.of(run.data.split("eval"), v) for k, v in r.items()}))
     rows, res["methods"] = [["all open (LoRA)", 0.0, 0.0, 0.0, "", 0.0, 0.0, 0.0, 0.0, "", ""]], {}
     for name, mp in methods:
-        row = res["methods"][name] = table2_row(mp, cfg, args.seed)
+        row = res["methods"][name] = T.table2_row(mp, cfg, args.seed)
         ci = row["diff_ci95"]
         rows.append([name, row["skip_tool"], row["skip_planning"], row["diff"], f"[{ci[0]:+.2f}, {ci[1]:+.2f}]",
                      row["flops_red_tool_paper"], row["flops_red_tool_whole"], row["dppl_tool"], row["dppl_planning"],
@@ -340,147 +232,7 @@ def table2(run: Run, p: dict, res: dict, args, dev, autocast, tables):
           rows, tables, "table2")
 
 
-def tables_3_to_5(run: Run, p: dict, res: dict, tables):
-    cfg, g = run.route.config, p["gated"]
-    L, lam = cfg.num_hidden_layers, run.meta["args"].get("gate_reg", 1.0)
-    rows, res["per_type"] = [], {}
-    for t in TYPES:
-        m = g.sel(t)
-        f_run = float(np.mean([sequence_flops(cfg, int(T), int(k)) for T, k in zip(g.n_tokens[m], g.layers_run[m])]))
-        f_full = float(np.mean([sequence_flops(cfg, int(T), L, routers=False) for T in g.n_tokens[m]]))
-        d = res["per_type"][STEP_NAMES[t]] = {
-            "n": int(m.sum()), "mean_tokens": float(g.n_tokens[m].mean()), "layers_run": float(g.layers_run[m].mean()),
-            "skip_pct": g.skip_pct(t), "flops_per_seq": f_run, "flops_full": f_full,
-            "flops_red_pct": 100 * (1 - f_run / f_full),
-            "paper_flops_per_seq": float(np.mean([paper_flops(cfg, 512, k) for k in g.layers_run[m]]))}
-        rows.append([STEP_NAMES[t], d["n"], d["mean_tokens"], d["layers_run"], d["skip_pct"], f"{f_run:.3e}",
-                     f"{f_full:.3e}", d["flops_red_pct"], f"{d['paper_flops_per_seq']:.3e}"])
-    table(f"Table 3: layers run and FLOPs per sequence at real lengths (of {L} layers)",
-          ["step type", "n", "tokens", "layers run", "skip%", "FLOPs/seq", "FLOPs/seq all open", "FLOPs red.%",
-           "paper FLOPs/seq (T=512)"], rows, tables, "table3")
-    rows = [[STEP_NAMES[t], int(i), int(g.n_tokens[i]), "".join("1" if x else "0" for x in g.hard[i]),
-             100 * (1 - g.hard[i].mean())] for t in TYPES for i in np.flatnonzero(g.sel(t))[:3]]
-    table("Table 4: gate patterns of example inputs (1 = block ran, 0 = skipped; layer 0 first)",
-          ["step type", "sample", "tokens", "pattern", "skip%"], rows, tables, "table4")
-    methods = ("base", "full", "gated")
-    res["ppl"] = {STEP_NAMES[t]: {m: p[m].ppl(t) for m in methods} for t in TYPES}
-    res["ppl_assistant"] = {STEP_NAMES[t]: {m: p[m].ppl(t, assistant=True) for m in methods} for t in TYPES}
-    res["ppl_paper_definition"] = {STEP_NAMES[t]: {m: p[m].paper_ppl(t, lam, forced=m != "gated") for m in methods}
-                                   for t in TYPES}
-    rows = []
-    for t in TYPES:
-        a, b, q = res["ppl"][STEP_NAMES[t]], res["ppl_assistant"][STEP_NAMES[t]], res["ppl_paper_definition"][STEP_NAMES[t]]
-        rows.append([STEP_NAMES[t], a["base"], a["full"], a["gated"], a["gated"] - a["full"], b["base"], b["full"],
-                     b["gated"], q["full"], q["gated"], q["gated"] - q["full"]])
-    table(f"Table 5: PPL = exp(token-mean CE) on held-out rows, over all tokens and over the assistant's output alone "
-          f"(asst); beside them the paper's definition, the mean over rows of exp(CE_i + {lam:g} x R_i)",
-          ["step type", "base", "full (LoRA)", "gated", "dPPL", "asst base", "asst full", "asst gated",
-           "paper-def full", "paper-def gated", "paper-def dPPL"], rows, tables, "table5")
-
-
-def per_layer(p: dict, res: dict, tables):
-    g, res["per_layer"], rows = p["gated"], {}, []
-    print("\nPer-layer gates: mean soft gate p and hard-skip rate, tool | planning")
-    for i in range(g.hard.shape[1]):
-        vals = [x for t in TYPES for x in (float(g.soft[g.sel(t), i].mean()), float(1 - g.hard[g.sel(t), i].mean()))]
-        res["per_layer"][i] = dict(zip(["p_tool", "skip_tool", "p_plan", "skip_plan"], vals))
-        bar = "#" * int(round(20 * vals[0]))
-        print(f"  layer {i:2d}  p {vals[0]:.3f} {bar:20s} skip {100 * vals[1]:5.1f}% | p {vals[2]:.3f} "
-              f"{'#' * int(round(20 * vals[2])):20s} skip {100 * vals[3]:5.1f}%")
-        rows.append([i, *vals])
-    tables.append(("gates", ["layer", "p_tool", "skip_tool", "p_plan", "skip_plan"], rows))
-
-
-def controls_table(p: dict, res: dict, tables):
-    g, rows, res["controls"] = p["gated"], [], {}
-    for name in ("gated", "static mask", "random mask", "full"):
-        c = p[name]
-        label = {"gated": "learned routing", "full": "all open"}.get(name, name)
-        d = res["controls"][label] = {"layers_run": float(c.layers_run.mean()), "ce": c.ce(), "ce_tool": c.ce(TOOL),
-                                      "ce_plan": c.ce(1), "dce_vs_learned": c.ce() - g.ce(),
-                                      "layers_run_tool": float(c.layers_run[c.sel(TOOL)].mean()),
-                                      "layers_run_plan": float(c.layers_run[c.sel(1)].mean())}
-        rows.append([label, f"{d['layers_run']:.4f}", f"{d['layers_run_tool']:.3f}", f"{d['layers_run_plan']:.3f}",
-                     d["ce"], d["ce_tool"], d["ce_plan"], d["dce_vs_learned"]])
-    table("Controls at exactly matched compute (mean layers run equal to the learned routing's; random masks per step "
-          "type): CE of each gate choice (dCE > 0: worse than the learned routing)",
-          ["gates", "layers run", "tool", "plan", "CE", "CE tool", "CE plan", "dCE vs learned"], rows, tables, "controls")
-
-
-def length_confound(run: Run, p: dict, res: dict, tables):
-    g, route_on = p["gated"], run.route_on
-    what = "prompt" if route_on == "prompt" else "whole row (prompt + answer)"
-    gm = p.get("matched")
-    split = run.data.matched_split(route_on)
-    lengths, score, tool = g.routed_length(route_on), g.soft.mean(1), g.step_type == TOOL
-    if gm is not None:
-        lengths = np.concatenate([lengths, gm.routed_length(route_on)])
-        score, tool = np.concatenate([score, gm.soft.mean(1)]), np.concatenate([tool, gm.step_type == TOOL])
-    reg = length_regression(lengths, tool, score)
-    n_pairs = int((gm.step_type == TOOL).sum()) if gm is not None else 0
-    lc = res["length_confound"] = {
-        "length": f"{what} tokens (what the routers pool)", "matched_on": run.data.matched_on(split) if split else None,
-        "matched_split": split, "matched_pairs": n_pairs,
-        "matched_skip_tool": gm.skip_pct(TOOL) if n_pairs else float("nan"),
-        "matched_skip_planning": gm.skip_pct(1) if n_pairs else float("nan"), "regression": reg}
-    lc["matched_diff"] = lc["matched_skip_tool"] - lc["matched_skip_planning"]
-    note = "" if n_pairs else " (no pair could be matched: the two step types' routed lengths do not overlap)"
-    table(f"Length confound on the length the routers see ({what} tokens): differential on pairs matched in it"
-          f"{note}; OLS of mean soft gate on it and step type",
-          ["set", "pairs", "skip% tool", "skip% plan", "diff", "coef /100 tok", "coef tool", "R2", "r(len,score) [95%]",
-           "r(tool,score)", "r(len,tool)"],
-          [["held-out eval", "", g.skip_pct(TOOL), g.skip_pct(1), res["skip_diff"], "", "", "", "", "", ""],
-           [f"length-matched ({lc['matched_on']})", n_pairs, lc["matched_skip_tool"], lc["matched_skip_planning"],
-            lc["matched_diff"], reg["per_100_tokens"], reg["tool"], reg["r2"],
-            f"{reg['r_length_score']:.3f} [{reg['r_length_score_ci95'][0]:.2f}, {reg['r_length_score_ci95'][1]:.2f}]"
-            if "r_length_score_ci95" in reg else "", reg["r_tool_score"], reg["r_length_tool"]]], tables,
-          "length_confound")
-
-
 # ----------------------------------------------------------------------------- timing, tasks
-
-def timing(run: Run, g: PassResult, args, dev, autocast, tables) -> dict:
-    """Prefill (batch 1 and 8) and decode ms/token with the KV cache, gated vs all open, under the evaluated model's
-    autocast. The timed model is the evaluated model: LoRA unmerged, routers deciding at prefill. Each bound uses
-    k from the gates of the prompts it timed; a speedup above its bound is flagged, not reported as a result."""
-    route, ev = run.route, run.data.split("eval")
-    cfg, L = route.config, route.config.num_hidden_layers
-    n = min(args.time_prompts, len(ev))
-    order = np.concatenate([np.flatnonzero(g.sel(t))[: max(1, n // 2)] for t in TYPES])[:max(n, 2)]
-    out, gates, rows = {}, {}, []
-    sizes = sorted({1, min(8, len(order))})
-    with autocast():
-        for name, forced in (("all open", torch.ones(L, dtype=torch.bool)), ("gated", None)):
-            with route.forcing(forced):
-                for bs in sizes:
-                    batch = collate(ev, order[:bs], run.tok.pad_id, side="left", prompt_only=True)
-                    ids, mask = batch["input_ids"].to(dev), batch["attention_mask"].to(dev)
-                    out[f"prefill_b{bs}_{name}"] = measure(lambda: prefill(route, ids, mask), 1, args.repeats, dev)
-                    gates[f"prefill_b{bs}"] = route.last.hard.cpu()
-                one = collate(ev, order[:1], run.tok.pad_id, prompt_only=True)["input_ids"].to(dev)
-                out[f"decode_{name}"] = decode_ms_per_token(route, one, args.new_tokens, 1, args.repeats, dev)
-                gates["decode"] = route.last.hard.cpu()
-    out["timed_gates"] = {k: ["".join("1" if x else "0" for x in row) for row in v.tolist()] for k, v in gates.items()}
-    out["layers_skipped"], out["bound"], out["above_bound"] = {}, {}, {}
-    for what in [f"prefill_b{bs}" for bs in sizes] + ["decode"]:
-        k = L - float(gates[what].float().sum(1).mean())
-        dec_bound, pre_bound = skip_bound_speedup(cfg, k)
-        bound = dec_bound if what == "decode" else pre_bound
-        if what == "decode":
-            a, b = out["decode_all open"]["ms_per_token"], out["decode_gated"]["ms_per_token"]
-            spread = f"iqr {out['decode_gated']['iqr_ms_per_token']:.2f}"
-        else:
-            a, b = out[f"{what}_all open"]["median_ms"], out[f"{what}_gated"]["median_ms"]
-            spread = f"{out[f'{what}_gated']['p25_ms']:.2f}-{out[f'{what}_gated']['p75_ms']:.2f}"
-        above = a / b > 1.05 * bound  # faster than skipping can make it: the machine's noise, not a result
-        out["layers_skipped"][what], out["bound"][what], out["above_bound"][what] = k, bound, above
-        rows.append([what, a, b, spread, f"{a / b:.3f}" + (" (above bound: noisy measurement)" if above else ""), k,
-                     bound])
-    table(f"Wall-clock on {len(order)} held-out prompts ({dev}, LoRA unmerged = the evaluated model, median of "
-          f"{args.repeats} after 1 warm-up; k = blocks skipped by the timed prompts' own gates)",
-          ["measure", "all open ms", "gated ms", "gated spread", "speedup", "k", "bound"], rows, tables, "timing")
-    return out
-
 
 def tasks(run: Run, g: PassResult, args, dev, autocast, tables, include_base=True, quiet=False,
           cache: "BaseCache | None" = None) -> dict:
@@ -542,13 +294,14 @@ def evaluate_run(run: Run, args, dev, autocast, tables) -> dict:
     ev = run.data.split("eval")
     res = {"checkpoint": str(run.ckpt_dir), "step": run.meta["step"], "updates": run.meta["args"].get("updates"),
            "which": args.which, "data": str(run.data), "n_eval": len(ev), "route_on": "prompt", "eval_batching": run.how}
-    differential_table(p, res, args, tables)
+    T.differential_table(p, res, args.seed, tables)
     table2(run, p, res, args, dev, autocast, tables)
-    tables_3_to_5(run, p, res, tables)
-    per_layer(p, res, tables)
+    T.tables_3_to_5(run.route.config, run.meta["args"].get("gate_reg", 1.0), p, res, tables)
+    T.per_layer(p, res, tables)
     plot_gates(res, run.ckpt_dir.parent)
-    controls_table(p, res, tables)
-    length_confound(run, p, res, tables)
+    T.controls_table(p, res, tables)
+    split = run.data.matched_split(run.route_on)
+    T.length_confound(p, res, run.route_on, split, run.data.matched_on(split) if split else None, tables)
     g = p["gated"]
     res["samples"] = {"step_type": g.step_type.tolist(), "n_tokens": g.n_tokens.tolist(),
                       "prompt_tokens": g.prompt_tokens.tolist(), "skip_pct": g.skip_per_sample.tolist(),
@@ -556,7 +309,7 @@ def evaluate_run(run: Run, args, dev, autocast, tables) -> dict:
     res["provenance"] = provenance(run)
     seconds["tables"] = time.perf_counter() - t0
     if not args.no_timing:
-        res["timing"] = timing(run, g, args, dev, autocast, tables)
+        res["timing"] = T.timing(run.route, ev, run.tok.pad_id, g, args, dev, autocast, tables)
     if args.tasks:
         t1 = time.perf_counter()
         res["tasks"] = tasks(run, g, args, dev, autocast, tables, cache=cache)
@@ -572,9 +325,31 @@ def evaluate_run(run: Run, args, dev, autocast, tables) -> dict:
     return res
 
 
+def seed_record(run: Run, path, args, dev, autocast) -> dict:
+    """One seed's numbers: deployment-gate skip%, differential with its CI, gated PPL and dPPL (and task accuracy)."""
+    ev, L = run.data.split("eval"), run.route.config.num_hidden_layers
+    r = run_settings(run.route, ev, run.tok.pad_id, [Setting("full", np.ones(L, bool)), Setting("gated")],
+                     device=dev, autocast=autocast, **run.batching)
+    gp, fp = PassResult.of(ev, r["gated"]), PassResult.of(ev, r["full"])
+    st = gp.differential(args.seed)
+    rec = {"run": str(path), "checkpoint": str(run.ckpt_dir), "step": run.meta["step"],
+           "seed": run.meta["args"].get("seed"), "skip_tool": gp.skip_pct(TOOL), "skip_planning": gp.skip_pct(1),
+           "diff": st["diff"], "diff_ci95": st["ci95"], "diff_p_permutation": st["p_permutation"],
+           "ppl_gated_tool": gp.ppl(TOOL), "ppl_gated_planning": gp.ppl(1), "dppl_tool": gp.ppl(TOOL) - fp.ppl(TOOL),
+           "dppl_planning": gp.ppl(1) - fp.ppl(1),
+           "method": {k: run.meta["args"].get(k) for k in T.VARIANT_KEYS}}
+    if args.tasks:  # task accuracy of LoRA all open vs gated, per seed
+        t = tasks(run, gp, args, dev, autocast, [], include_base=False, quiet=True)["summary"]
+        for m in ("full", "gated"):
+            rec.update({f"tool_exact_{m}": t[m]["tool"]["exact"], f"gsm8k_acc_{m}": t[m]["planning"]["accuracy"]})
+            if "bfcl" in t[m]["tool"]:
+                rec[f"bfcl_{m}"] = t[m]["tool"]["bfcl"]
+    return rec
+
+
 def across_seeds(args, dev, autocast, tables) -> dict:
     """Each run evaluated alone; a run that cannot be used (unreadable, refused data, non-finite metrics) or that
-    is the same checkpoint as one already counted is named and left out; the others count."""
+    is the same checkpoint (or the same seed and settings) as one already counted is named and left out."""
     per, skipped, duplicates, seen = [], [], [], {}
     for path in args.runs:
         try:
@@ -588,28 +363,12 @@ def across_seeds(args, dev, autocast, tables) -> dict:
         key = json.dumps({k: a.get(k) for k in sorted(a) if k not in ("out", "resume", "device", "given")},
                          sort_keys=True, default=str)
         if ident in seen or key in seen:
-            first = seen.get(ident) or seen.get(key)
-            duplicates.append({"run": str(path), "same_as": first})
-            print(f"counted once: {path} is the same checkpoint or the same seed and settings as {first}")
+            duplicates.append({"run": str(path), "same_as": seen.get(ident) or seen.get(key)})
+            print(f"counted once: {path} is the same checkpoint or the same seed and settings as "
+                  f"{duplicates[-1]['same_as']}")
             continue
         seen[ident] = seen[key] = str(path)
-        ev = run.data.split("eval")
-        L = run.route.config.num_hidden_layers
-        r = run_settings(run.route, ev, run.tok.pad_id, [Setting("full", np.ones(L, bool)), Setting("gated")],
-                         device=dev, autocast=autocast, **run.batching)
-        gp, fp = PassResult.of(ev, r["gated"]), PassResult.of(ev, r["full"])
-        st = gp.differential(args.seed)
-        rec = {"run": str(path), "checkpoint": str(run.ckpt_dir), "step": run.meta["step"], "seed": a.get("seed"),
-               "skip_tool": gp.skip_pct(TOOL), "skip_planning": gp.skip_pct(1), "diff": st["diff"],
-               "diff_ci95": st["ci95"], "diff_p_permutation": st["p_permutation"], "ppl_gated_tool": gp.ppl(TOOL),
-               "ppl_gated_planning": gp.ppl(1), "dppl_tool": gp.ppl(TOOL) - fp.ppl(TOOL),
-               "dppl_planning": gp.ppl(1) - fp.ppl(1)}
-        if args.tasks:  # task accuracy of LoRA all open vs gated, per seed
-            t = tasks(run, gp, args, dev, autocast, [], include_base=False, quiet=True)["summary"]
-            for m in ("full", "gated"):
-                rec.update({f"tool_exact_{m}": t[m]["tool"]["exact"], f"gsm8k_acc_{m}": t[m]["planning"]["accuracy"]})
-                if "bfcl" in t[m]["tool"]:
-                    rec[f"bfcl_{m}"] = t[m]["tool"]["bfcl"]
+        rec = seed_record(run, path, args, dev, autocast)
         bad = [k for k, v in rec.items() if isinstance(v, float) and not np.isfinite(v)]
         if bad:
             skipped.append({"run": str(path), "why": f"non-finite {', '.join(bad)}"})
@@ -622,64 +381,10 @@ def across_seeds(args, dev, autocast, tables) -> dict:
     if not per:
         raise UserError(f"none of the {len(args.runs)} runs could be evaluated: "
                         + "; ".join(f"{x['run']}: {x['why']}" for x in skipped))
-    variants = {json.dumps({k: open_meta_args(p_["checkpoint"]).get(k) for k in VARIANT_KEYS}, sort_keys=True)
-                for p_ in per}
-    if len(variants) > 1:
-        print("note: these runs differ in method settings (" + ", ".join(VARIANT_KEYS) + "); their mean mixes methods")
-    table("Per seed", ["run", "seed", "skip% tool", "skip% plan", "diff", "dPPL tool", "dPPL plan"],
-          [[p_["run"], p_["seed"], p_["skip_tool"], p_["skip_planning"], p_["diff"], p_["dppl_tool"], p_["dppl_planning"]]
-           for p_ in per], tables, "seeds")
-    summary, rows = {}, []
-    keys = [k for k in per[0] if k not in ("run", "checkpoint", "step", "seed", "diff_ci95", "diff_p_permutation")]
-    for key in keys:
-        v = np.array([p_[key] for p_ in per], dtype=float)
-        bounds = (0.0, 100.0) if key.startswith(("skip", "tool_exact", "gsm8k", "bfcl")) else (
-            (-100.0, 100.0) if key == "diff" else None)
-        lo, hi, clipped = (*log_t_ci(v), False) if key.startswith("ppl") else t_ci_clipped(v, bounds=bounds)
-        summary[key] = {"mean": float(v.mean()), "sd": float(v.std(ddof=1)) if len(v) > 1 else float("nan"),
-                        "ci95": [lo, hi], "ci95_clipped": clipped}
-        rows.append([key, summary[key]["mean"], summary[key]["sd"], lo, hi, "clipped to range" if clipped else ""])
-    positive = sum(p_["diff"] > 0 for p_ in per)
-    table(f"Across {len(per)} of {len(args.runs)} runs (Student-t 95% CI of the mean, PPL on log scale); differential "
-          f"> 0 in {positive} of {len(per)}", ["metric", "mean", "sd", "CI low", "CI high", ""], rows, tables,
-          "seeds_summary")
-    return {"runs": per, "summary": summary, "positive_diff": positive, "n": len(per), "n_given": len(args.runs),
-            "left_out": skipped, "duplicates": duplicates}
-
-
-VARIANT_KEYS = ("preset", "ablation", "bce_target", "route_on", "pool", "gate_reg", "init", "lora_r", "ce_mean")
-
-
-def open_meta_args(ckpt_dir) -> dict:
-    return json.loads((Path(ckpt_dir) / "meta.json").read_text()).get("args", {})
+    return {**T.seeds_tables(per, len(args.runs), tables), "left_out": skipped, "duplicates": duplicates}
 
 
 # ----------------------------------------------------------------------------- writing
-
-def plot_gates(res, out_dir: Path):
-    """gates_per_layer.png in the run folder when matplotlib is installed and the folder is writable."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return
-    if not os.access(out_dir, os.W_OK):
-        print(f"note: {out_dir} is not writable; gates_per_layer.png not drawn")
-        return
-    layers = sorted(res["per_layer"])
-    fig, ax = plt.subplots(figsize=(8, 3))
-    for key, label in (("p_tool", "tool"), ("p_plan", "planning")):
-        ax.plot(layers, [res["per_layer"][i][key] for i in layers], marker="o", label=label)
-    ax.axhline(0.5, color="grey", lw=0.5)
-    ax.set(xlabel="layer", ylabel="mean soft gate p", title="Router gates per layer (held-out eval)")
-    ax.legend()
-    fig.tight_layout()
-    tmp = out_dir / ".gates_per_layer.png.tmp"
-    fig.savefig(tmp, dpi=120, format="png")
-    os.replace(tmp, out_dir / "gates_per_layer.png")
-    plt.close("all")
-
 
 RUN_OWN = {"train_log.csv", "gates.csv", "latest.json", "best.json", ".lock"}  # a run's files eval never writes
 

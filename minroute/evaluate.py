@@ -16,8 +16,11 @@ layers, matched per step type.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -27,6 +30,11 @@ from .passes import Setting, SettingResult, run_settings
 from .stats import bootstrap_ci, differential_stats, length_regression, t_ci, t_quantile  # noqa: F401
 
 STEP_NAMES = {TOOL: "tool", 1: "planning"}
+
+
+def _atomic_write_text(path, text):
+    from .checkpoint import atomic_write_text
+    atomic_write_text(path, text)
 
 
 @dataclass
@@ -153,3 +161,55 @@ def static_mask(gated: PassResult) -> np.ndarray:
     mask = np.ones(L, dtype=bool)
     mask[np.argsort(-(1 - gated.hard.mean(0)), kind="stable")[:k]] = False
     return mask
+
+
+class BaseCache:
+    """What an evaluation computes of the base model alone (no LoRA, no routers: the same for every run of a study),
+    in DIR under a key of the model's files, the data's identity and the evaluation settings; None = no cache."""
+
+    def __init__(self, folder, run, args):
+        self.dir = Path(folder) if folder else None
+        if self.dir is None:
+            return
+        from minroute.load import resolve_dir
+        from minroute.safety import sha256_file
+        mdir = resolve_dir(run.meta["args"]["model"] if not args.model else args.model)
+        weights = sorted(mdir.glob("*.safetensors"))
+        ident = {"data": run.data.identity, "config": (mdir / "config.json").read_text(),
+                 "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights],
+                 "tokenizer": sha256_file(mdir / "tokenizer.json"), "batching": run.batching,
+                 "max_new_tokens": args.max_new_tokens, "dtype": str(next(run.route.parameters()).dtype)}
+        import hashlib
+        self.key = hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()[:24]
+
+    def path(self, what: str) -> Path | None:
+        return None if self.dir is None else self.dir / f"base-{what}-{self.key}"
+
+    def load_pass(self):
+        p = self.path("pass")
+        if p is None or not p.with_suffix(".npz").exists():
+            return None
+        from minroute.passes import SettingResult
+        with np.load(p.with_suffix(".npz")) as z:  # plain arrays only: never unpickles
+            return SettingResult(**{k: z[k] for k in z.files})
+
+    def save_pass(self, r):
+        p = self.path("pass")
+        if p is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            tmp = p.with_name(p.name + ".tmp.npz")
+            arrays = {k: v for k, v in vars(r).items() if v is not None}
+            arrays["soft"] = np.full_like(r.soft, np.nan)  # the routers of this run: meaningless for another
+            np.savez(tmp, **arrays)
+            os.replace(tmp, p.with_suffix(".npz"))
+
+    def load_json(self, what: str):
+        p = self.path(what)
+        return json.loads(p.with_suffix(".json").read_text()) if p is not None and p.with_suffix(".json").exists() \
+            else None
+
+    def save_json(self, what: str, value):
+        p = self.path(what)
+        if p is not None:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            _atomic_write_text(p.with_suffix(".json"), json.dumps(value, default=float))

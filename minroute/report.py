@@ -25,6 +25,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -207,7 +208,6 @@ def save_figure(fig, path: Path):
     """A PNG written under a temporary name and renamed: a half-written figure never replaces a good one."""
     tmp = path.with_name(f".{path.name}.tmp")
     fig.savefig(tmp, dpi=120, format="png")
-    import os
     os.replace(tmp, path)
 
 
@@ -575,3 +575,28 @@ def make_figures(study: Path, runs, variants) -> tuple[list[str], str]:
     made.append("skip_vs_length")
     plt.close("all")
     return made, ""
+
+
+def plot_gates(res, out_dir: Path):
+    """gates_per_layer.png in the run folder when matplotlib is installed and the folder is writable."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return
+    if not os.access(out_dir, os.W_OK):
+        print(f"note: {out_dir} is not writable; gates_per_layer.png not drawn")
+        return
+    layers = sorted(res["per_layer"])
+    fig, ax = plt.subplots(figsize=(8, 3))
+    for key, label in (("p_tool", "tool"), ("p_plan", "planning")):
+        ax.plot(layers, [res["per_layer"][i][key] for i in layers], marker="o", label=label)
+    ax.axhline(0.5, color="grey", lw=0.5)
+    ax.set(xlabel="layer", ylabel="mean soft gate p", title="Router gates per layer (held-out eval)")
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_dir / ".gates_per_layer.png.tmp"
+    fig.savefig(tmp, dpi=120, format="png")
+    os.replace(tmp, out_dir / "gates_per_layer.png")
+    plt.close("all")
