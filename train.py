@@ -233,9 +233,12 @@ def forward_loss(route, batch, args, autocast, n_tokens: int, n_seqs: int):
     micro-batch's share of the update's sequences (n_seqs). ce_mean 'micro' (authors'): each micro-batch's token
     mean CE plus lambda R, divided by accum. Returns (loss, ce part, reg part, soft, hard), scaled alike.
     """
+    counted = (batch["loss_index"], batch["loss_target"]) if "loss_index" in batch else None  # from collate
     with autocast():
-        h, soft, hard = route.gated_hidden(batch["input_ids"], batch["attention_mask"], batch.get("route_mask"))
-        ce_sums, counts = lm_loss_per_sample(h, route.lm_head.weight, batch["labels"], chunk=args.chunk)
+        h, soft, hard = route.gated_hidden(batch["input_ids"], batch["attention_mask"], batch.get("route_mask"),
+                                           padded=getattr(batch, "padded", None))
+        ce_sums, counts = lm_loss_per_sample(h, route.lm_head.weight, batch["labels"], chunk=args.chunk,
+                                             counted=counted)
     if args.ablation == "bce":  # LayerRoute-BCE: the regulariser replaced by BCE on the step type
         reg = bce_gate_loss(soft, batch["is_tool"], args.bce_target)
     else:
@@ -250,14 +253,16 @@ def forward_loss(route, batch, args, autocast, n_tokens: int, n_seqs: int):
 def accumulate_update(route, split: TokenSplit, u: int, args, pad_id, autocast, device, acc=None, rank=0, world=1):
     """Forward and backward of this process's micro-batches of update u (gradients accumulate in .grad).
 
-    Returns the update's [loss, ce, reg, real tokens] on the device; appends gates to acc (no host sync)."""
+    Returns the update's [loss, ce, reg, real tokens] on the device; appends gates to acc. Reads nothing back from
+    the device but each block's open-row count (router.py); batches are pinned and copied without blocking."""
+    device = torch.device(device)
     sums = torch.zeros(4, dtype=torch.float32, device=device)
     micro_batches = update_batches(split, u, args.batch_size, args.accum, args.seed, args.sort_by_length)
     n_tokens = counted_tokens(split, np.concatenate(micro_batches)) if args.ce_mean == "update" else 0
     for m in range(rank, args.accum, world):  # this process's share of the update's micro-batches
         torch.manual_seed(args.seed * 1_000_003 + u * args.accum + m)  # dropout masks: per micro-batch, any process
-        batch = {k: v.to(device) for k, v in
-                 collate(split, micro_batches[m], pad_id, args.pad_to or None, route_on=args.route_on).items()}
+        batch = collate(split, micro_batches[m], pad_id, args.pad_to or None, route_on=args.route_on).to(
+            device, non_blocking=True)
         loss, ce, reg, soft, hard = forward_loss(route, batch, args, autocast, max(n_tokens, 1),
                                                  args.batch_size * args.accum)
         loss.backward()
@@ -267,6 +272,23 @@ def accumulate_update(route, split: TokenSplit, u: int, args, pad_id, autocast, 
             acc["hard"].append(hard)
             acc["tool"].append(batch["is_tool"])
     return sums
+
+
+def finish_update(opt, trainable, sums, clip: float, world: int, device) -> tuple[torch.Tensor, bool]:
+    """The rest of an update after its micro-batches: zero gradients for tensors no open row reached (they still
+    take their AdamW step, as dense training would), the sum over processes, clipping, the update's one host
+    read (is the loss and gradient finite?), then AdamW. Returns (grad norm, finite); not finite: no step taken."""
+    for p in trainable:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if world > 1:  # sum gradients (and the logged sums) over processes: the update sees all 16 sequences
+        all_reduce_([p.grad for p in trainable] + [sums], device)  # one flat fp32 reduction
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip if clip > 0 else float("inf"))
+    if not bool(torch.isfinite(grad_norm) & torch.isfinite(sums[0])):  # the one host read of the update
+        return grad_norm, False
+    opt.step()
+    opt.zero_grad()
+    return grad_norm, True
 
 
 @torch.no_grad()
@@ -430,21 +452,14 @@ def main(argv=None):
         lr = get_lr(u, args.lr, args.t_max, args.warmup, args.min_lr)
         opt.set_lr(lr)
         sums = accumulate_update(route, train_split, u, args, pad_id, autocast, device, acc, rank, world)
-        for p in trainable:  # a tensor no open row reached still takes its (zero-gradient) AdamW step, as dense would
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if world > 1:  # sum gradients (and the logged sums) over processes: the update sees all 16 sequences
-            all_reduce_([p.grad for p in trainable] + [sums], device)  # one flat fp32 reduction
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf"))
-        if not bool(torch.isfinite(grad_norm) & torch.isfinite(sums[0])):  # one host read per update
+        grad_norm, finite = finish_update(opt, trainable, sums, args.clip, world, device)
+        if not finite:
             if log:
                 log.close()
             raise UserError(f"non-finite loss or gradient at update {u} (loss {sums[0].item():.4g}, ce "
                             f"{sums[1].item():.4g}, reg {sums[2].item():.4g}, grad norm {grad_norm.item():.4g}); "
                             f"stopped before the update, nothing saved; {last_good_checkpoint()}. Resume from it "
                             "with a lower --lr in a new run, or check the data")
-        opt.step()
-        opt.zero_grad()
         acc["sums"] += sums
         acc["n"] += 1
         step = u + 1
