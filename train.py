@@ -70,7 +70,8 @@ PRESETS = {
                    pad_to=512, sort_by_length=0, decay_biases=True, eval_every=50, val_batches=30),
 }
 FIXED = ("step_unit", "decay_biases", "ce_mean")  # set by the preset alone
-RESUME_MAY_CHANGE = {"steps", "device", "resume", "out", "deterministic", "ddp_backend"}  # what a resumed run may be given again with a new value
+# what a resumed run may be given again with a new value
+RESUME_MAY_CHANGE = {"steps", "device", "resume", "out", "deterministic", "ddp_backend"}
 DEMO = dict(steps=120, batch_size=4, accum=2, lr=3e-3, eval_every=20, val_batches=4, save_every=40, log_every=10)
 DEMO_COUNTS = {"hermes": 40, "glaive": 40, "gsm8k": 40, "turing": None}
 DEMO_ASSET_SEED = 42  # the demo model and data do not change with --seed

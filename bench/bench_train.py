@@ -1,6 +1,6 @@
 """Training-update benchmark at a real shape (random weights): minroute vs transformers + PEFT, interleaved.
 
-    python bench/bench_train.py                                    # Qwen2.5-0.5B shape: CPU, fp32, updates of 4 x 4 x 512
+    python bench/bench_train.py                                    # Qwen2.5-0.5B shape, CPU fp32, 4 x 4 x 512
     python bench/bench_train.py --quick                            # updates of 4 x 4 x 128
     python bench/bench_train.py --shape smollm2                    # SmolLM2-135M shape (Llama; LlamaForCausalLM side)
     python bench/bench_train.py --device cuda                      # GPU: bf16 weights + autocast
@@ -52,7 +52,6 @@ import time
 from pathlib import Path
 
 import torch
-
 from common import DEFAULT_CKPT, ROOT, SHAPES, describe, random_batch, real_shape_checkpoint
 
 from minroute.flops import attention_flops, block_flops, lm_head_flops

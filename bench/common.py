@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: real-shape checkpoints with random weights (Qwen2.5-0.5B; SmolLM2-135M, a Llama), a batch."""
+"""Shared by the benchmarks: real-shape checkpoints with random weights (Qwen2.5-0.5B, SmolLM2-135M), a batch."""
 from __future__ import annotations
 
 import os

@@ -218,10 +218,10 @@ def setup(work: Path, layers=24, hidden=64, heads=4, kv=2, ffn=128, vocab=512):
     """A LayerRoute on a random checkpoint, its optimizer as train.py builds it, a random split, the pad id."""
     import torch
 
+    import train
     from minroute.checkpoint import build_layerroute
     from minroute.data import TokenSplit
     from minroute.tiny import write_tiny_checkpoint
-    import train
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"m{layers}x{hidden}"
     if not (ckpt / "model.safetensors").exists():
@@ -398,9 +398,10 @@ def main():
           f"CPU, OMP_NUM_THREADS={env['OMP_NUM_THREADS']}, {a.updates} timed updates after 2 warm-up, interleaved")
     for root in roots:
         c = counts[root]
-        print(f"{root}: syncs per micro-batch {c['band']['syncs_per_micro_batch']:.1f} (initial band gates), "
-              f"{c['mixed']['syncs_per_micro_batch']:.1f} (gates differing by row, {c['mixed']['blocks_with_mixed_rows']}"
-              f" of {c['blocks']} blocks mixed); update tail {c['band']['syncs_update_tail']}; AdamW ops per update "
+        band, mixed = c["band"], c["mixed"]
+        print(f"{root}: syncs per micro-batch {band['syncs_per_micro_batch']:.1f} (initial band gates), "
+              f"{mixed['syncs_per_micro_batch']:.1f} (gates differing by row, {mixed['blocks_with_mixed_rows']} of "
+              f"{c['blocks']} blocks mixed); update tail {band['syncs_update_tail']}; AdamW ops per update "
               f"{c['adamw_ops_per_update']} ({c['trainable_tensors']} tensors)")
         for shape in times:
             t = times[shape][root]

@@ -26,8 +26,9 @@ Block(h) - h; but a closed row's block output is multiplied by an exact zero, so
 through it: closed rows run their block without autograd (no activations kept, no backward), open rows
 with it (gather, block, scatter). `dense=True` runs every row with autograd (the reference path, same
 gradients). The split costs one host read per block (how many rows are open: shapes depend on it), and none
-when the gates are imposed (`forcing`: known on the host) or all rows run alike (`dense`, no autograd). Inference (`hidden`) really skips: block i runs only on the rows whose gate is 1, not at all
-when every row is closed, and the decision is taken once per sequence at prefill; in KV-cache decoding
+when the gates are imposed (`forcing`: known on the host) or all rows run alike (`dense`, no autograd).
+Inference (`hidden`) really skips: block i runs only on the rows whose gate is 1, not at all when every row
+is closed, and the decision is taken once per sequence at prefill; in KV-cache decoding
 a skipped block is never run and holds no cache for that sequence.
 
 Router init (REFERENCE.md §3): w = 0; b = -1 (p = 0.269, closed) on the middle band
@@ -148,7 +149,10 @@ class LayerRoute(nn.Module):
             return p > 0.5, None
         f = self._forced_on.get(p.device)
         if f is None:  # imposed gates elsewhere than the model: copied once per forcing, not once per block
-            f = self._forced_on[p.device] = self.forced.to(p.device)
+            f = self.forced
+            if p.device.type == "cuda" and f.device.type == "cpu":  # pinned: a copy the host does not wait on
+                f = f.pin_memory().to(p.device, non_blocking=True)
+            self._forced_on[p.device] = f = f.to(p.device)
         host = self._forced_host
         n_open = (p.shape[0] if host[i] else 0) if f.dim() == 1 else sum(row[i] for row in host)
         return (f[i].expand_as(p) if f.dim() == 1 else f[:, i]).clone(), n_open
