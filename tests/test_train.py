@@ -381,7 +381,7 @@ def test_checkpoint_records_device_and_dtype_and_a_device_change_is_said(tmp_pat
         m = json.loads((ckpt / "meta.json").read_text())
         m.update(device_type="cuda", dtype="bfloat16")
         (ckpt / "meta.json").write_text(json.dumps(m))
-    assert train.main(["--resume", str(run), "--steps", "6"]) == 0
+    assert train.main(["--resume", str(run), "--steps", "6", "--device", "cpu"]) == 0
     notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: this run trained")]
     assert len(notes) == 1 and "on cuda (bfloat16" in notes[0] and "resumes on cpu (float32)" in notes[0], notes
     _, _, meta = load_checkpoint(run, "latest")
