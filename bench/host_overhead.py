@@ -326,6 +326,9 @@ def count(work: Path) -> dict:
         opt.step()
     out["adamw_ops_per_update"] = c.n
     opt.zero_grad()
+    with op_counter() as c:  # the whole update, as Python issues it (autograd's backward kernels not included)
+        one_update(route, opt, trainable, split, 4, args, pad_id)
+    out["python_ops_per_update"] = c.n
     return out
 
 
@@ -402,7 +405,8 @@ def main():
         print(f"{root}: syncs per micro-batch {band['syncs_per_micro_batch']:.1f} (initial band gates), "
               f"{mixed['syncs_per_micro_batch']:.1f} (gates differing by row, {mixed['blocks_with_mixed_rows']} of "
               f"{c['blocks']} blocks mixed); update tail {band['syncs_update_tail']}; AdamW ops per update "
-              f"{c['adamw_ops_per_update']} ({c['trainable_tensors']} tensors)")
+              f"{c['adamw_ops_per_update']} ({c['trainable_tensors']} tensors); Python-issued ops per update "
+              f"{c['python_ops_per_update']}")
         for shape in times:
             t = times[shape][root]
             print(f"    {shape}: {t['median_ms']:.1f} ms per update (min {t['min_ms']:.1f}, max {t['max_ms']:.1f})")
