@@ -75,7 +75,7 @@ class Skip(torch.nn.Module):
         return hidden_states
 
 
-def layerroute_vs_peft(ckpt, device, dtype, open_gates: list[bool], B=2, T=256, seed=0):
+def layerroute_vs_peft(ckpt, device, dtype, open_gates: list[bool], adapter: Path, B=2, T=256, seed=0):
     """LayerRoute (gated_hidden, closed rows without backward) + LoRA against transformers + PEFT (closed layers
     replaced by Skip) with the same random LoRA A and B: (max |dlogit| on real tokens, logit scale, worst relative
     L2 difference of a LoRA gradient, LoRA tensors compared). Routers at init (w = 0), so their straight-through
@@ -104,8 +104,7 @@ def layerroute_vs_peft(ckpt, device, dtype, open_gates: list[bool], B=2, T=256, 
         loss = lm_loss(h, route.lm_head.weight, labels)
     loss.backward()
     ours = {n: m for n, m in lora_layers(route.base).items()}
-    adapter = Path(os.environ.get("TMPDIR", "/tmp")) / f"minroute-parity-adapter-{os.getpid()}"
-    save_peft_adapter(route.base, adapter)
+    save_peft_adapter(route.base, adapter)  # the same LoRA A and B for PEFT
     ours_grads = {n: (m.lora_A.grad, m.lora_B.grad) for n, m in ours.items()}
     ours_logits = ours_logits.detach()
     del route, ours, h, loss
@@ -137,13 +136,13 @@ def layerroute_vs_peft(ckpt, device, dtype, open_gates: list[bool], B=2, T=256, 
 
 
 @pytest.mark.parametrize("gates", ["open", "band"])
-def test_layerroute_lora_bf16_parity_with_peft_real_shape(real_ckpt, gates):
+def test_layerroute_lora_bf16_parity_with_peft_real_shape(real_ckpt, gates, tmp_path):
     from minroute.model import ModelConfig
     from minroute.router import middle_band
     L = ModelConfig().num_hidden_layers
     band = middle_band(L)
     open_gates = [True] * L if gates == "open" else [i not in band for i in range(L)]
-    diff, scale, worst, n = layerroute_vs_peft(real_ckpt, "cuda", torch.bfloat16, open_gates)
+    diff, scale, worst, n = layerroute_vs_peft(real_ckpt, "cuda", torch.bfloat16, open_gates, tmp_path / "adapter")
     print(f"real shape bf16 LayerRoute+LoRA vs transformers+PEFT, {gates} ({sum(open_gates)}/{L} blocks run): "
           f"max|dlogit| {diff:.3g} at scale {scale:.3g}; LoRA gradients ({n} tensors) worst relative L2 {worst:.3g}")
     assert n == 4 * 2 * sum(open_gates), f"compared {n} LoRA gradients"
