@@ -24,8 +24,15 @@ Offline CPU demo (a tiny random Qwen2 and the bundled demo corpus; about a minut
     python train.py --demo --out runs/demo && python eval.py --demo --ckpt runs/demo
 
 On CUDA the frozen weights are bf16 under autocast; LoRA, routers and AdamW state stay fp32. On CPU all
-is fp32. Closed gates skip their block's backward (router.py). Checkpoints (adapters + optimizer + RNG,
-safetensors + JSON with each file's sha256) are atomic; `--resume RUN_DIR` continues exactly, and with
+is fp32. Closed gates skip their block's backward (router.py). On CUDA `--deterministic` (the default) turns on
+torch.use_deterministic_algorithms with CUBLAS_WORKSPACE_CONFIG=:4096:8: SDPA's fused backwards and
+index-style accumulations otherwise add in whatever order the GPU schedules them, and one such rounding
+difference can flip a gate sitting near 0.5, after which a killed and resumed run follows another path than
+the uninterrupted one. `--no-deterministic` trades that guarantee for whatever speed it costs. The training step
+reads the device back once per block (which rows are open, for the closed rows' no-backward split) and once per
+update (the non-finite check); batches come pinned and copied without blocking. Checkpoints (adapters + optimizer + RNG,
+safetensors + JSON with each file's sha256, and the device type and dtype trained in: resuming on another
+device says what changes) are atomic; `--resume RUN_DIR` continues exactly, and with
 `--steps N` extends the run. An existing run folder is never overwritten: `--out` refuses it (resume it,
 or `--restart`, which moves the old run aside). The best checkpoint is the one with the lowest validation
 CE (the regulariser is left out, so "best" means best language model, not most skipping).
@@ -63,7 +70,8 @@ PRESETS = {
                    pad_to=512, sort_by_length=0, decay_biases=True, eval_every=50, val_batches=30),
 }
 FIXED = ("step_unit", "decay_biases", "ce_mean")  # set by the preset alone
-RESUME_MAY_CHANGE = {"steps", "device", "resume", "out"}  # what a resumed run may be given again with a new value
+# what a resumed run may be given again with a new value
+RESUME_MAY_CHANGE = {"steps", "device", "resume", "out", "deterministic", "ddp_backend"}
 DEMO = dict(steps=120, batch_size=4, accum=2, lr=3e-3, eval_every=20, val_batches=4, save_every=40, log_every=10)
 DEMO_COUNTS = {"hermes": 40, "glaive": 40, "gsm8k": 40, "turing": None}
 DEMO_ASSET_SEED = 42  # the demo model and data do not change with --seed
@@ -86,6 +94,13 @@ def build_parser(suppress: bool = False):
                                                           "old run is moved to OUT.replaced-<time>, not deleted")
     g.add_argument("--seed", type=int, default=42, help="data order, LoRA init and dropout")
     g.add_argument("--device", type=device, default=default_device(), help="cpu, cuda or cuda:N")
+    g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
+                   help="CUDA: deterministic algorithms and cuBLAS workspace (CUBLAS_WORKSPACE_CONFIG=:4096:8), so a "
+                        "killed and resumed run is bitwise the uninterrupted one (a rounding difference can flip a "
+                        "gate near 0.5); on by default. CPU is deterministic either way")
+    g.add_argument("--ddp-backend", choices=["auto", "gloo"], default="auto",
+                   help="torchrun: auto = NCCL on CUDA (one GPU per process; more processes than GPUs are refused), "
+                        "gloo on CPU; gloo = gloo on CUDA too, several processes may share a GPU (for testing)")
     g = ap.add_argument_group("optimisation")
     g.add_argument("--steps", type=positive_int,
                    help="optimizer updates (paper preset) or micro-batches (author preset); 3000")
@@ -203,6 +218,7 @@ def resume_args(args):
                         "(only --steps and --device may change), or start a new run in another --out")
     legacy = {"route_on": "sequence", "ce_mean": "micro", "demo_assets": None}  # what runs before these settings did
     new = argparse.Namespace(**{**legacy, **saved, "resume": str(run), "out": str(run), "device": args.device,
+                                "deterministic": args.deterministic, "ddp_backend": args.ddp_backend,
                                 "given": args.given, "restart": False})
     new.extensions = list(saved.get("extensions", []))
     if "steps" in args.given and args.given["steps"] != saved["steps"]:
@@ -233,9 +249,12 @@ def forward_loss(route, batch, args, autocast, n_tokens: int, n_seqs: int):
     micro-batch's share of the update's sequences (n_seqs). ce_mean 'micro' (authors'): each micro-batch's token
     mean CE plus lambda R, divided by accum. Returns (loss, ce part, reg part, soft, hard), scaled alike.
     """
+    counted = (batch["loss_index"], batch["loss_target"]) if "loss_index" in batch else None  # from collate
     with autocast():
-        h, soft, hard = route.gated_hidden(batch["input_ids"], batch["attention_mask"], batch.get("route_mask"))
-        ce_sums, counts = lm_loss_per_sample(h, route.lm_head.weight, batch["labels"], chunk=args.chunk)
+        h, soft, hard = route.gated_hidden(batch["input_ids"], batch["attention_mask"], batch.get("route_mask"),
+                                           padded=getattr(batch, "padded", None))
+        ce_sums, counts = lm_loss_per_sample(h, route.lm_head.weight, batch["labels"], chunk=args.chunk,
+                                             counted=counted)
     if args.ablation == "bce":  # LayerRoute-BCE: the regulariser replaced by BCE on the step type
         reg = bce_gate_loss(soft, batch["is_tool"], args.bce_target)
     else:
@@ -250,14 +269,16 @@ def forward_loss(route, batch, args, autocast, n_tokens: int, n_seqs: int):
 def accumulate_update(route, split: TokenSplit, u: int, args, pad_id, autocast, device, acc=None, rank=0, world=1):
     """Forward and backward of this process's micro-batches of update u (gradients accumulate in .grad).
 
-    Returns the update's [loss, ce, reg, real tokens] on the device; appends gates to acc (no host sync)."""
+    Returns the update's [loss, ce, reg, real tokens] on the device; appends gates to acc. Reads nothing back from
+    the device but each block's open-row count (router.py); batches are pinned and copied without blocking."""
+    device = torch.device(device)
     sums = torch.zeros(4, dtype=torch.float32, device=device)
     micro_batches = update_batches(split, u, args.batch_size, args.accum, args.seed, args.sort_by_length)
     n_tokens = counted_tokens(split, np.concatenate(micro_batches)) if args.ce_mean == "update" else 0
     for m in range(rank, args.accum, world):  # this process's share of the update's micro-batches
         torch.manual_seed(args.seed * 1_000_003 + u * args.accum + m)  # dropout masks: per micro-batch, any process
-        batch = {k: v.to(device) for k, v in
-                 collate(split, micro_batches[m], pad_id, args.pad_to or None, route_on=args.route_on).items()}
+        batch = collate(split, micro_batches[m], pad_id, args.pad_to or None, route_on=args.route_on).to(
+            device, non_blocking=True)
         loss, ce, reg, soft, hard = forward_loss(route, batch, args, autocast, max(n_tokens, 1),
                                                  args.batch_size * args.accum)
         loss.backward()
@@ -267,6 +288,23 @@ def accumulate_update(route, split: TokenSplit, u: int, args, pad_id, autocast, 
             acc["hard"].append(hard)
             acc["tool"].append(batch["is_tool"])
     return sums
+
+
+def finish_update(opt, trainable, sums, clip: float, world: int, device) -> tuple[torch.Tensor, bool]:
+    """The rest of an update after its micro-batches: zero gradients for tensors no open row reached (they still
+    take their AdamW step, as dense training would), the sum over processes, clipping, the update's one host
+    read (is the loss and gradient finite?), then AdamW. Returns (grad norm, finite); not finite: no step taken."""
+    for p in trainable:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    if world > 1:  # sum gradients (and the logged sums) over processes: the update sees all 16 sequences
+        all_reduce_([p.grad for p in trainable] + [sums], device)  # one flat fp32 reduction
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, clip if clip > 0 else float("inf"))
+    if not bool(torch.isfinite(grad_norm) & torch.isfinite(sums[0])):  # the one host read of the update
+        return grad_norm, False
+    opt.step()
+    opt.zero_grad()
+    return grad_norm, True
 
 
 @torch.no_grad()
@@ -293,8 +331,31 @@ def validate(route, val: TokenSplit, args, pad_id, autocast, device):
     return float(ce_sum) / max(tok, 1), pct[0], pct[1]
 
 
+def local_processes() -> tuple[int, int]:
+    """(this process's local rank, processes on this machine) as torchrun sets them; (0, 1) without torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    return int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("LOCAL_WORLD_SIZE", str(world)))
+
+
+def check_processes_fit(args):
+    """NCCL needs a GPU per process: more torchrun processes on this machine than GPUs are refused up front (one
+    `error:` line, from local rank 0; the others exit quietly), unless --ddp-backend gloo shares the GPUs."""
+    local_rank, local_world = local_processes()
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1 or not args.device.startswith("cuda") or args.ddp_backend == "gloo":
+        return
+    n_gpu = torch.cuda.device_count()
+    if local_world > n_gpu:
+        if local_rank != 0:
+            raise SystemExit(2)
+        raise UserError(f"{local_world} processes on this machine (torchrun --nproc_per_node={local_world}) but "
+                        f"{n_gpu} CUDA device{'s' if n_gpu != 1 else ''}: NCCL needs one GPU per process; use "
+                        f"--nproc_per_node={n_gpu}, or --ddp-backend gloo to share GPUs between processes (testing)")
+
+
 def setup_distributed(args):
-    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on CUDA, gloo on CPU. Returns (rank, world)."""
+    """torchrun sets WORLD_SIZE/RANK/LOCAL_RANK: NCCL on CUDA (cuda:LOCAL_RANK, bound as the group's device_id),
+    gloo on CPU or with --ddp-backend gloo (then processes share GPUs: cuda:LOCAL_RANK mod the GPUs). Returns
+    (rank, world)."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
         return 0, 1
@@ -304,11 +365,45 @@ def setup_distributed(args):
     if args.accum % world:
         raise UserError(f"--accum {args.accum} must be a multiple of the {world} processes (the global batch "
                         f"stays batch_size x accum = {args.batch_size * args.accum} sequences)")
-    if args.device.startswith("cuda"):
-        args.device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    check_processes_fit(args)
+    cuda = args.device.startswith("cuda")
+    nccl = cuda and args.ddp_backend != "gloo"
+    if cuda:
+        args.device = f"cuda:{local_processes()[0] % torch.cuda.device_count()}"
         torch.cuda.set_device(args.device)
-    dist.init_process_group("nccl" if args.device.startswith("cuda") else "gloo")
+    if nccl:  # device_id: the communicator is bound to this GPU (and formed now, so a NCCL problem shows here)
+        dist.init_process_group("nccl", device_id=torch.device(args.device))
+    else:
+        dist.init_process_group("gloo")
     return dist.get_rank(), world
+
+
+def configure_determinism(args):
+    """--deterministic on CUDA: cuBLAS's fixed workspace (set before the first cuBLAS call) and deterministic
+    algorithms everywhere (SDPA's backwards, index accumulations); an op with no deterministic kernel raises
+    rather than silently breaking bitwise resume. Uninitialised memory is not filled (minroute writes every
+    element it allocates; the fill would only cost time). CPU kernels minroute uses are deterministic already."""
+    if not (args.deterministic and args.device.startswith("cuda")):
+        return
+    cfg = os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    if cfg not in (":4096:8", ":16:8"):
+        raise UserError(f"CUBLAS_WORKSPACE_CONFIG={cfg} in the environment: deterministic cuBLAS needs :4096:8 or "
+                        ":16:8; unset it, or train with --no-deterministic")
+    torch.use_deterministic_algorithms(True)
+    torch.utils.deterministic.fill_uninitialized_memory = False
+
+
+def device_change_note(meta: dict, device: torch.device, dtype: torch.dtype) -> str | None:
+    """What changes when a run resumes on another device type than it trained on (None when nothing does).
+    Checkpoints before `device_type` was recorded: their args' device (the last one used), bf16 on CUDA."""
+    was = meta.get("device_type") or torch.device(meta.get("args", {}).get("device", "cpu")).type
+    was_dtype = meta.get("dtype") or ("bfloat16" if was == "cuda" else "float32")
+    now_dtype = str(dtype).removeprefix("torch.")
+    if (was, was_dtype) == (device.type, now_dtype):
+        return None
+    return (f"note: this run trained on {was} ({was_dtype} frozen weights) up to update {meta.get('step')}; it "
+            f"resumes on {device.type} ({now_dtype}): from here it computes in {now_dtype}, so it is not bitwise "
+            f"the run an uninterrupted {was} run would have been")
 
 
 def all_reduce_(tensors: list[torch.Tensor], device: torch.device):
@@ -333,6 +428,7 @@ def trained_row_hashes(data: DataFolder) -> list[str]:
 
 def main(argv=None):
     args = parse_args(argv)
+    check_processes_fit(args)  # before anything touches --out
     resume = None
     if args.resume:
         args, resume = resume_args(args)
@@ -357,6 +453,7 @@ def main(argv=None):
         args.updates = resolve(args)
         args.extensions = []
     updates = args.updates
+    configure_determinism(args)  # before any CUDA work
     rank, world = setup_distributed(args)
     main_proc = rank == 0
     say = print if main_proc else (lambda *a, **k: None)
@@ -399,13 +496,17 @@ def main(argv=None):
         restore_rng(opt_state)
         start, best = resume_meta["step"], resume_meta.get("best_val_ce", float("inf"))
         say(f"resumed {out} at update {start}/{updates}")
+        note = device_change_note(resume_meta, device, dtype)
+        if note:
+            say(note, file=sys.stderr)
         if args.extensions and args.extensions[-1]["at_update"] == start:
             say(f"extended to {updates} updates; the LR schedule is unchanged (T_max {args.t_max}, then "
                 f"min-lr {args.min_lr:g})")
     run_args = {k: v for k, v in vars(args).items() if k not in ("given", "restart")}
     meta_base = {"args": run_args, "model_config": model_shape(cfg), "manifest_sha256": data.raw_sha256,
                  "data_sha256": data.identity,
-                 "model_revision": hub_revision(resolve_dir(args.model))}
+                 "model_revision": hub_revision(resolve_dir(args.model)),
+                 "device_type": device.type, "dtype": str(dtype).removeprefix("torch.")}
     rows_text = trained_rows_text(trained_row_hashes(data))
     say(f"LayerRoute on {args.model}: {cfg.num_hidden_layers} layers, trainable {sum(p.numel() for p in trainable):,} | "
         f"data {args.data}: train {len(train_split)} val {len(val_split)} | {updates} updates of {args.batch_size}x"
@@ -430,21 +531,14 @@ def main(argv=None):
         lr = get_lr(u, args.lr, args.t_max, args.warmup, args.min_lr)
         opt.set_lr(lr)
         sums = accumulate_update(route, train_split, u, args, pad_id, autocast, device, acc, rank, world)
-        for p in trainable:  # a tensor no open row reached still takes its (zero-gradient) AdamW step, as dense would
-            if p.grad is None:
-                p.grad = torch.zeros_like(p)
-        if world > 1:  # sum gradients (and the logged sums) over processes: the update sees all 16 sequences
-            all_reduce_([p.grad for p in trainable] + [sums], device)  # one flat fp32 reduction
-        grad_norm = torch.nn.utils.clip_grad_norm_(trainable, args.clip if args.clip > 0 else float("inf"))
-        if not bool(torch.isfinite(grad_norm) & torch.isfinite(sums[0])):  # one host read per update
+        grad_norm, finite = finish_update(opt, trainable, sums, args.clip, world, device)
+        if not finite:
             if log:
                 log.close()
             raise UserError(f"non-finite loss or gradient at update {u} (loss {sums[0].item():.4g}, ce "
                             f"{sums[1].item():.4g}, reg {sums[2].item():.4g}, grad norm {grad_norm.item():.4g}); "
                             f"stopped before the update, nothing saved; {last_good_checkpoint()}. Resume from it "
                             "with a lower --lr in a new run, or check the data")
-        opt.step()
-        opt.zero_grad()
         acc["sums"] += sums
         acc["n"] += 1
         step = u + 1
@@ -479,6 +573,7 @@ def main(argv=None):
         log.close()
     if world > 1:
         import torch.distributed as dist
+        dist.barrier()  # no process tears the group down while rank 0 still validates and writes the last checkpoint
         dist.destroy_process_group()
     if lock:
         lock.release()

@@ -1,4 +1,4 @@
-"""Shared by the benchmarks: a real-shape (Qwen2.5-0.5B) checkpoint with random weights, and a batch."""
+"""Shared by the benchmarks: real-shape checkpoints with random weights (Qwen2.5-0.5B, SmolLM2-135M), a batch."""
 from __future__ import annotations
 
 import os
@@ -16,14 +16,23 @@ from minroute.model import ModelConfig  # noqa: E402
 from minroute.tiny import write_tiny_checkpoint  # noqa: E402
 
 REAL = ModelConfig()
+# HuggingFaceTB/SmolLM2-135M(-Instruct): Llama architecture, no biases, tied embeddings
+SMOLLM2 = ModelConfig(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                      num_attention_heads=9, num_key_value_heads=3, rope_theta=100000.0, model_type="llama")
+SHAPES = {"qwen": REAL, "smollm2": SMOLLM2}
+DEFAULT_CKPT = {"qwen": "/tmp/minroute-bench-0.5b", "smollm2": "/tmp/minroute-bench-smollm2-135m"}
 
 
-def real_shape_checkpoint(path: Path, dtype=torch.bfloat16) -> Path:
-    """Random weights at the 0.5B shape (494,032,768 parameters), written once in the official layout."""
+def real_shape_checkpoint(path: Path, dtype=torch.bfloat16, shape: str = "qwen") -> Path:
+    """Random weights at a real shape, written once in the official layout: 'qwen' (Qwen2.5-0.5B, 494,032,768
+    parameters) or 'smollm2' (SmolLM2-135M, model_type llama without biases, 134,515,008 parameters)."""
+    c = SHAPES[shape]
     if not (path / "model.safetensors").exists():
-        write_tiny_checkpoint(path, hidden_size=REAL.hidden_size, num_hidden_layers=REAL.num_hidden_layers,
-                              num_attention_heads=REAL.num_attention_heads, num_key_value_heads=REAL.num_key_value_heads,
-                              intermediate_size=REAL.intermediate_size, vocab_size=REAL.vocab_size, dtype=dtype)
+        write_tiny_checkpoint(path, hidden_size=c.hidden_size, num_hidden_layers=c.num_hidden_layers,
+                              num_attention_heads=c.num_attention_heads, num_key_value_heads=c.num_key_value_heads,
+                              intermediate_size=c.intermediate_size, vocab_size=c.vocab_size, dtype=dtype,
+                              rope_theta=c.rope_theta, model_type=c.model_type,
+                              tie_word_embeddings=c.tie_word_embeddings)
     return path
 
 

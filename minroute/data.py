@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from .loss import counted_positions
 from .safety import MissingFile, UserError, verify_files
 
 TOOL, PLANNING = 0, 1
@@ -161,11 +162,33 @@ class DataFolder:
 ROUTE_ON = ("prompt", "sequence")
 
 
+class Batch(dict):
+    """collate's batch: a dict of CPU tensors, plus what the host knows about it without reading a device:
+    `padded` (does attention_mask hold a 0) and `real_tokens` (its 1s). `{k: v.to(device) ...}` still works."""
+
+    padded: bool = True
+    real_tokens: int = 0
+
+    def to(self, device, non_blocking: bool = False) -> "Batch":
+        """The same batch on `device` (the host facts kept); on CUDA from pinned memory, without blocking."""
+        device = torch.device(device)
+        if device.type == "cpu":  # collate's tensors are CPU tensors already
+            return self
+        if non_blocking:
+            out = Batch((k, v.pin_memory().to(device, non_blocking=True)) for k, v in self.items())
+        else:
+            out = Batch((k, v.to(device)) for k, v in self.items())
+        out.padded, out.real_tokens = self.padded, self.real_tokens
+        return out
+
+
 def collate(split: TokenSplit, indices, pad_id: int, pad_to: int | None = None, side: str = "right",
             prompt_only: bool = False, route_on: str = "sequence") -> dict:
     """Padded batch: input_ids, attention_mask (1 = real), labels (-100 = not counted), is_tool (B,);
     route_mask (1 = pooled by the routers) when route_on is 'prompt'; assistant_labels (labels of the
-    assistant-output tokens only) when the split records them.
+    assistant-output tokens only) when the split records them; loss_index, loss_target (the counted positions
+    of `labels` and their next tokens, loss.counted_positions, computed here on the host). A `Batch`: the
+    host also knows `.padded` and `.real_tokens`, so the training step never reads them back from a device.
 
     Labels are unshifted (HF convention); the loss shifts them. Padding never counts. pad_to None pads
     to the longest sequence of the batch; prompt_only keeps each sample's generation prompt only.
@@ -199,7 +222,11 @@ def collate(split: TokenSplit, indices, pad_id: int, pad_to: int | None = None, 
         if a_labels is not None:
             a_labels[b, sl] = torch.where(torch.from_numpy(amask.astype(bool)), tokens, -100)
     is_tool = torch.tensor([split.step_type[int(i)] == TOOL for i in indices])
-    out = {"input_ids": input_ids, "attention_mask": attn, "labels": labels, "is_tool": is_tool}
+    loss_index, loss_target = counted_positions(labels)
+    out = Batch(input_ids=input_ids, attention_mask=attn, labels=labels, is_tool=is_tool, loss_index=loss_index,
+                loss_target=loss_target)
+    out.real_tokens = sum(len(s[0]) for s in seqs)
+    out.padded = out.real_tokens < B * T
     if route_on == "prompt":
         out["route_mask"] = route
     if a_labels is not None:

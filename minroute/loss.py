@@ -6,6 +6,12 @@ as a chunk's logits are: d CE_i / d h_i = (softmax(z_i) - onehot(y_i)) W. `Token
 forward pass and keeps only it (N x d), so the (N x vocab) logits are never stored nor recomputed: one
 head matmul fewer than activation checkpointing, two fewer softmax passes, and memory of one chunk of
 logits. Logits are upcast to fp32 before the softmax, as HF's loss does.
+
+The counted positions can come precomputed from the host (`counted_positions`, which `data.collate` runs on the
+CPU batch): then the loss gathers them by index and reads nothing back from the device (a boolean mask would cost
+a host sync for its size). The per-sequence sums place each token's CE back on the (B, T) grid (unique indices,
+no accumulation) and sum each row: deterministic on CUDA, where `index_add` adds in whatever order the atomics
+land and a kill-and-resume would not be bitwise.
 """
 from __future__ import annotations
 
@@ -40,17 +46,27 @@ class TokenCE(torch.autograd.Function):
         return grad_h * grad_losses[:, None].to(grad_h.dtype), None, None, None
 
 
+def counted_positions(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(index, target) of the positions whose next token counts (label != -100): index into the flattened (B * T)
+    positions of the batch, in row-major order, and the token each predicts. Run it on the host (CPU labels)."""
+    T = labels.shape[1]
+    b, t = (labels[:, 1:] != -100).nonzero(as_tuple=True)  # position t predicts token t + 1
+    return b * T + t, labels[b, t + 1]
+
+
 def lm_loss_per_sample(hidden: torch.Tensor, lm_head_weight: torch.Tensor, labels: torch.Tensor,
-                       chunk: int = 512) -> tuple[torch.Tensor, torch.Tensor]:
-    """Summed CE and counted tokens per sequence, (B,) each. hidden (B, T, d) predicts labels shifted by one."""
+                       chunk: int = 512, counted: tuple[torch.Tensor, torch.Tensor] | None = None
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Summed CE and counted tokens per sequence, (B,) each. hidden (B, T, d) predicts labels shifted by one.
+
+    counted: `counted_positions(labels)` already on hidden's device (else computed here, one host sync)."""
     if lm_head_weight.requires_grad:
         raise ValueError("lm_loss assumes a frozen LM head (the gradient is taken w.r.t. the hidden states only)")
-    h, y = hidden[:, :-1], labels[:, 1:]  # position t predicts token t + 1
-    valid = y != -100  # (B, T-1)
-    rows = valid.nonzero()[:, 0]  # sample of each counted token
-    ce = TokenCE.apply(h[valid], lm_head_weight, y[valid], chunk)  # (N,)
-    sums = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device).index_add(0, rows, ce)
-    return sums, valid.sum(dim=1)
+    B, T, d = hidden.shape
+    index, target = counted_positions(labels) if counted is None else counted
+    ce = TokenCE.apply(hidden.reshape(B * T, d)[index], lm_head_weight, target, chunk)  # (N,)
+    sums = ce.new_zeros(B * T).index_put((index,), ce).view(B, T).sum(dim=1)  # unique indices: deterministic
+    return sums, (labels[:, 1:] != -100).sum(dim=1)
 
 
 def lm_loss(hidden, lm_head_weight, labels, chunk: int = 512) -> torch.Tensor:

@@ -179,14 +179,17 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, t, d).reshape(b, h * n_rep, t, d)
 
 
-def attention_mask_4d(key_mask: torch.Tensor | None, q_len: int, past: int, device) -> torch.Tensor | None:
+def attention_mask_4d(key_mask: torch.Tensor | None, q_len: int, past: int, device,
+                      padded: bool | None = None) -> torch.Tensor | None:
     """Boolean (B, 1, T, past + T) mask, True = may attend: causal, and padded keys (key_mask 0) hidden.
 
     Returns None when plain causal attention is exact (no padding, and no cache or a single query),
     so SDPA can take its fused causal path. A padded query row would see no key at all (a NaN row in
     SDPA); it is allowed its own position, which only touches outputs at padded positions.
+    padded: whether key_mask holds a 0, when the caller knows it on the host; None reads it from the device
+    (a host sync).
     """
-    if key_mask is not None and bool(key_mask.all()):
+    if key_mask is not None and (not padded if padded is not None else bool(key_mask.all())):
         key_mask = None
     if key_mask is None and (past == 0 or q_len == 1):
         return None
@@ -348,11 +351,13 @@ class CausalLM(nn.Module):
     def layers(self) -> nn.ModuleList:
         return self.model.layers
 
-    def prepare(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def prepare(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
+                padded: bool | None = None):
         """Embeddings h (B, T, d), RoPE (cos, sin) and the 4-d attention mask for this call.
 
         attention_mask (B, past + T) marks real tokens with 1 (HF's convention). position_ids default
-        to past + arange(T), as HF's forward does.
+        to past + arange(T), as HF's forward does. padded: see attention_mask_4d (None: read on the device).
+        RoPE's inverse frequencies are built once per device (on the CPU, as HF does, then copied).
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -366,7 +371,7 @@ class CausalLM(nn.Module):
                                 self._inv_freq[device])
         if attention_mask is not None and attention_mask.shape != (B, past + T):
             raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
-        mask = attention_mask_4d(attention_mask, T, past, input_ids.device)
+        mask = attention_mask_4d(attention_mask, T, past, input_ids.device, padded)
         return h, cos, sin, mask
 
     def hidden(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):

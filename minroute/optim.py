@@ -4,6 +4,12 @@ AdamW matches torch.optim.AdamW (tests/test_optim.py): for each parameter with a
     p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
     p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
 Param groups carry their own `weight_decay` and `lr_scale`; the loop sets `lr` for every group each step.
+
+The step is written with `torch._foreach_*` ops: eight per param group (seven when the group's decay factor is
+exactly 1), whatever the number of tensors, instead of eight per tensor (1,920 Python-issued ops for LayerRoute's
+240 trainable tensors; 23 now). Each foreach op applies the same elementwise formula as the per-tensor op it
+replaces, in the same order, so the values are those of the per-tensor loop (tests/test_optim.py). No step reads
+anything back to the host.
 """
 from __future__ import annotations
 
@@ -44,15 +50,21 @@ class AdamW:
         bc1, bc2 = 1 - b1 ** self.t, 1 - b2 ** self.t
         for g in self.param_groups:
             lr, wd = g["lr"], g["weight_decay"]
-            for p in g["params"]:
-                if p.grad is None:
-                    continue
-                s = self.state[p]
-                p.mul_(1 - lr * wd)
-                s["m"].lerp_(p.grad, 1 - b1)
-                s["v"].mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
-                denom = (s["v"].sqrt() / math.sqrt(bc2)).add_(self.eps)
-                p.addcdiv_(s["m"], denom, value=-lr / bc1)
+            params = [p for p in g["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            m = [self.state[p]["m"] for p in params]
+            v = [self.state[p]["v"] for p in params]
+            if 1 - lr * wd != 1.0:  # x * 1.0 is x: skipping it changes no bit
+                torch._foreach_mul_(params, 1 - lr * wd)
+            torch._foreach_lerp_(m, grads, 1 - b1)
+            torch._foreach_mul_(v, b2)
+            torch._foreach_addcmul_(v, grads, grads, value=1 - b2)
+            denom = torch._foreach_sqrt(v)
+            torch._foreach_div_(denom, math.sqrt(bc2))
+            torch._foreach_add_(denom, self.eps)
+            torch._foreach_addcdiv_(params, m, denom, value=-lr / bc1)
 
     def zero_grad(self):
         for g in self.param_groups:

@@ -25,8 +25,10 @@ Training (`gated_hidden`) still computes Block(h) for closed rows, because the r
 Block(h) - h; but a closed row's block output is multiplied by an exact zero, so no gradient flows back
 through it: closed rows run their block without autograd (no activations kept, no backward), open rows
 with it (gather, block, scatter). `dense=True` runs every row with autograd (the reference path, same
-gradients). Inference (`hidden`) really skips: block i runs only on the rows whose gate is 1, not at all
-when every row is closed, and the decision is taken once per sequence at prefill; in KV-cache decoding
+gradients). The split costs one host read per block (how many rows are open: shapes depend on it), and none
+when the gates are imposed (`forcing`: known on the host) or all rows run alike (`dense`, no autograd).
+Inference (`hidden`) really skips: block i runs only on the rows whose gate is 1, not at all when every row
+is closed, and the decision is taken once per sequence at prefill; in KV-cache decoding
 a skipped block is never run and holds no cache for that sequence.
 
 Router init (REFERENCE.md §3): w = 0; b = -1 (p = 0.269, closed) on the middle band
@@ -102,6 +104,8 @@ class LayerRoute(nn.Module):
         init_routers(self.routers, init)
         self.pool = pool
         self.forced: torch.Tensor | None = None  # (L,) or (B, L) bool: gates imposed instead of the routers'
+        self._forced_on: dict = {}  # the imposed gates per device, copied there once
+        self._forced_host: list | None = None  # the imposed gates as host bools: rows open per block, no sync
         self.last: RouteTrace | None = None
 
     @property
@@ -118,11 +122,14 @@ class LayerRoute(nn.Module):
     @contextlib.contextmanager
     def forcing(self, gates: torch.Tensor | None):
         """Impose gates (True = run) for baselines and controls: all ones = the plain model (+LoRA)."""
-        old, self.forced = self.forced, None if gates is None else gates.bool()
+        old = self.forced, self._forced_on, self._forced_host
+        self.forced = None if gates is None else gates.bool()
+        self._forced_on = {} if gates is None else {self.forced.device: self.forced}
+        self._forced_host = None if gates is None else self.forced.cpu().tolist()  # once per forcing, not per block
         try:
             yield self
         finally:
-            self.forced = old
+            self.forced, self._forced_on, self._forced_host = old
 
     def soft_gate(self, i: int, h: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
         """p (B,) of router i on the hidden state h (B, T, d) entering block i; fp32 even under autocast."""
@@ -135,32 +142,51 @@ class LayerRoute(nn.Module):
             return route_mask
         return None if self.pool == "all" else attention_mask
 
-    def _hard(self, i: int, p: torch.Tensor) -> torch.Tensor:
+    def _hard(self, i: int, p: torch.Tensor) -> tuple[torch.Tensor, int | None]:
+        """Hard gates (B,) of block i on p's device, and how many rows are open when the host knows it (imposed
+        gates) without reading the device, else None."""
         if self.forced is None:
-            return p > 0.5
-        f = self.forced.to(p.device)
-        return (f[i].expand_as(p) if f.dim() == 1 else f[:, i]).clone()
+            return p > 0.5, None
+        f = self._forced_on.get(p.device)
+        if f is None:  # imposed gates elsewhere than the model: copied once per forcing, not once per block
+            f = self.forced
+            if p.device.type == "cuda" and f.device.type == "cpu":  # pinned: a copy the host does not wait on
+                f = f.pin_memory().to(p.device, non_blocking=True)
+            self._forced_on[p.device] = f = f.to(p.device)
+        host = self._forced_host
+        n_open = (p.shape[0] if host[i] else 0) if f.dim() == 1 else sum(row[i] for row in host)
+        return (f[i].expand_as(p) if f.dim() == 1 else f[:, i]).clone(), n_open
 
-    def gated_hidden(self, input_ids, attention_mask=None, route_mask=None, dense: bool = False):
+    def gated_hidden(self, input_ids, attention_mask=None, route_mask=None, dense: bool = False,
+                     padded: bool | None = None):
         """Training forward: h <- select(z, Block(h), h) + STE term, every block computed for every row.
 
         Closed rows run their block without autograd (their output only feeds the router's gradient);
         `dense=True` runs all rows with autograd instead (the reference; same values and gradients).
-        Returns the final-norm hidden states (B, T, d), soft gates (B, L) and hard gates (B, L).
+        padded: whether attention_mask has any 0 when the host knows it (data.collate says), else None (read
+        from the device). Returns the final-norm hidden states (B, T, d), soft gates (B, L) and hard gates (B, L).
         """
         attn = None if self.pool == "all" else attention_mask  # authors': causal attention only
-        h, cos, sin, mask = self.base.prepare(input_ids, attn)
+        h, cos, sin, mask = self.base.prepare(input_ids, attn, padded=padded)
         pooled = self._pooled_positions(attention_mask, route_mask)
+        B = h.shape[0]
         softs, hards, rows_run = [], [], []
         for i, block in enumerate(self.base.layers):
             p = self.soft_gate(i, h, pooled)  # (B,)
-            hard = self._hard(i, p)
-            if dense or not torch.is_grad_enabled() or bool(hard.all()):
-                out = block(h, cos, sin, mask)
-                rows_run.append(h.shape[0])
+            hard, n_open = self._hard(i, p)
+            if dense or not torch.is_grad_enabled():
+                out, n_open = block(h, cos, sin, mask), B
             else:
-                out, n = _open_rows_with_grad(block, h, cos, sin, mask, hard)
-                rows_run.append(n)
+                if n_open is None:
+                    n_open = int(hard.sum())  # the block's one host read: which rows need autograd
+                if n_open == B:
+                    out = block(h, cos, sin, mask)
+                elif n_open == 0:  # every row closed: no autograd, no gather
+                    with torch.no_grad():
+                        out = block(h, cos, sin, mask)
+                else:
+                    out = _open_rows_with_grad(block, h, cos, sin, mask, hard, n_open)
+            rows_run.append(n_open)
             ste = (p - p.detach()).to(h.dtype)[:, None, None]  # exactly 0 in the forward
             h = torch.where(hard[:, None, None], out, h) + ste * (out - h).detach()
             softs.append(p)
@@ -196,7 +222,7 @@ class LayerRoute(nn.Module):
                     continue
             else:
                 p = self.soft_gate(i, h, key_mask)
-                hard = self._hard(i, p)
+                hard, _ = self._hard(i, p)
                 softs.append(p)
                 hards.append(hard)
                 rows = hard.nonzero().squeeze(1)  # (n,) rows whose gate is open
@@ -231,18 +257,22 @@ class LayerRoute(nn.Module):
         return {f"routers.{k}": v for k, v in self.routers.state_dict().items()}
 
 
-def _open_rows_with_grad(block, h, cos, sin, mask, hard):
-    """Block(h) for every row: open rows (hard True) with autograd, closed rows without; (out, n open)."""
-    open_rows, closed = hard.nonzero().squeeze(1), (~hard).nonzero().squeeze(1)
+def _open_rows_with_grad(block, h, cos, sin, mask, hard, n_open: int):
+    """Block(h) for every row: the n_open open rows (hard True) with autograd, the closed rows without.
+
+    The row split is computed on the device (a stable sort: open rows first, each part in row order), so knowing
+    n_open on the host is all it takes; no nonzero()."""
+    order = torch.argsort((~hard).to(torch.uint8), stable=True)
+    open_rows, closed = order[:n_open], order[n_open:]
 
     def run(rows):
         sub_mask = mask if mask is None or mask.shape[0] == 1 else mask[rows]
         return block(h[rows], cos[rows], sin[rows], sub_mask)
     with torch.no_grad():
         out_closed = run(closed)
-    out_open = run(open_rows) if open_rows.numel() else h[:0]
-    inverse = torch.argsort(torch.cat([open_rows, closed]))
-    return torch.cat([out_open, out_closed])[inverse], open_rows.numel()
+    out_open = run(open_rows)
+    inverse = torch.argsort(order)
+    return torch.cat([out_open, out_closed])[inverse]
 
 
 def gate_regulariser(soft: torch.Tensor) -> torch.Tensor:

@@ -15,6 +15,16 @@ torch.backends.cudnn.allow_tf32 = False
 REAL_TOKENIZER = os.environ.get("MINROUTE_QWEN_TOKENIZER")
 
 
+@pytest.fixture(autouse=True)
+def _deterministic_mode_stays_in_its_test():
+    """train.main on CUDA turns on deterministic algorithms for its process (--deterministic, the default); run in
+    this process, it would leave them on for every later test (and e.g. top-p sampling's CUDA cumsum refuses)."""
+    mode, fill = torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory
+    yield
+    torch.use_deterministic_algorithms(mode)
+    torch.utils.deterministic.fill_uninitialized_memory = fill
+
+
 @pytest.fixture(scope="session")
 def real_tokenizer_path():
     """Path to the real Qwen2.5 tokenizer.json, or skip (set MINROUTE_QWEN_TOKENIZER to run these tests)."""

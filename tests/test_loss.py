@@ -45,3 +45,60 @@ def test_refuses_a_trainable_head():
     W = torch.randn(5, 4, requires_grad=True)
     with pytest.raises(ValueError, match="frozen LM head"):
         lm_loss(torch.randn(1, 3, 4), W, torch.zeros(1, 3, dtype=torch.long))
+
+
+def index_add_sums(h, W, labels):
+    """The per-sequence sums as minroute computed them before (index_add of each token's CE: CUDA adds in atomic
+    order, so not deterministic there)."""
+    valid = labels[:, 1:] != -100
+    ce = F.cross_entropy(h[:, :-1][valid] @ W.T, labels[:, 1:][valid], reduction="none")
+    return torch.zeros(h.shape[0]).index_add(0, valid.nonzero()[:, 0], ce)
+
+
+def test_counted_positions_from_the_host_give_the_same_loss_without_index_add(monkeypatch):
+    """Precomputed counted positions (collate does it on the CPU) give bitwise the same sums and gradients as
+    positions found here; the sums equal index_add's to fp32 rounding; no index_add (nondeterministic on CUDA)."""
+    from minroute.loss import counted_positions
+    torch.manual_seed(2)
+    B, T, d, V = 4, 23, 16, 40
+    W = torch.randn(V, d)
+    labels = torch.randint(0, V, (B, T))
+    labels[0, :7] = -100
+    labels[2, 15:] = -100
+    labels[3] = -100  # a row with nothing counted
+    h = torch.randn(B, T, d, requires_grad=True)
+
+    def boom(*a, **k):
+        raise AssertionError("index_add: nondeterministic on CUDA")
+    monkeypatch.setattr(torch.Tensor, "index_add", boom)
+    monkeypatch.setattr(torch.Tensor, "index_add_", boom)
+    sums, counts = lm_loss_per_sample(h, W, labels, chunk=5)
+    g = torch.randn(B)
+    (sums * g).sum().backward()
+    grad, h.grad = h.grad.clone(), None
+    index, target = counted_positions(labels)
+    sums2, counts2 = lm_loss_per_sample(h, W, labels, chunk=5, counted=(index, target))
+    (sums2 * g).sum().backward()
+    assert torch.equal(sums, sums2) and torch.equal(counts, counts2) and torch.equal(grad, h.grad)
+    monkeypatch.undo()
+    ref = index_add_sums(h.detach(), W, labels)
+    assert torch.allclose(sums, ref, rtol=1e-6, atol=1e-6), (sums - ref).abs().max()
+    assert sums[3] == 0 and counts.tolist() == [16, 22, 14, 0]
+    assert torch.equal(labels.view(-1)[index + 1], target)
+
+
+def test_collate_precomputes_what_the_step_needs(demo_run):
+    """collate: counted positions (those of its labels), padded and real tokens known on the host."""
+    from minroute.data import TokenSplit, collate
+    from minroute.loss import counted_positions
+    split = TokenSplit(demo_run / "demo-data", "train")
+    lens = split.lengths()
+    rows = [int(i) for i in lens.argsort()[:3]] + [int(lens.argmax())]
+    b = collate(split, rows, 0, route_on="prompt")
+    index, target = counted_positions(b["labels"])
+    assert torch.equal(b["loss_index"], index) and torch.equal(b["loss_target"], target)
+    assert b.padded and b.real_tokens == int(b["attention_mask"].sum()) == int(lens[rows].sum())
+    same = collate(split, [rows[-1]] * 2, 0)
+    assert not same.padded and same.real_tokens == 2 * int(lens[rows[-1]])
+    moved = {k: v.to("cpu") for k, v in b.items()}  # what eval and passes do still works
+    assert set(moved) == set(b) and b.to("cpu") is b  # CPU: nothing to copy

@@ -365,3 +365,52 @@ def test_a_run_from_before_these_settings_still_resumes(tmp_path, short_run, sma
     _, _, meta = load_checkpoint(run, "latest")
     assert meta["step"] == 6 and meta["args"]["route_on"] == "sequence" and meta["args"]["ce_mean"] == "micro"
     assert "records no file hashes" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- device, dtype, determinism
+
+def test_checkpoint_records_device_and_dtype_and_a_device_change_is_said(tmp_path, short_run, capsys):
+    """meta.json says where the run trained (device type, dtype of the frozen weights); resuming on another device
+    resumes, with one note saying what changes (here a CUDA bf16 run continued on the CPU in fp32)."""
+    import shutil
+    _, _, meta = load_checkpoint(short_run, "latest")
+    assert meta["device_type"] == "cpu" and meta["dtype"] == "float32"
+    run = tmp_path / "r"
+    shutil.copytree(short_run, run)
+    for ckpt in run.glob("ckpt-*"):
+        m = json.loads((ckpt / "meta.json").read_text())
+        m.update(device_type="cuda", dtype="bfloat16")
+        (ckpt / "meta.json").write_text(json.dumps(m))
+    assert train.main(["--resume", str(run), "--steps", "6", "--device", "cpu"]) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if line.startswith("note: this run trained")]
+    assert len(notes) == 1 and "on cuda (bfloat16" in notes[0] and "resumes on cpu (float32)" in notes[0], notes
+    _, _, meta = load_checkpoint(run, "latest")
+    assert meta["step"] == 6 and meta["device_type"] == "cpu" and meta["dtype"] == "float32"
+    cpu, bf16 = torch.device("cpu"), torch.bfloat16
+    assert train.device_change_note({"device_type": "cpu", "dtype": "float32"}, cpu, torch.float32) is None
+    assert "cuda (bfloat16" in train.device_change_note({"args": {"device": "cuda:0"}, "step": 3}, cpu, torch.float32)
+    assert "resumes on cpu (bfloat16)" in train.device_change_note({"args": {"device": "cpu"}}, cpu, bf16)
+
+
+def test_deterministic_is_the_default_and_sets_cuda_up_before_use(monkeypatch):
+    """--deterministic (default) on CUDA: deterministic algorithms and the cuBLAS workspace setting; a setting
+    cuBLAS cannot make deterministic is refused; CPU is left alone; a resume may switch it."""
+    from argparse import Namespace
+    assert train.parse_args(["--out", "x"]).deterministic is True
+    assert train.parse_args(["--out", "x", "--no-deterministic"]).deterministic is False
+    assert {"deterministic", "ddp_backend"} <= train.RESUME_MAY_CHANGE
+    calls = []
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **k: calls.append(mode))
+    monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    train.configure_determinism(Namespace(device="cpu", deterministic=True))
+    assert calls == [] and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
+    train.configure_determinism(Namespace(device="cuda", deterministic=False))
+    assert calls == []
+    train.configure_determinism(Namespace(device="cuda:0", deterministic=True))
+    assert calls == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
+    with pytest.raises(train.UserError, match=r"CUBLAS_WORKSPACE_CONFIG=:0:0 .*--no-deterministic"):
+        train.configure_determinism(Namespace(device="cuda", deterministic=True))
+    help_text = train.build_parser().format_help()
+    assert "--deterministic" in help_text and "0.5" in help_text

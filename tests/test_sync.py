@@ -1,0 +1,93 @@
+"""A training step the GPU does not wait on: host syncs counted on CPU (bench/host_overhead.py's counter: every value
+read, value-sized op and blocking copy, attributed to its line), per micro-batch and per update."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+from host_overhead import HostSyncCounter, mix_gates, setup, train_args  # noqa: E402
+
+CPU = torch.device("cpu")
+
+
+def no_autocast():
+    return torch.autocast("cpu", enabled=False)
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return setup(tmp_path_factory.mktemp("sync"), layers=6, hidden=32, heads=4, kv=2, ffn=64)
+
+
+def counted_update(small, u, monkeypatch, forced=None):
+    """Syncs of accumulate_update (per micro-batch) and of finish_update, with collate (host data) not counted."""
+    route, opt, trainable, split, pad_id = small
+    args = train_args(accum=2)
+    counter = HostSyncCounter()
+    real = train.collate
+
+    def collate(*a, **k):
+        with counter.paused():
+            return real(*a, **k)
+    monkeypatch.setattr(train, "collate", collate)
+    with route.forcing(forced):
+        train.accumulate_update(route, split, u, args, pad_id, no_autocast, CPU)  # warm-up (per-device caches)
+        train.finish_update(opt, trainable, torch.zeros(4), 1.0, 1, CPU)
+        with counter:
+            sums = train.accumulate_update(route, split, u + 1, args, pad_id, no_autocast, CPU)
+            micro = counter.by_where()
+            counter.reset()
+            _, finite = train.finish_update(opt, trainable, sums, 1.0, 1, CPU)
+            tail = counter.by_where()
+    assert finite
+    return micro, tail, args.accum
+
+
+@pytest.mark.parametrize("gates", ["band", "mixed"])
+def test_one_host_read_per_block_and_one_per_update(small, monkeypatch, gates):
+    """Router gates (initial band: every row alike; mixed: rows differ): at most one read per block per micro-batch,
+    all of them the block's open-row count in router.py, nothing in the loss, the mask, RoPE or the batch copy;
+    and exactly one per update, train.py's non-finite check."""
+    route = small[0]
+    L = route.config.num_hidden_layers
+    if gates == "mixed":
+        mix_gates(route, seed=1)
+    micro, tail, accum = counted_update(small, 0 if gates == "band" else 4, monkeypatch)
+    if gates == "mixed":
+        hard = route.last.hard
+        assert (hard.any(0) & ~hard.all(0)).any(), "some block must have open and closed rows for this test"
+    total = sum(micro.values())
+    print(f"{gates}: {total / accum:.1f} syncs per micro-batch ({L} blocks): {micro}; update tail: {tail}")
+    assert total <= accum * L, f"{total / accum:.1f} host syncs per micro-batch for {L} blocks: {micro}"
+    assert all(w.startswith("router.py:") for w in micro), f"host syncs outside the row split: {micro}"
+    assert sum(tail.values()) == 1 and all(w.startswith("train.py:") for w in tail), tail
+
+
+def test_imposed_gates_cost_no_host_read(small, monkeypatch):
+    """Gates known on the host (forcing, per row): the forward, loss and backward read nothing back."""
+    route = small[0]
+    L = route.config.num_hidden_layers
+    forced = torch.tensor([[(i + b) % 3 != 0 for i in range(L)] for b in range(4)])
+    micro, tail, _ = counted_update(small, 8, monkeypatch, forced=forced)
+    assert micro == {}, f"host syncs with imposed gates: {micro}"
+    assert sum(tail.values()) == 1
+
+
+def test_counter_sees_what_it_counts():
+    """The counter itself: value reads, value-sized ops, boolean masks and blocking copies, not device-side ops."""
+    x = torch.arange(6.0)
+    with HostSyncCounter() as c:
+        y = (x * 2).sum()  # device-side: nothing
+        _ = x[x > 2]
+        _ = (x > 2).nonzero()
+        _ = y.item()
+        _ = bool(y > 0)
+        _ = x.to("cpu")
+        _ = x.to(torch.float64)  # dtype only: nothing
+        _ = x.to("cpu", non_blocking=True)  # non-blocking: nothing
+    kinds = sorted(k for k, _ in c.calls)
+    assert kinds == ["__bool__", "blocking copy .to(device)", "boolean-mask index", "item", "nonzero"], kinds
