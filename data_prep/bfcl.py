@@ -23,7 +23,6 @@ that is not a list of single-function objects (`bad_ground_truth`).
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from minroute.safety import MissingFile

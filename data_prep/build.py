@@ -52,7 +52,7 @@ from pathlib import Path
 import numpy as np
 
 from minroute.chat import ChatFormat, encode_chat
-from minroute.checkpoint import fsync_tree
+from minroute.checkpoint import publish_folder
 from minroute.safety import FileLock, MissingFile, UserError, file_records, sha256_file
 
 from . import bfcl, glaive, gsm8k, hermes, turing
@@ -312,14 +312,7 @@ def build(out_dir, tokenizer, tokenizer_name: str, tokenizer_sha256: str | None 
                               log, **settings)
             manifest["build_seconds"] = round(time.time() - t0, 2)
             (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-            fsync_tree(out)
-            if final.exists():  # --overwrite: move the old folder aside first, so a crash here loses neither
-                old = final.parent / f".{final.name}.replaced-{os.getpid()}"
-                os.replace(final, old)
-                os.replace(out, final)
-                shutil.rmtree(old)
-            else:
-                os.replace(out, final)
+            publish_folder(out, final)  # --overwrite: the old folder goes only once the new one is in place
         except UserError:
             raise
         except OSError as e:

@@ -38,6 +38,20 @@ def fsync_tree(root: Path):
     _fsync_dir(Path(root))
 
 
+def publish_folder(tmp: Path, final: Path):
+    """Make a fully written folder `tmp` be `final`: fsync it, then rename it into place. An old `final` is moved
+    aside first and deleted only after the rename, so a crash at any moment leaves one complete folder."""
+    fsync_tree(tmp)
+    if final.exists():
+        old = final.parent / f".{final.name}.replaced-{os.getpid()}"
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+    _fsync_dir(final.parent)
+
+
 def atomic_write_text(path: Path, text: str):
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

@@ -266,7 +266,7 @@ def convert(src, out_dir, overwrite: bool = False, log=print) -> Path:
 
     from safetensors.torch import save_file
 
-    from .checkpoint import file_mode, fsync_tree
+    from .checkpoint import file_mode, publish_folder
     t0 = time.time()
     out = Path(out_dir)
     if out.exists():
@@ -307,14 +307,7 @@ def convert(src, out_dir, overwrite: bool = False, log=print) -> Path:
             "architecture": cfg.model_type, "tensor_types": quant, "stored_dtype": "float32",
             "qk_rows_unpermuted": cfg.model_type == "llama", "tokenizer_pre": g.get("tokenizer.ggml.pre", "default"),
         }, indent=2))
-        fsync_tree(tmp)
-        if out.exists():
-            old = out.parent / f".{out.name}.replaced-{os.getpid()}"
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old)
-        else:
-            os.replace(tmp, out)
+        publish_folder(tmp, out)
     except OSError as e:
         raise UserError(f"{out}: writing the checkpoint failed ({e.strerror}); nothing was left behind") from None
     finally:
