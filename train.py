@@ -295,7 +295,8 @@ def resume_point(run: Path, target: Path) -> tuple[Path | None, list[str]]:
         newer = [d.name for k, d in found if k > step_of(target)]
         if newer:
             notes.append(f"resuming {run} from {target.name}, as asked; its newer checkpoints ({', '.join(newer)}) are "
-                         "trained again, bitwise the same, and replaced as the run reaches them")
+                         "superseded by the first checkpoint this resume writes (training repeats them, bitwise the "
+                         "same)")
         return target, notes
     for which in ("latest", "best"):
         name = pointer_target(run, which)
