@@ -32,35 +32,42 @@ the uninterrupted one. `--no-deterministic` trades that guarantee for whatever s
 reads the device back once per block (which rows are open, for the closed rows' no-backward split) and once per
 update (the non-finite check); batches come pinned and copied without blocking. Checkpoints (adapters + optimizer + RNG,
 safetensors + JSON with each file's sha256, and the device type and dtype trained in: resuming on another
-device says what changes) are atomic; `--resume RUN_DIR` continues exactly, and with
+device says what changes) are atomic; `--resume RUN_DIR` continues exactly from the run's
+newest complete checkpoint (latest or best, whichever is later; from update 0 with the recorded settings,
+run.json, if it stopped before its first), `--resume RUN_DIR/ckpt-N` from that checkpoint, and with
 `--steps N` extends the run. An existing run folder is never overwritten: `--out` refuses it (resume it,
-or `--restart`, which moves the old run aside). The best checkpoint is the one with the lowest validation
-CE (the regulariser is left out, so "best" means best language model, not most skipping).
+or `--restart`, which moves the old run aside). Every input is checked before the run folder is made or
+moved. The best checkpoint is the one with the lowest validation CE (the regulariser is left out, so
+"best" means best language model, not most skipping).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import shlex
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minroute.checkpoint import (adapter_tensors, build_layerroute, check_same_shape, load_adapter, load_checkpoint,
-                                 model_shape, nonfinite_tensors, restore_rng, rng_state_tensors, run_dir_of,
-                                 save_checkpoint,
-                                 trained_rows_text)
+from minroute.checkpoint import (CKPT_NAME, adapter_tensors, atomic_write_text, build_layerroute, check_same_shape,
+                                 checkpoints, is_checkpoint_dir, load_adapter, load_checkpoint, model_shape,
+                                 nonfinite_tensors, pointer_target, read_meta, restore_rng, rng_state_tensors,
+                                 run_dir_of, save_checkpoint, trained_rows_text)
 from minroute.data import ROUTE_ON, DataFolder, TokenSplit, collate, counted_tokens, update_batches
-from minroute.load import hub_revision, load_tokenizer, resolve_dir
+from minroute.load import hub_revision, load_config, load_tokenizer, resolve_dir
 from minroute.loss import lm_loss_per_sample
 from minroute.optim import AdamW, get_lr
 from minroute.router import bce_gate_loss, gate_regulariser
-from minroute.runs import RunLog, check_new_run_folder
-from minroute.safety import (RunLock, UserError, default_device, device, nonneg_float, nonneg_int, positive_float,
-                             positive_int, probability, run_cli, sha256_file)
+from minroute.runs import RunLog, check_out_folder, held_run_files, make_run_folder
+from minroute.safety import (ArgumentParser, MissingFile, RunLock, UserError, WriteError, default_device, device,
+                             nonneg_float, nonneg_int, os_cause, positive_float, positive_int, probability, run_cli,
+                             seed_int, sha256_file)
 
 DEFAULTS = dict(batch_size=4, accum=4, lr=2e-4, save_every=200, log_every=10, t_max=None)
 PRESETS = {
@@ -79,7 +86,7 @@ DEMO_ASSET_SEED = 42  # the demo model and data do not change with --seed
 
 def build_parser(suppress: bool = False):
     """The command line; with suppress, unset options stay absent (to see what a resume command changes)."""
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="train.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     g = ap.add_argument_group("run")
     g.add_argument("--out", help="run folder: checkpoints, train_log.csv, gates.csv (must not hold a run)")
     g.add_argument("--data", help="folder built by `python -m data_prep`")
@@ -88,11 +95,11 @@ def build_parser(suppress: bool = False):
     g.add_argument("--demo", action="store_true", help="offline CPU demo: tiny random model + bundled corpus")
     g.add_argument("--demo-assets", metavar="DIR", help="with --demo: build (once) and use the demo model and data in "
                                                         "DIR instead of the run folder (shared by a study's runs)")
-    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its latest checkpoint (exactly); "
-                                                       "with --steps N, extend it to N")
+    g.add_argument("--resume", metavar="RUN_DIR", help="continue a run from its newest checkpoint, or RUN_DIR/ckpt-N "
+                                                       "from that one (exactly); with --steps N, extend it to N")
     g.add_argument("--restart", action="store_true", help="start a new run in an --out folder that holds one: the "
                                                           "old run is moved to OUT.replaced-<time>, not deleted")
-    g.add_argument("--seed", type=int, default=42, help="data order, LoRA init and dropout")
+    g.add_argument("--seed", type=seed_int, default=42, help="data order, LoRA init and dropout (0 to 2**32 - 1)")
     g.add_argument("--device", type=device, default=default_device(), help="cpu, cuda or cuda:N")
     g.add_argument("--deterministic", action=argparse.BooleanOptionalAction, default=True,
                    help="CUDA: deterministic algorithms and cuBLAS workspace (CUBLAS_WORKSPACE_CONFIG=:4096:8), so a "
@@ -129,7 +136,7 @@ def build_parser(suppress: bool = False):
     g.add_argument("--route-on", choices=ROUTE_ON, help="positions the routers pool: the prompt (what deployment "
                    "sees at prefill; paper preset) or prompt + answer (authors': author preset)")
     g.add_argument("--pad-to", type=nonneg_int, help="pad batches to this length (0 = longest in batch; author: 512)")
-    g.add_argument("--sort-by-length", type=int, choices=[0, 1], help="sort each update's sequences by length "
+    g.add_argument("--sort-by-length", type=nonneg_int, choices=[0, 1], help="sort each update's sequences by length "
                    "before cutting micro-batches, so less compute goes to padding (paper 1, author 0)")
     g = ap.add_argument_group("logging and checkpoints")
     g.add_argument("--log-every", type=positive_int, help="updates between log lines (10)")
@@ -148,7 +155,30 @@ def parse_args(argv=None):
     if not args.resume and not args.out:
         ap.error("--out RUN_DIR is required for a new run (or --resume RUN_DIR to continue one)")
     args.given = vars(build_parser(suppress=True).parse_args(argv))  # only what the command line set
+    if args.resume and args.restart:
+        raise UserError(f"--resume {args.resume} --restart: --resume continues a run, --restart starts a new one in "
+                        "its folder (with --out); give one of them")
+    if not args.resume:
+        check_demo_flags(args)
     return args
+
+
+def check_demo_flags(args):
+    """--demo brings its own model, data and device: refuse what it would otherwise silently replace."""
+    given = args.given
+    if args.demo and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise UserError("--demo runs in one process; build the data and model first for torchrun")
+    if args.demo:
+        clash = [f"--{k} {given[k]}" for k in ("data", "model") if k in given]
+        if clash:
+            raise UserError(f"{' and '.join(clash)} with --demo: the demo trains its own tiny model on its bundled data "
+                            f"and would not use {'them' if len(clash) > 1 else 'it'}; drop "
+                            f"{' and '.join(c.split()[0] for c in clash)}, or drop --demo to train on yours")
+        if given.get("device", "cpu") != "cpu":
+            raise UserError(f"--device {given['device']} with --demo: the demo runs on the CPU; drop --device")
+    elif args.demo_assets:
+        raise UserError(f"--demo-assets {args.demo_assets} without --demo: it says where the demo keeps its model and "
+                        "data; add --demo, or drop --demo-assets")
 
 
 def resolve(args):
@@ -165,17 +195,25 @@ def resolve(args):
                         f"use --steps >= {args.accum}")
     if args.min_lr > args.lr:
         raise UserError(f"--min-lr {args.min_lr:g} is above --lr {args.lr:g}")
+    if args.lr * args.weight_decay >= 1:
+        raise UserError(f"--weight-decay {args.weight_decay:g} with --lr {args.lr:g}: each update would scale every "
+                        f"weight by 1 - lr x wd = {1 - args.lr * args.weight_decay:g} (to zero or past it); lower one "
+                        "of them")
     args.t_max = args.t_max or updates
+    if args.warmup and args.warmup >= args.t_max:
+        raise UserError(f"--warmup {args.warmup} is not shorter than the cosine's {args.t_max} updates (--t-max), so "
+                        f"the LR would never decay; use --warmup < {args.t_max}")
     if args.ablation == "noreg":
         args.gate_reg = 0.0
     args.init = "uniform" if args.ablation == "uniform-init" else "band"
     return updates
 
 
-def prepare_demo(out: Path, args):
+def prepare_demo(out: Path, args, record_as: Path | None = None):
     """Tiny random Qwen2 (tokenizer trained on the demo corpus) and the demo data in `out` (the run folder, or
     --demo-assets to share one model and data set between runs). Built once, with a fixed seed, so every seed
-    of a demo study trains the same base model on the same data."""
+    of a demo study trains the same base model on the same data. `record_as`: the folder the assets will be
+    moved to (the data's manifest names the model there), when they are built elsewhere first."""
     from data_prep.build import build
     from minroute.tiny import write_tiny_checkpoint
     demo = Path(__file__).resolve().parent / "data_prep" / "demo"
@@ -191,7 +229,8 @@ def prepare_demo(out: Path, args):
                               extra_text=[line for t in text for line in t.splitlines()])
     if not (data_dir / "manifest.json").exists():
         tok = load_tokenizer(model_dir)
-        build(data_dir, tok.tokenizer, str(model_dir), source_dir=demo, counts=DEMO_COUNTS, chat_format=tok.chat,
+        build(data_dir, tok.tokenizer, str((record_as or out) / "demo-model"), source_dir=demo, counts=DEMO_COUNTS,
+              chat_format=tok.chat,
               eval_counts={"tool": 10, "planning": 10}, matched_pairs=10, seed=DEMO_ASSET_SEED,
               tokenizer_sha256=sha256_file(model_dir / "tokenizer.json"))
     args.model, args.data = str(model_dir), str(data_dir)
@@ -203,13 +242,132 @@ def check_data_matches_model(data: DataFolder, model_path: str, vocab_size: int)
         raise UserError(f"{data} uses {data.manifest['vocab_size']} token ids, the model {model_path} has {vocab_size}")
 
 
+def open_inputs(args, new_run: bool = True) -> DataFolder:
+    """The data (every file verified) and the model checked against each other and against the numbers that
+    depend on them, before the run folder is made: a refused command changes nothing on disk. A resumed run
+    (new_run False) is not held to bounds it could not change (it trained with them)."""
+    data = DataFolder(args.data)
+    cfg = load_config(resolve_dir(args.model))
+    check_data_matches_model(data, args.model, cfg.vocab_size)
+    train_split, val_split = data.split("train"), data.split("val")
+    longest = max(int(train_split.lengths().max()), int(val_split.lengths().max()) if len(val_split) else 0)
+    if args.pad_to and args.pad_to < longest:
+        raise UserError(f"--pad-to {args.pad_to} is shorter than the longest sample of {args.data} ({longest} tokens); "
+                        f"use --pad-to {data.manifest['max_len']} (the data's --max-len) or 0")
+    if not new_run:
+        return data
+    if args.pad_to > cfg.max_position_embeddings:
+        raise UserError(f"--pad-to {args.pad_to} is longer than the context of {args.model} "
+                        f"({cfg.max_position_embeddings} positions); use --pad-to {data.manifest['max_len']} or 0")
+    if args.lora_r > cfg.hidden_size:
+        raise UserError(f"--lora-r {args.lora_r} is above the hidden size of {args.model} ({cfg.hidden_size}), which "
+                        f"bounds a LoRA's rank; use --lora-r <= {cfg.hidden_size} (the paper: 8)")
+    if args.batch_size * args.accum > len(train_split):
+        raise UserError(f"--batch-size {args.batch_size} x --accum {args.accum} = {args.batch_size * args.accum} "
+                        f"sequences per update, more than the {len(train_split)} of {args.data}'s train split (an "
+                        "update would hold a sequence twice); lower them")
+    return data
+
+
+def new_run_command(args, **change) -> str:
+    """A train.py command that starts this run over in its own folder (--restart moves the stopped run aside)
+    with its settings and `change` applied: what a message advises where a resume cannot help (a resumed run
+    keeps its settings). Options that resolve() would fill with the same value are left out."""
+    ap = build_parser()
+    base = ap.parse_args(["--out", "x", "--preset", args.preset] + (["--demo"] if args.demo else []))
+    resolve(base)
+    base.preset, base.demo = ap.get_default("preset"), False  # these two are given whenever they are not the default
+    cmd = ["python", "train.py", "--out", str(args.out)]
+    for action in ap._actions:
+        k = action.dest
+        if not action.option_strings or k in ("help", "out", "resume", "restart") or \
+                (args.demo and k in ("model", "data")):  # the demo builds its own
+            continue
+        v = change.get(k, getattr(args, k, None))
+        if v is None or (k not in change and v == getattr(base, k, None)):
+            continue
+        if k == "t_max" and k not in change and v == (PRESETS[args.preset].get("t_max") or args.updates):
+            continue  # what resolve() fills in
+        if isinstance(action, argparse._StoreTrueAction):
+            cmd += [action.option_strings[0]] if v else []
+        else:
+            cmd += [action.option_strings[0], str(v)]
+    return shlex.join(cmd + ["--restart"])
+
+
+def step_of(ckpt: Path) -> int:
+    m = CKPT_NAME.fullmatch(ckpt.name)
+    return int(m.group(1)) if m else read_meta(ckpt).get("step", 0)
+
+
+def resume_point(run: Path, target: Path) -> tuple[Path | None, list[str]]:
+    """The checkpoint a resume continues from, and notes to print: the one named (RUN/ckpt-N), else the run's
+    newest complete checkpoint, whichever pointer names it (a run killed after a validation checkpoint but
+    before its first --save-every one has only best.json), or None when there is none."""
+    found = checkpoints(run)
+    notes = []
+    if target != run:  # a ckpt-* folder, as asked
+        newer = [d.name for k, d in found if k > step_of(target)]
+        if newer:
+            notes.append(f"resuming {run} from {target.name}, as asked; its newer checkpoints ({', '.join(newer)}) are "
+                         "superseded by the first checkpoint this resume writes (training repeats them, bitwise the "
+                         "same)")
+        return target, notes
+    for which in ("latest", "best"):
+        name = pointer_target(run, which)
+        if name and not (run / name).is_dir():
+            notes.append(f"{run / (which + '.json')} names {name}, which is missing")
+    if not found:
+        return None, notes
+    step, ckpt = found[-1]
+    if pointer_target(run, "latest") not in (ckpt.name, None) or not (run / "latest.json").exists():
+        how = "best.json names it" if pointer_target(run, "best") == ckpt.name else "no pointer names it"
+        notes.append(f"resuming from {ckpt.name} (update {step}), the newest complete checkpoint ({how})")
+    return ckpt, notes
+
+
+def read_run_json(run: Path, notes) -> dict:
+    path = run / "run.json"
+    if not path.exists():
+        raise MissingFile(f"{run}: no checkpoint and no run.json, so there is nothing to resume ("
+                          + ("; ".join(notes) + "; " if notes else "") + "not a train.py run folder, or an older "
+                          "train.py's run that stopped before its first checkpoint). Start a new run there: python "
+                          f"train.py --out {run} --restart --data DATA ... (the old files are moved aside)")
+    try:
+        meta = json.loads(path.read_text())
+        meta["args"]["steps"]
+    except (ValueError, KeyError, TypeError) as e:
+        raise UserError(f"{path}: unreadable ({type(e).__name__}); it records the settings of a run that stopped "
+                        "before its first checkpoint; restore it, or start a new run there with --restart") from None
+    return meta
+
+
 def resume_args(args):
     """The recorded settings of the run to resume, with --steps (extension) and --device taken from the command
     line; any other setting given with a different value is refused by name."""
-    run = run_dir_of(Path(args.resume))
+    target = Path(args.resume)
+    run = run_dir_of(target)
     if args.out and Path(args.out).resolve() != run.resolve():
         raise UserError(f"--resume {args.resume} continues {run}; drop --out {args.out} (a run cannot move)")
-    adapter, opt_state, meta = load_checkpoint(run, "latest")
+    ckpt, notes = resume_point(run, target if is_checkpoint_dir(target) else run)
+    if ckpt is None:  # stopped before its first checkpoint: start from update 0 with its recorded settings
+        meta = read_run_json(run, notes)
+        if notes:  # pointers name checkpoints that are gone: do not silently redo the whole run
+            raise MissingFile(f"{'; '.join(notes)}, and {run} has no other checkpoint; restore it from a copy, or "
+                              "start the run over: "
+                              + new_run_command(argparse.Namespace(**{**meta["args"], "out": str(run)})))
+        notes.append(f"{run} has no checkpoint yet (it stopped before its first): starting from update 0 with its "
+                     "settings (run.json), exactly the run it would have been")
+        adapter = opt_state = None
+    else:
+        meta = read_meta(ckpt)
+        if not isinstance(meta.get("args"), dict):
+            raise UserError(f"{ckpt / 'meta.json'} lacks the run's settings ('args'); it is not a checkpoint train.py "
+                            "wrote, or it was edited")
+        adapter, opt_state, meta = load_checkpoint(ckpt, fix=other_checkpoint_advice(run, ckpt, meta["args"]))
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in notes:
+            print(f"note: {note}", file=sys.stderr)
     saved = meta["args"]
     changed = sorted(k for k, v in args.given.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
     if changed:
@@ -227,9 +385,22 @@ def resume_args(args):
                             "only be extended")
         new.steps = args.given["steps"]
         new.updates = new.steps // new.accum if new.step_unit == "micro" else new.steps
-        new.extensions.append({"from_steps": saved["steps"], "to_steps": new.steps, "at_update": meta["step"],
+        new.extensions.append({"from_steps": saved["steps"], "to_steps": new.steps, "at_update": meta.get("step", 0),
                                "time": time.strftime("%Y-%m-%d %H:%M:%S")})
     return new, (adapter, opt_state, meta)
+
+
+def other_checkpoint_advice(run: Path, ckpt: Path, saved: dict, restore: bool = True) -> str:
+    """What to do when `ckpt` cannot be used: resume from an earlier checkpoint, or start the run over."""
+    first = "restore it from a copy, or " if restore else ""
+    older = [d for k, d in checkpoints(run) if k < step_of(ckpt)]
+    if older:
+        return f"{first}resume from an earlier checkpoint: python train.py --resume {older[-1]}"
+    try:
+        again = new_run_command(argparse.Namespace(**{**saved, "out": str(run)}))
+    except (AttributeError, KeyError, TypeError, ValueError):  # settings of an older train.py: no command
+        again = f"python train.py --out {run} --restart ... (the run's own settings)"
+    return f"{first}start the run over (it has no earlier checkpoint): {again}"
 
 
 def param_groups(route, weight_decay: float, decay_biases: bool):
@@ -426,31 +597,63 @@ def trained_row_hashes(data: DataFolder) -> list[str]:
     return sorted(contents | {f"prompt:{h}" for h in prompts})
 
 
+def start_run(out: Path, args, writer: bool):
+    """Check every input of a new run, then (only then) make its folder, or with --restart move the run it
+    holds aside. The demo's model and data are built beside the folder and moved in. Returns (data, lock)."""
+    check_out_folder(out, args.restart)
+    staging = None
+    try:
+        if args.demo:
+            args.device = "cpu"
+            assets = Path(args.demo_assets) if args.demo_assets else out
+            ready = (out / "demo-model" / "model.safetensors").exists() and (out / "demo-data" / "manifest.json").exists()
+            if not args.demo_assets and (held_run_files(out) or not ready):
+                here = next(a for a in Path(os.path.abspath(out)).parents if a.is_dir())
+                try:
+                    staging = assets = Path(tempfile.mkdtemp(prefix=f".{out.name}.demo-", dir=here))
+                except OSError as e:
+                    raise WriteError(f"--out {out}: cannot build the demo beside it in {here} ({os_cause(e)}); give "
+                                     "another --out") from None
+            prepare_demo(assets, args, record_as=out if staging else None)
+        if not args.data:
+            raise UserError("--data DIR is required (build it with `python -m data_prep --out DIR`), or use --demo")
+        args.updates = resolve(args)
+        data = open_inputs(args)
+        if not writer:  # under torchrun rank 0 makes the folder
+            return data, None
+        lock = RunLock(out) if out.is_dir() else None  # refuses a run another process is writing
+        if make_run_folder(out, args.restart) and lock:  # the old run (and its lock file) moved aside
+            lock.release()
+            lock = None
+        lock = lock or RunLock(out)  # held until this process exits: no second writer
+        if staging:
+            try:
+                for name in ("demo-model", "demo-data"):
+                    os.replace(staging / name, out / name)
+            except OSError as e:
+                raise WriteError(f"{e.filename or out}: cannot move the demo's model and data into the run folder "
+                                 f"({os_cause(e)}); give another --out") from None
+            args.model, args.data = str(out / "demo-model"), str(out / "demo-data")
+            data = DataFolder(args.data)
+        return data, lock
+    finally:
+        if staging:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
 def main(argv=None):
     args = parse_args(argv)
     check_processes_fit(args)  # before anything touches --out
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the run folder
     resume = None
     if args.resume:
         args, resume = resume_args(args)
         out = Path(args.out)
+        lock = RunLock(out) if writer else None  # held until this process exits: no second writer
+        data = open_inputs(args, new_run=False)
     else:
         out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise UserError(f"--out {out} is a file; give a folder")
-        out.mkdir(parents=True, exist_ok=True)
-    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the run folder
-    lock = RunLock(out) if writer else None  # held until this process exits: no second writer
-    if not args.resume and writer:
-        if check_new_run_folder(out, args.restart):  # the old run (and its lock file) moved aside
-            lock.release()
-            lock = RunLock(out)
-    if not args.resume:
-        if args.demo:
-            args.device = "cpu"
-            prepare_demo(Path(args.demo_assets) if args.demo_assets else out, args)
-        if not args.data:
-            raise UserError("--data DIR is required (build it with `python -m data_prep --out DIR`), or use --demo")
-        args.updates = resolve(args)
+        data, lock = start_run(out, args, writer)  # nothing is made or moved before every input is checked
         args.extensions = []
     updates = args.updates
     configure_determinism(args)  # before any CUDA work
@@ -465,17 +668,10 @@ def main(argv=None):
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
 
-    data = DataFolder(args.data)
-    manifest = data.manifest
-    train_split, val_split = data.split("train"), data.split("val")
-    longest = max(int(train_split.lengths().max()), int(val_split.lengths().max()) if len(val_split) else 0)
-    if args.pad_to and args.pad_to < longest:
-        raise UserError(f"--pad-to {args.pad_to} is shorter than the longest sample of {args.data} ({longest} tokens); "
-                        f"use --pad-to {manifest['max_len']} (the data's --max-len) or 0")
+    train_split, val_split = data.split("train"), data.split("val")  # data and model checked by open_inputs
     route = build_layerroute(args.model, {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout},
                              pool=args.pool, init=args.init, device=device, dtype=dtype)
     cfg = route.config
-    check_data_matches_model(data, args.model, cfg.vocab_size)
     pad_id = load_tokenizer(args.model).pad_id
     groups = param_groups(route, args.weight_decay, args.decay_biases)
     opt = AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -488,13 +684,16 @@ def main(argv=None):
             raise UserError(f"{args.data} is not the data this run started on (its content differs); resume needs the "
                             "same data (an identical rebuild is the same data)")
         check_same_shape(resume_meta, cfg, out)
-        bad = nonfinite_tensors({**adapter, **opt_state})
-        if bad:
-            raise UserError(f"{out}: its latest checkpoint holds non-finite values ({bad[0]}, ...); it cannot be resumed")
-        load_adapter(route, adapter, out)
-        opt.load_state_tensors(opt_state, names, resume_meta["step"])
-        restore_rng(opt_state)
-        start, best = resume_meta["step"], resume_meta.get("best_val_ce", float("inf"))
+        if adapter is not None:  # else: no checkpoint yet, the run starts at update 0 with its recorded settings
+            bad = nonfinite_tensors({**adapter, **opt_state})
+            if bad:
+                ckpt = out / f"ckpt-{resume_meta['step']:06d}"
+                raise UserError(f"{ckpt}: holds non-finite values ({bad[0]}, ...), so it cannot be resumed; "
+                                + other_checkpoint_advice(out, ckpt, resume_meta["args"], restore=False))
+            load_adapter(route, adapter, out)
+            opt.load_state_tensors(opt_state, names, resume_meta["step"])
+            restore_rng(opt_state)
+            start, best = resume_meta["step"], resume_meta.get("best_val_ce", float("inf"))
         say(f"resumed {out} at update {start}/{updates}")
         note = device_change_note(resume_meta, device, dtype)
         if note:
@@ -508,6 +707,12 @@ def main(argv=None):
                  "model_revision": hub_revision(resolve_dir(args.model)),
                  "device_type": device.type, "dtype": str(dtype).removeprefix("torch.")}
     rows_text = trained_rows_text(trained_row_hashes(data))
+    if main_proc and start == 0:  # the settings of a run with no checkpoint yet: --resume starts it again from 0
+        try:
+            atomic_write_text(out / "run.json", json.dumps(meta_base, indent=2))
+        except OSError as e:
+            raise WriteError(f"{e.filename or out / 'run.json'}: cannot write the run's settings ({os_cause(e)}); "
+                             f"free space (or make {out} writable) and run the command again") from None
     say(f"LayerRoute on {args.model}: {cfg.num_hidden_layers} layers, trainable {sum(p.numel() for p in trainable):,} | "
         f"data {args.data}: train {len(train_split)} val {len(val_split)} | {updates} updates of {args.batch_size}x"
         f"{args.accum} on {world} process(es) | preset {args.preset} ablation {args.ablation} pool {args.pool} "
@@ -519,11 +724,21 @@ def main(argv=None):
                 "soft": [], "hard": [], "tool": []}
 
     def last_good_checkpoint() -> str:
-        if not (out / "latest.json").exists():
+        found = checkpoints(out)
+        if not found:
             return f"no checkpoint was written in {out} yet"
-        d = out / json.loads((out / "latest.json").read_text())["dir"]
+        d = found[-1][1]
         bad = nonfinite_tensors(load_checkpoint(d)[0])
         return f"the last good checkpoint is {d}" if not bad else f"{d} holds non-finite {bad[:2]}"
+
+    def nonfinite_advice(u: int) -> str:
+        if u == 0:  # the initial weights: no learning rate has acted yet
+            return ("The loss is not finite before any update, so no --lr can help: check the data, the model and "
+                    "--gate-reg / --lora-alpha")
+        lower = float(f"{args.lr / 10:.3g}")
+        change = {"lr": lower, **({"min_lr": lower} if args.min_lr > lower else {})}
+        return (f"A resumed run keeps its --lr (resuming repeats this); start the run again with a lower one (the "
+                f"stopped run is moved to {out}.replaced-<time>): {new_run_command(args, **change)}; or check the data")
 
     route.train()
     acc, t_run = fresh_acc(), time.time()
@@ -537,8 +752,8 @@ def main(argv=None):
                 log.close()
             raise UserError(f"non-finite loss or gradient at update {u} (loss {sums[0].item():.4g}, ce "
                             f"{sums[1].item():.4g}, reg {sums[2].item():.4g}, grad norm {grad_norm.item():.4g}); "
-                            f"stopped before the update, nothing saved; {last_good_checkpoint()}. Resume from it "
-                            "with a lower --lr in a new run, or check the data")
+                            f"stopped before the update, nothing saved; {last_good_checkpoint()}. "
+                            f"{nonfinite_advice(u)}")
         acc["sums"] += sums
         acc["n"] += 1
         step = u + 1

@@ -7,18 +7,24 @@ rename). A crash at any moment leaves the pointers naming complete checkpoints. 
 file's size and sha256, checked on load, so a corrupt or missing file is named; `trained_rows.txt` lists the
 content hashes of the rows the run trained and selected on, so eval.py can prove its rows are held out.
 Files get the permissions of the run folder's other files (umask). Nothing here is pickled.
+
+A write the operating system refuses (full disk, read-only folder) removes the half-written `ckpt-*.tmp`
+and ends in a `WriteError` naming the path and the cause; the run's earlier checkpoints and pointers are
+untouched. `checkpoints(run)` lists a run's complete checkpoints by update, so a resume can take the newest
+one whichever pointer (latest or best) names it, or none.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from .safety import MissingFile, UserError, file_records, verify_files
+from .safety import MissingFile, UserError, WriteError, file_records, os_cause, verify_files
 
 
 def _fsync_dir(path: Path):
@@ -71,7 +77,13 @@ def file_mode() -> int:
 
 
 def _save_tensors(tensors: dict, path: Path):
-    save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    try:
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(path))
+    except Exception as e:  # safetensors reports I/O errors as its own type: "... (os error 28)"
+        code = re.search(r"os error (\d+)", str(e))
+        if not code:
+            raise
+        raise OSError(int(code.group(1)), os.strerror(int(code.group(1))), str(path)) from None
     os.chmod(path, file_mode())
     with open(path, "rb") as f:
         os.fsync(f.fileno())
@@ -92,8 +104,25 @@ def save_checkpoint(run_dir, step: int, adapter: dict, optimizer: dict, meta: di
                     extra: dict[str, str] | None = None) -> Path:
     """Write ckpt-<step>/ atomically and point `pointers` (latest and/or best) at it; prune unreferenced ones.
 
-    `extra` maps file names to text files written beside the tensors (trained_rows.txt)."""
+    `extra` maps file names to text files written beside the tensors (trained_rows.txt). An OSError (full
+    disk, read-only folder) removes the half-written folder and becomes a WriteError naming the path; what
+    the run had before is untouched."""
     run = Path(run_dir)
+    tmp = run / f"ckpt-{step:06d}.tmp"
+    try:
+        return _save_checkpoint(run, step, adapter, optimizer, meta, pointers, extra)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)  # give the space back
+        for p in pointers:
+            (run / f"{p}.json.tmp").unlink(missing_ok=True)
+        where = e.filename or tmp
+        have = ", ".join(f"{n.name} (update {k})" for k, n in checkpoints(run)) or "none yet"
+        raise WriteError(f"{where}: cannot write the checkpoint of update {step} ({os_cause(e)}); the run's "
+                         f"checkpoints on disk are untouched ({have}). Free space (or make {run} writable), "
+                         f"then continue the run: python train.py --resume {run}") from None
+
+
+def _save_checkpoint(run: Path, step: int, adapter: dict, optimizer: dict, meta: dict, pointers, extra) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:06d}"
     final, tmp = run / name, run / (name + ".tmp")
@@ -123,10 +152,36 @@ def is_checkpoint_dir(p: Path) -> bool:
     return p.name.startswith("ckpt-") and (p / "meta.json").exists()
 
 
+CKPT_NAME = re.compile(r"ckpt-(\d+)")
+
+
+def checkpoints(run) -> list[tuple[int, Path]]:
+    """The complete checkpoints of a run folder, (update, folder), oldest first. A ckpt-<step> folder is
+    complete by construction (written as .tmp, renamed when whole), whichever pointer names it, if any."""
+    found = []
+    for d in Path(run).glob("ckpt-*"):
+        m = CKPT_NAME.fullmatch(d.name)
+        if m and is_checkpoint_dir(d):
+            found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def pointer_target(run, which: str) -> str | None:
+    """The folder name latest.json / best.json names (None without a readable pointer)."""
+    try:
+        return json.loads((Path(run) / f"{which}.json").read_text())["dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def run_dir_of(path) -> Path:
     """The run folder of a run folder or of one of its ckpt-* folders."""
     p = Path(path)
     if not p.exists():
+        if p.name.startswith("ckpt-") and p.parent.is_dir():
+            have = ", ".join(str(d) for _, d in checkpoints(p.parent)) or "none"
+            raise MissingFile(f"{p}: no such checkpoint (the checkpoints of {p.parent}: {have}); pass one of them, or "
+                              f"the run folder {p.parent} for its newest")
         raise MissingFile(f"{p}: no such run folder")
     return p.parent if is_checkpoint_dir(p) else p
 
@@ -148,7 +203,10 @@ def resolve_checkpoint(path, which: str = "latest") -> Path:
         raise UserError(f"{pointer}: unreadable ({type(e).__name__}); point it at a ckpt-* folder or pass one "
                         "directly") from None
     if not d.is_dir():
-        raise MissingFile(f"{pointer} names {d.name}, which is missing; pass an existing ckpt-* folder")
+        others = [str(c) for _, c in checkpoints(p)][::-1]
+        fix = f"pass one of its checkpoints instead ({', '.join(others[:3])})" if others else \
+            "the run has no other checkpoint; restore the folder from a copy"
+        raise MissingFile(f"{pointer} names {d.name}, which is missing; {fix}")
     return d
 
 
@@ -162,21 +220,22 @@ def read_meta(d: Path) -> dict:
         raise UserError(f"{path}: not valid JSON ({e}); the checkpoint is corrupt") from None
 
 
-def load_checkpoint(path, which: str = "latest") -> tuple[dict, dict, dict]:
+def load_checkpoint(path, which: str = "latest", fix: str | None = None) -> tuple[dict, dict, dict]:
     """(adapter tensors, optimizer tensors, meta) of a checkpoint folder or a run folder's pointer; every file
-    is checked against the size and sha256 that meta.json records."""
+    is checked against the size and sha256 that meta.json records (`fix`: what the message advises then)."""
     d = resolve_checkpoint(path, which)
     meta = read_meta(d)
     if "files" in meta:
-        verify_files(d, meta["files"], f"checkpoint {d}", "restore it from a copy, or use another checkpoint "
-                     "(a ckpt-* folder, or --which best)")
+        verify_files(d, meta["files"], f"checkpoint {d}", fix or "restore it from a copy, or use another "
+                     "checkpoint (a ckpt-* folder, or --which best)")
     elif not (d / "adapter.safetensors").exists():
         raise MissingFile(f"{d / 'adapter.safetensors'}: missing; the checkpoint is incomplete")
     try:
         adapter = load_file(str(d / "adapter.safetensors"))
         opt = load_file(str(d / "optimizer.safetensors")) if (d / "optimizer.safetensors").exists() else {}
     except Exception as e:  # safetensors raises its own error type for corrupt headers and data
-        raise UserError(f"{d}: cannot read the checkpoint's tensors ({e}); it is corrupt") from None
+        raise UserError(f"{d}: cannot read the checkpoint's tensors ({e}); it is corrupt"
+                        + (f"; {fix}" if fix else "")) from None
     return adapter, opt, meta
 
 

@@ -17,10 +17,14 @@ import torch
 
 def sample_next(logits: torch.Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """Next token ids (B,) from logits (B, V): argmax when temperature is 0, else filtered sampling."""
+    """Next token ids (B,) from logits (B, V): argmax when temperature is 0, else filtered sampling.
+
+    Any temperature > 0 works: the logits are shifted to a maximum of 0 and divided in float64, so a tiny one
+    (1e-45) gives the argmax (ties shared) instead of inf / inf = NaN probabilities, and a huge one uniform."""
     if temperature <= 0:
         return logits.argmax(dim=-1)
-    logits = logits.float() / temperature
+    logits = logits.double()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / temperature
     if top_k > 0:
         kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
@@ -77,6 +81,8 @@ def chat_main(argv=None):
     Streams the answer; after each turn prints the gate pattern (1 = block ran) and tokens/s. Without
     --prompt it is interactive (empty line or Ctrl-D quits). The chat is rendered with the model's own
     conventions (default system prompt, stop tokens) read from its tokenizer_config / generation_config.
+    Every number is checked up front (any --temperature > 0 samples; a vanishing one is the argmax); text
+    that is not UTF-8 (stdin, --prompt, --system, --tools) is refused by name.
     """
     import argparse
     import json
@@ -86,9 +92,19 @@ def chat_main(argv=None):
     from .chat import render
     from .checkpoint import load_layerroute
     from .load import load_tokenizer
-    from .safety import UserError, default_device, device, nonneg_float, nonneg_int, positive_float, positive_int
+    from .safety import (
+        ArgumentParser,
+        UserError,
+        default_device,
+        device,
+        fraction,
+        nonneg_float,
+        nonneg_int,
+        positive_int,
+    )
 
-    ap = argparse.ArgumentParser(prog="python -m minroute.generate", description=chat_main.__doc__)
+    ap = ArgumentParser(prog="python -m minroute.generate", description=chat_main.__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", help="train.py run folder or ckpt-* folder (omit it to chat with --model alone)")
     ap.add_argument("--which", choices=["latest", "best"], default="latest")
     ap.add_argument("--model", help="base model (default: the one the checkpoint was trained on)")
@@ -97,15 +113,16 @@ def chat_main(argv=None):
     ap.add_argument("--system", help="system prompt (default: the model's own, from its chat template)")
     ap.add_argument("--max-new-tokens", type=positive_int, default=256)
     ap.add_argument("--temperature", type=nonneg_float, default=0.0, help="0 = greedy")
-    ap.add_argument("--top-p", type=positive_float, default=1.0)
+    ap.add_argument("--top-p", type=fraction, default=1.0)
     ap.add_argument("--top-k", type=nonneg_int, default=0)
     ap.add_argument("--all-open", action="store_true", help="ignore the routers: run every block")
     ap.add_argument("--device", type=device, default=default_device(), help="cpu, cuda or cuda:N")
     a = ap.parse_args(argv)
     if not a.ckpt and not a.model:
         ap.error("pass --ckpt RUN_DIR (a trained LayerRoute run) or --model ID_OR_PATH (the plain model)")
-    if a.top_p > 1:
-        ap.error(f"--top-p {a.top_p}: must be in (0, 1]")
+    for name in ("prompt", "system"):
+        if getattr(a, name) is not None:
+            utf8_text(getattr(a, name), f"--{name}")
     tools = None
     if a.tools:  # checked before the model is loaded
         try:
@@ -116,6 +133,7 @@ def chat_main(argv=None):
             raise UserError(f"--tools {a.tools}: not valid JSON ({e})") from None
         if not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
             raise UserError(f"--tools {a.tools} must hold a JSON list of tool objects")
+        utf8_text(json.dumps(tools, ensure_ascii=False), f"--tools {a.tools}")  # "\ud800" escapes
     cuda = a.device.startswith("cuda")
     dtype = torch.bfloat16 if cuda else torch.float32
     if a.ckpt:
@@ -161,11 +179,28 @@ def chat_main(argv=None):
     if a.prompt is not None:
         turn(a.prompt)
         return 0
-    for line in sys.stdin:
+    for n, raw in enumerate(sys.stdin.buffer, 1):  # bytes, so that what is not UTF-8 is named, whatever the locale
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise UserError(f"stdin line {n}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1}); "
+                            "send UTF-8 text") from None
         if not line.strip():
             break
-        turn(line.rstrip("\n"))
+        turn(line.rstrip("\r\n"))
     return 0
+
+
+def utf8_text(text: str, where: str) -> str:
+    """Refuse text that cannot be UTF-8 (bytes a non-UTF-8 locale smuggled in as surrogates, lone surrogates)."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        from .safety import UserError
+        c = ord(text[e.start])
+        what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
+        raise UserError(f"{where}: not valid UTF-8 ({what} at character {e.start + 1}); pass UTF-8 text") from None
+    return text
 
 
 if __name__ == "__main__":

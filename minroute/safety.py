@@ -1,14 +1,17 @@
 """What keeps a run safe to use for days: user errors as one line, file hashes, a run-folder lock, checked numbers.
 
-- `UserError` (a ValueError) and `MissingFile` (also a FileNotFoundError) are mistakes a user can fix: a bad
-  path, a corrupt file, mismatched data. The scripts end them with one line `error: ...` and exit code 2
-  (`run_cli`); any other exception is an internal bug and keeps its traceback.
+- `UserError` (a ValueError), `MissingFile` (also a FileNotFoundError) and `WriteError` (also an OSError) are
+  mistakes a user can fix: a bad path, a corrupt file, mismatched data, a full disk. The scripts end them
+  with one line `error: ...` and exit code 2 (`run_cli`); so does an OSError that names a file (the operating
+  system refused a path: permissions, a read-only or full file system). A closed stdout (`| head`) ends
+  quietly. Any other exception is an internal bug and keeps its traceback.
+- `ArgumentParser`: argparse with its errors as one line `error: --flag: ...` (exit code 2), no usage block.
 - `file_records` / `verify_files`: size and sha256 of the files a manifest or checkpoint promises, checked on
   load so that a corrupt, truncated or swapped file is named instead of silently used.
 - `RunLock`: an exclusive, non-blocking `flock` on `<run>/.lock`, so two processes never write one run. The
   kernel drops it when the process dies (also on SIGKILL), so a crash never leaves a stale lock.
-- argparse types that refuse impossible numbers up front (`positive_int`, `positive_float`, ...), and
-  `device` which refuses `cuda` on a machine without CUDA.
+- argparse types that refuse impossible numbers up front (`positive_int`, `positive_float`, `seed_int`, ...; ASCII
+  digits only, finite), and `device` which refuses `cuda` on a machine without CUDA.
 """
 from __future__ import annotations
 
@@ -28,12 +31,35 @@ class MissingFile(UserError, FileNotFoundError):
     """A file or folder that should exist does not; the message names it."""
 
 
+class WriteError(UserError, OSError):
+    """The operating system refused a write (full disk, read-only folder); the message names the path."""
+
+
+def os_cause(e: BaseException) -> str:
+    """What the operating system said, without the errno noise: 'No space left on device'."""
+    return getattr(e, "strerror", None) or str(e) or type(e).__name__
+
+
 def run_cli(main, argv=None) -> int:
-    """Run a script's main: a UserError becomes `error: ...` on stderr and exit code 2, without a traceback."""
+    """Run a script's main: a UserError, or an OSError naming a file, becomes one line `error: ...` on stderr and
+    exit code 2, without a traceback."""
     try:
         return main(argv)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except BrokenPipeError:  # the reader of stdout went away (`| head`): stop quietly, as Unix tools do
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except OSError:
+            pass
+        return 141
+    except OSError as e:
+        if not e.filename:
+            raise
+        names = " -> ".join(str(f) for f in (e.filename, e.filename2) if f)
+        print(f"error: {names}: {os_cause(e)}; check that the path is right, that its folder is writable and that "
+              "the disk has space", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("error: interrupted", file=sys.stderr)
@@ -108,14 +134,25 @@ class RunLock(FileLock):
         super().__init__(Path(run_dir) / ".lock", str(run_dir), remove=False)
 
 
-# ----------------------------------------------------------------------------- argparse types
+# ----------------------------------------------------------------------------- argparse
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose errors are one line, `error: --flag: what is wrong; see --help` (exit code 2)."""
+
+    def error(self, message):
+        message = message.removeprefix("argument ")
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
 
 def _number(kind, test, what):
     def parse(text: str):
         try:
+            if not text.isascii():  # int() and float() also take other scripts' digits ('\u0663') and full-width ones
+                raise ValueError
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a {kind.__name__}") from None
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'a whole number' if kind is int else 'a number'}") \
+                from None
         if not test(value):
             raise argparse.ArgumentTypeError(f"{text!r}: must be {what}")
         return value
@@ -128,6 +165,9 @@ nonneg_int = _number(int, lambda v: v >= 0, "a whole number >= 0")
 positive_float = _number(float, lambda v: v > 0 and v < float("inf"), "a number > 0")
 nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 probability = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+SEED_LIMIT = 2 ** 32  # numpy's default_rng and torch.manual_seed take it, and so do the seeds derived from it
+seed_int = _number(int, lambda v: 0 <= v < SEED_LIMIT, f"a whole number from 0 to {SEED_LIMIT - 1}")
 
 
 def device(text: str) -> str:

@@ -284,7 +284,7 @@ def test_two_writers_cannot_share_a_run(tmp_path, small_setup, capsys):
     ("--accum", "0", "must be a whole number > 0"), ("--batch-size", "0", "must be a whole number > 0"),
     ("--lora-r", "0", "must be a whole number > 0"), ("--eval-every", "0", "must be a whole number > 0"),
     ("--save-every", "-2", "must be a whole number > 0"), ("--lora-dropout", "1.5", "must be a number in [0, 1)"),
-    ("--val-batches", "-1", "must be a whole number >= 0"), ("--steps", "ten", "is not a int"),
+    ("--val-batches", "-1", "must be a whole number >= 0"), ("--steps", "ten", "is not a whole number"),
 ])
 def test_numbers_are_checked_up_front(tmp_path, small_setup, capsys, flag, value, msg):
     model, data = small_setup
