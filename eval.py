@@ -54,12 +54,12 @@ from minroute.evaluate import BaseCache, PassResult, random_masks, static_mask, 
 from minroute.load import load_tokenizer
 from minroute.passes import Setting, floor_seconds, run_settings
 from minroute.report import plot_gates
-from minroute.safety import UserError, default_device, device, nonneg_int, positive_int, run_cli
+from minroute.safety import ArgumentParser, UserError, default_device, device, nonneg_int, positive_int, run_cli
 from minroute.tables import method_name, table
 
 
 def parse_args(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", help="a train.py run folder (or one of its ckpt-* folders)")
     ap.add_argument("--which", choices=["latest", "best"], default="latest",
                     help="checkpoint of a run folder: latest = the final one (what the paper reports), best = lowest "
@@ -386,7 +386,7 @@ def across_seeds(args, dev, autocast, tables) -> dict:
 
 # ----------------------------------------------------------------------------- writing
 
-RUN_OWN = {"train_log.csv", "gates.csv", "latest.json", "best.json", ".lock"}  # a run's files eval never writes
+RUN_OWN = {"train_log.csv", "gates.csv", "latest.json", "best.json", "run.json", ".lock"}  # a run's files eval never writes
 
 
 def check_outputs(args) -> tuple[Path, Path]:

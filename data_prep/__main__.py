@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from minroute.safety import UserError, nonneg_int, positive_int, run_cli, sha256_file
+from minroute.safety import ArgumentParser, UserError, nonneg_int, positive_int, run_cli, sha256_file
 
 from .build import CUT_ROWS, MULTI_TURN, PAPER_COUNTS, PAPER_EVAL_COUNTS, SOURCES, build
 
@@ -34,8 +34,8 @@ def parse_counts(text: str | None, allowed, flag: str) -> dict:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m data_prep", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m data_prep", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True, help="output folder (token arrays + manifest.json)")
     ap.add_argument("--source-dir", help="raw files laid out as on the Hub: DIR/<repo name>/<file> (GSM8K also as "
                                          "DIR/gsm8k/train.jsonl, BFCL as DIR/bfcl-v4/); default: download the pinned "

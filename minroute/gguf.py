@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from .model import ModelConfig
-from .safety import MissingFile, UserError, run_cli, sha256_file
+from .safety import ArgumentParser, MissingFile, UserError, run_cli, sha256_file
 
 ARCHS = ("llama", "qwen2")
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
@@ -319,8 +319,8 @@ def convert(src, out_dir, overwrite: bool = False, log=print) -> Path:
 
 
 def main(argv=None):
-    ap = argparse.ArgumentParser(prog="python -m minroute.gguf", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="python -m minroute.gguf", description=__doc__,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("gguf", help="the .gguf file")
     ap.add_argument("out", help="checkpoint folder to write (must not exist, unless --overwrite)")
     ap.add_argument("--overwrite", action="store_true", help="replace OUT if this converter wrote it")
