@@ -312,7 +312,12 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
     md += ["## Table 2: skipping by variant", "",
            _md_table(["variant", "skip% tool", "skip% planning", "differential", "seeds with diff > 0",
                       "differential, teacher-forced gates", "FLOPs red. tool (paper's formula)",
-                      "FLOPs red. tool (whole model)"], rows), ""]
+                      "FLOPs red. tool (whole model)"], rows), "",
+           "Each run on its own (95% percentile-bootstrap intervals over its held-out rows; p: permutation test of "
+           "'the step type does not matter'):", "",
+           _md_table(["run", "skip% tool", "skip% planning", "differential", "p"], [
+               [f"`{Path(r['run']).name}`", *within_run(r["res"]), f"{r['res']['skip_diff_p_permutation']:.4f}"]
+               for r in runs]), ""]
     rows = []
     for v in variants:
         for typ in ("tool", "planning"):
@@ -429,6 +434,21 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
            "CSV tables in `tables/` (claim, table2, table5, controls, length_confound, gates, seeds) and every number "
            "above in `study.json`; the keys are documented in `minroute/report.py`.", ""]
     return "\n".join(md)
+
+
+def within_run(res: dict, n: int = 4000, seed: int = 0) -> list[str]:
+    """One run's skip% per step type and differential, each with a bootstrap 95% CI over its eval rows (from the
+    per-row numbers eval.json keeps)."""
+    smp = res.get("samples") or {}
+    skip, typ = np.asarray(smp.get("skip_pct", []), float), np.asarray(smp.get("step_type", []))
+    out = []
+    for t in (0, 1):
+        v = skip[typ == t]
+        lo, hi = bootstrap_ci(v, n=n, seed=seed) if v.size > 1 else (float("nan"),) * 2
+        out.append(f"{v.mean():.2f} [{lo:.2f}, {hi:.2f}]" if v.size else "n/a")
+    lo, hi = res["skip_diff_ci95"]
+    out.append(f"{res['skip_diff']:+.2f} [{lo:+.2f}, {hi:+.2f}]")
+    return out
 
 
 def support(runs, variants, S) -> list[str]:
