@@ -14,8 +14,8 @@
 # --source-dir DIR (--real-cpu: the SmolLM2 GGUF and the folder with gsm8k/ and bfcl-v4/; defaults:
 # $MINROUTE_GGUF / $MINROUTE_DATA, else ../shared/ beside the repository).
 # --real-cpu settings (see README "The real study"): SmolLM2-135M-Instruct converted from its GGUF; BFCL v4 + GSM8K,
-# 512 tokens, rows whose response does not fit dropped; the paper preset, 32 updates of 4 x 2 sequences, lr 5e-4,
-# the paper's band rule for 30 blocks (layers 10-20 start closed); 3 paper seeds + NoReg; 40 + 40 held-out rows.
+# 512 tokens, rows whose response does not fit dropped; the paper preset, 24 updates of 4 x 2 sequences, lr 5e-4,
+# the paper's band rule for 30 blocks (layers 10-20 start closed); 3 paper seeds + NoReg (seed 1); 30 + 30 held-out rows.
 # Resumable: a finished run is skipped, an interrupted one resumes, a run asked for more --steps is extended (other
 # changed settings are refused by train.py, by name); an evaluation is kept only if its eval.json is readable and
 # was made by this study's command for the run's current checkpoint, else redone. A run that fails is reported and
@@ -24,6 +24,7 @@
 set -euo pipefail
 
 out="" demo=0 real=0 quick=0 seeds="" variants="" device="" data="" model="" steps="" tasks=0 gguf="" src=""
+one_seed_ablations=0
 need() { [ $# -ge 2 ] && [ -n "$2" ] || { echo "error: $1 needs a value (see bash reproduce.sh --help)" >&2; exit 2; }; }
 while [ $# -gt 0 ]; do
   case "$1" in
@@ -66,7 +67,8 @@ if [ "$demo" = 1 ]; then
 elif [ "$real" = 1 ]; then
   [ "$variants" = "paper author noreg uniform-init bce" ] && variants="paper noreg"
   device="${device:-cpu}"; tasks=1
-  if [ "$quick" = 1 ]; then steps="${steps:-4}"; seeds="${seeds:-1}"; else steps="${steps:-32}"; seeds="${seeds:-1 2 3}"; fi
+  [ -z "$seeds" ] && one_seed_ablations=1  # the paper variant gets every seed, the ablations the first one
+  if [ "$quick" = 1 ]; then steps="${steps:-4}"; seeds="${seeds:-1}"; else steps="${steps:-24}"; seeds="${seeds:-1 2 3}"; fi
 else
   seeds="${seeds:-2024 42 123 7 100 256 1234 31415 8675309 999}"  # the authors' 10 seeds
 fi
@@ -110,7 +112,7 @@ else
     fi
     [ -d "$src" ] || { echo "error: --source-dir $src: no such folder (it must hold gsm8k/ and bfcl-v4/)" >&2; exit 2; }
     if [ "$quick" = 1 ]; then n_rows=120 eval_counts="tool=8,planning=8" pairs=5 cap=32
-    else n_rows=800 eval_counts="tool=40,planning=40" pairs=30 cap=128; fi
+    else n_rows=400 eval_counts="tool=30,planning=30" pairs=30 cap=128; fi
     data="${data:-$out/data}"
     if [ ! -f "$data/manifest.json" ]; then
       run "$py" -m data_prep --source-dir "$src" --sources "bfcl=$n_rows,gsm8k=$n_rows" --tokenizer "$model" \
@@ -152,11 +154,15 @@ sys.exit(0 if ok and "skip_diff" in ev else 1)
 PY
 }
 
+variant_seeds() {  # --real-cpu without --seeds: the paper variant over every seed, each ablation over the first
+  if [ "$one_seed_ablations" = 1 ] && [ "$1" != paper ]; then set -- $seeds; echo "$1"; else echo "$seeds"; fi
+}
+
 # ---- train and evaluate every (variant, seed)
-total=0; for v in $variants; do for s in $seeds; do total=$((total + 1)); done; done
+total=0; for v in $variants; do for s in $(variant_seeds "$v"); do total=$((total + 1)); done; done
 k=0 t0=$(date +%s) timed=0 failed=()
 for v in $variants; do
-  for s in $seeds; do
+  for s in $(variant_seeds "$v"); do
     k=$((k + 1))
     dir="$out/runs/$v-s$s"
     t_run=$(date +%s)
