@@ -59,7 +59,7 @@ from minroute.tables import method_name, table
 
 
 def parse_args(argv=None):
-    ap = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = ArgumentParser(prog="eval.py", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", help="a train.py run folder (or one of its ckpt-* folders)")
     ap.add_argument("--which", choices=["latest", "best"], default="latest",
                     help="checkpoint of a run folder: latest = the final one (what the paper reports), best = lowest "

@@ -177,8 +177,11 @@ for v in $variants; do
         > "$dir.train.log" 2>&1 || status="FAILED in training (see $dir.train.log)"
     fi
     if [ "$status" = done ]; then
-      ckpt="$dir/$("$py" -c 'import json,sys; print(json.load(open(sys.argv[1]))["dir"])' "$dir/latest.json")"
-      if [ ! -f "$dir/eval.json" ] || ! eval_is_current "$dir/eval.json" "$ckpt"; then
+      name=$("$py" -c 'import sys; from minroute.checkpoint import pointer_target as p; print(p(sys.argv[1], "latest") or "")' "$dir")
+      ckpt="$dir/$name"
+      if [ -z "$name" ] || [ ! -d "$ckpt" ]; then
+        status="FAILED: $dir/latest.json names no checkpoint after training (see $dir.train.log)"
+      elif [ ! -f "$dir/eval.json" ] || ! eval_is_current "$dir/eval.json" "$ckpt"; then
         ev=(--ckpt "$dir" --json "$dir/eval.json" --csv "$dir/eval" --cache "$out/cache" "${ev_common[@]}")
         if [ "$timed" = 1 ]; then ev+=(--no-timing --floor-every 0); fi  # timing and the floor: the first run only
         run "$py" eval.py "${ev[@]}" > "$dir.eval.log" 2>&1 || status="FAILED in evaluation (see $dir.eval.log)"

@@ -320,10 +320,19 @@ def resume_point(run: Path, target: Path) -> tuple[Path | None, list[str]]:
     if not found:
         return None, notes
     step, ckpt = found[-1]
-    if pointer_target(run, "latest") not in (ckpt.name, None) or not (run / "latest.json").exists():
+    if pointer_target(run, "latest") != ckpt.name:  # latest.json names another, a missing one, or is unreadable
         how = "best.json names it" if pointer_target(run, "best") == ckpt.name else "no pointer names it"
         notes.append(f"resuming from {ckpt.name} (update {step}), the newest complete checkpoint ({how})")
     return ckpt, notes
+
+
+def repair_latest(run: Path, ckpt: Path | None):
+    """Point latest.json at the checkpoint a resume of the whole run continues from, when it names another one or
+    cannot be read: what the run folder says is then what training did, also when no update is left to run."""
+    if ckpt is None:
+        return
+    if pointer_target(run, "latest") != ckpt.name:
+        atomic_write_text(run / "latest.json", json.dumps({"dir": ckpt.name, "step": step_of(ckpt)}))
 
 
 def read_run_json(run: Path, notes) -> dict:
@@ -387,7 +396,7 @@ def resume_args(args):
         new.updates = new.steps // new.accum if new.step_unit == "micro" else new.steps
         new.extensions.append({"from_steps": saved["steps"], "to_steps": new.steps, "at_update": meta.get("step", 0),
                                "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-    return new, (adapter, opt_state, meta)
+    return new, (adapter, opt_state, meta, ckpt if target == run or not is_checkpoint_dir(target) else None)
 
 
 def other_checkpoint_advice(run: Path, ckpt: Path, saved: dict, restore: bool = True) -> str:
@@ -650,6 +659,8 @@ def main(argv=None):
         args, resume = resume_args(args)
         out = Path(args.out)
         lock = RunLock(out) if writer else None  # held until this process exits: no second writer
+        if writer:
+            repair_latest(out, resume[3])
         data = open_inputs(args, new_run=False)
     else:
         out = Path(args.out)
@@ -679,7 +690,7 @@ def main(argv=None):
     trainable = [p for g in groups for p in g["params"]]
     start, best = 0, float("inf")
     if resume:
-        adapter, opt_state, resume_meta = resume
+        adapter, opt_state, resume_meta, _ = resume
         if not data.same_as_trained(resume_meta):
             raise UserError(f"{args.data} is not the data this run started on (its content differs); resume needs the "
                             "same data (an identical rebuild is the same data)")

@@ -141,7 +141,7 @@ def _save_checkpoint(run: Path, step: int, adapter: dict, optimizer: dict, meta:
     _fsync_dir(run)
     for p in pointers:
         atomic_write_text(run / f"{p}.json", json.dumps({"dir": name, "step": step}))
-    keep = {json.loads((run / f"{p}.json").read_text())["dir"] for p in ("latest", "best") if (run / f"{p}.json").exists()}
+    keep = {pointer_target(run, p) for p in ("latest", "best")} | {name}  # an unreadable pointer keeps nothing
     for old in run.glob("ckpt-*"):
         if old.name not in keep and not old.name.endswith(".tmp"):
             shutil.rmtree(old, ignore_errors=True)

@@ -278,4 +278,5 @@ def test_author_preset_gates_do_not_depend_on_batch_mates(tmp_path, demo_run):
 def test_eval_numbers_are_checked_up_front(demo_run, capsys, flag, value):
     with pytest.raises(SystemExit) as e:
         eval_script.main(["--ckpt", str(demo_run), flag, value])
-    assert e.value.code == 2 and f"argument {flag}" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.startswith(f"error: {flag}: ") and err.count("\n") == 1

@@ -335,6 +335,12 @@ def test_every_advice_is_a_command_that_works(tmp_path, assets, base_run):
     assert res.returncode == 0, err(res)
     res = run(["--resume", str(dangling), "--steps", "6"], cwd=tmp_path)
     assert res.returncode == 0 and "resumed" in res.stdout.decode() and "ckpt-000004" in err(res), err(res)
+    broken = tmp_path / "broken"  # an unreadable latest.json on a finished run: the resume has no update left to
+    shutil.copytree(base_run, broken)  # run, and still leaves a pointer that eval and chat can follow
+    (broken / "latest.json").write_text("{broken")
+    res = run(["--resume", str(broken)], cwd=tmp_path)
+    assert res.returncode == 0 and "ckpt-000004" in err(res), err(res)
+    assert json.loads((broken / "latest.json").read_text()) == {"dir": "ckpt-000004", "step": 4}
     gone = tmp_path / "gone"
     shutil.copytree(base_run, gone)
     shutil.rmtree(gone / "ckpt-000004")

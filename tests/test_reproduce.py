@@ -86,7 +86,8 @@ def test_rerun_resumes_and_skips_finished_work(study, tmp_path):
 def test_a_failing_run_is_named_and_the_rest_go_on(study):
     out, _ = study
     bad = out / "runs" / "noreg-s2"
-    (bad / "latest.json").write_text("{broken")
+    for ckpt in bad.glob("ckpt-*"):  # a damaged checkpoint: the resume refuses it, so training fails
+        (ckpt / "adapter.safetensors").write_bytes(b"damaged")
     (bad / "eval.json").unlink()
     res = subprocess.run(study_cmd(out), env=env(), capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 1 and "1 of 4 runs failed: noreg-s2" in res.stderr
