@@ -38,9 +38,9 @@ def test_all_reduce_refuses_tensors_off_the_training_device():
     check runs before any communication, so it is tested here without a process group."""
     import torch
 
-    import train
+    from minroute.distributed import all_reduce_
     with pytest.raises(RuntimeError, match=r"not on meta"):
-        train.all_reduce_([torch.zeros(3, device="meta"), torch.zeros(4)], torch.device("meta"))
+        all_reduce_([torch.zeros(3, device="meta"), torch.zeros(4)], torch.device("meta"))
 
 
 def torchrun_env(monkeypatch, rank, local_rank, local_world, world=2):
@@ -70,20 +70,21 @@ def test_more_processes_than_gpus_is_refused_in_one_line(monkeypatch, capsys):
     gloo switch lets them share the GPU. Before: rank 1 went to cuda:1 and died with a CUDA traceback."""
     from argparse import Namespace
 
-    import train
+    from minroute.distributed import check_processes_fit
+    from minroute.safety import run_cli
     fake_gpus(monkeypatch, 1)
     args = Namespace(device="cuda", ddp_backend="auto", demo=False, accum=4, batch_size=4)
     torchrun_env(monkeypatch, 0, 0, 2)
-    assert train.run_cli(lambda argv: train.check_processes_fit(args)) == 2
+    assert run_cli(lambda argv: check_processes_fit(args)) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("error: 2 processes on this machine") and "1 CUDA device" in err[0]
     assert "--ddp-backend gloo" in err[0]
     torchrun_env(monkeypatch, 1, 1, 2)
     with pytest.raises(SystemExit) as e:
-        train.check_processes_fit(args)
+        check_processes_fit(args)
     assert e.value.code == 2 and capsys.readouterr().err == ""
-    train.check_processes_fit(Namespace(device="cuda", ddp_backend="gloo"))  # shared on purpose: allowed
-    train.check_processes_fit(Namespace(device="cpu", ddp_backend="auto"))  # CPU: gloo, any number
+    check_processes_fit(Namespace(device="cuda", ddp_backend="gloo"))  # shared on purpose: allowed
+    check_processes_fit(Namespace(device="cpu", ddp_backend="auto"))  # CPU: gloo, any number
 
 
 def test_nccl_binds_each_process_to_its_gpu_and_gloo_shares_one(monkeypatch):
@@ -91,20 +92,20 @@ def test_nccl_binds_each_process_to_its_gpu_and_gloo_shares_one(monkeypatch):
 
     import torch
 
-    import train
+    from minroute.distributed import setup_distributed
     gpu_calls = fake_gpus(monkeypatch, 2)
     events = []
     fake_dist(monkeypatch, events)
     torchrun_env(monkeypatch, 1, 1, 2)
     args = Namespace(device="cuda", ddp_backend="auto", demo=False, accum=4, batch_size=4)
-    assert train.setup_distributed(args) == (1, 2)
+    assert setup_distributed(args) == (1, 2)
     assert args.device == "cuda:1" and gpu_calls == [("set_device", "cuda:1")]
     assert events == [("init", "nccl", {"device_id": torch.device("cuda:1")})]
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # 2 processes, 1 GPU, gloo: both on cuda:0
     gpu_calls.clear()
     events.clear()
     args = Namespace(device="cuda", ddp_backend="gloo", demo=False, accum=4, batch_size=4)
-    assert train.setup_distributed(args) == (1, 2)
+    assert setup_distributed(args) == (1, 2)
     assert args.device == "cuda:0" and gpu_calls == [("set_device", "cuda:0")] and events == [("init", "gloo", {})]
 
 

@@ -14,6 +14,7 @@ import torch
 
 import train
 from minroute.checkpoint import load_checkpoint, load_layerroute, save_checkpoint
+from minroute.distributed import configure_determinism, device_change_note
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -387,9 +388,9 @@ def test_checkpoint_records_device_and_dtype_and_a_device_change_is_said(tmp_pat
     _, _, meta = load_checkpoint(run, "latest")
     assert meta["step"] == 6 and meta["device_type"] == "cpu" and meta["dtype"] == "float32"
     cpu, bf16 = torch.device("cpu"), torch.bfloat16
-    assert train.device_change_note({"device_type": "cpu", "dtype": "float32"}, cpu, torch.float32) is None
-    assert "cuda (bfloat16" in train.device_change_note({"args": {"device": "cuda:0"}, "step": 3}, cpu, torch.float32)
-    assert "resumes on cpu (bfloat16)" in train.device_change_note({"args": {"device": "cpu"}}, cpu, bf16)
+    assert device_change_note({"device_type": "cpu", "dtype": "float32"}, cpu, torch.float32) is None
+    assert "cuda (bfloat16" in device_change_note({"args": {"device": "cuda:0"}, "step": 3}, cpu, torch.float32)
+    assert "resumes on cpu (bfloat16)" in device_change_note({"args": {"device": "cpu"}}, cpu, bf16)
 
 
 def test_deterministic_is_the_default_and_sets_cuda_up_before_use(monkeypatch):
@@ -403,14 +404,14 @@ def test_deterministic_is_the_default_and_sets_cuda_up_before_use(monkeypatch):
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **k: calls.append(mode))
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    train.configure_determinism(Namespace(device="cpu", deterministic=True))
+    configure_determinism(Namespace(device="cpu", deterministic=True))
     assert calls == [] and "CUBLAS_WORKSPACE_CONFIG" not in os.environ
-    train.configure_determinism(Namespace(device="cuda", deterministic=False))
+    configure_determinism(Namespace(device="cuda", deterministic=False))
     assert calls == []
-    train.configure_determinism(Namespace(device="cuda:0", deterministic=True))
+    configure_determinism(Namespace(device="cuda:0", deterministic=True))
     assert calls == [True] and os.environ["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
     monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":0:0")
     with pytest.raises(train.UserError, match=r"CUBLAS_WORKSPACE_CONFIG=:0:0 .*--no-deterministic"):
-        train.configure_determinism(Namespace(device="cuda", deterministic=True))
+        configure_determinism(Namespace(device="cuda", deterministic=True))
     help_text = train.build_parser().format_help()
     assert "--deterministic" in help_text and "0.5" in help_text
