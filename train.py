@@ -45,7 +45,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import sys
 import time
 from pathlib import Path
@@ -53,24 +52,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minroute.checkpoint import (CKPT_NAME, adapter_tensors, atomic_write_text, build_layerroute, check_same_shape,
-                                 checkpoints, is_checkpoint_dir, load_adapter, load_checkpoint, model_shape,
-                                 nonfinite_tensors, pointer_target, read_meta, restore_rng, rng_state_tensors,
-                                 run_dir_of, save_checkpoint, trained_rows_text)
+from minroute.checkpoint import (adapter_tensors, atomic_write_text, build_layerroute, check_same_shape, checkpoints,
+                                 load_adapter, load_checkpoint, model_shape, nonfinite_tensors, restore_rng,
+                                 rng_state_tensors, save_checkpoint, trained_rows_text)
 from minroute.data import ROUTE_ON, DataFolder, TokenSplit, collate, counted_tokens, update_batches
 from minroute.distributed import (all_reduce_, check_processes_fit, configure_determinism, device_change_note,
                                   finish_distributed, setup_distributed)
 from minroute.load import hub_revision, load_tokenizer, resolve_dir
 from minroute.loss import lm_loss_per_sample
 from minroute.optim import AdamW, get_lr
+from minroute.resume import new_run_command, other_checkpoint_advice, repair_latest, resume_args
 from minroute.router import bce_gate_loss, gate_regulariser
-from minroute.runs import PRESETS, RunLog, check_demo_flags, open_inputs, resolve, start_run
-from minroute.safety import (ArgumentParser, MissingFile, RunLock, UserError, WriteError, default_device, device,
-                             nonneg_float, nonneg_int, os_cause, positive_float, positive_int, probability, run_cli,
-                             seed_int)
-
-# what a resumed run may be given again with a new value
-RESUME_MAY_CHANGE = {"steps", "device", "resume", "out", "deterministic", "ddp_backend"}
+from minroute.runs import PRESETS, RunLog, check_demo_flags, open_inputs, start_run
+from minroute.safety import (ArgumentParser, RunLock, UserError, WriteError, default_device, device, nonneg_float,
+                             nonneg_int, os_cause, positive_float, positive_int, probability, run_cli, seed_int)
 
 
 def build_parser(suppress: bool = False):
@@ -150,149 +145,6 @@ def parse_args(argv=None):
     if not args.resume:
         check_demo_flags(args)
     return args
-
-
-def new_run_command(args, **change) -> str:
-    """A train.py command that starts this run over in its own folder (--restart moves the stopped run aside)
-    with its settings and `change` applied: what a message advises where a resume cannot help (a resumed run
-    keeps its settings). Options that resolve() would fill with the same value are left out."""
-    ap = build_parser()
-    base = ap.parse_args(["--out", "x", "--preset", args.preset] + (["--demo"] if args.demo else []))
-    resolve(base)
-    base.preset, base.demo = ap.get_default("preset"), False  # these two are given whenever they are not the default
-    cmd = ["python", "train.py", "--out", str(args.out)]
-    for action in ap._actions:
-        k = action.dest
-        if not action.option_strings or k in ("help", "out", "resume", "restart") or \
-                (args.demo and k in ("model", "data")):  # the demo builds its own
-            continue
-        v = change.get(k, getattr(args, k, None))
-        if v is None or (k not in change and v == getattr(base, k, None)):
-            continue
-        if k == "t_max" and k not in change and v == (PRESETS[args.preset].get("t_max") or args.updates):
-            continue  # what resolve() fills in
-        if isinstance(action, argparse._StoreTrueAction):
-            cmd += [action.option_strings[0]] if v else []
-        else:
-            cmd += [action.option_strings[0], str(v)]
-    return shlex.join(cmd + ["--restart"])
-
-
-def step_of(ckpt: Path) -> int:
-    m = CKPT_NAME.fullmatch(ckpt.name)
-    return int(m.group(1)) if m else read_meta(ckpt).get("step", 0)
-
-
-def resume_point(run: Path, target: Path) -> tuple[Path | None, list[str]]:
-    """The checkpoint a resume continues from, and notes to print: the one named (RUN/ckpt-N), else the run's
-    newest complete checkpoint, whichever pointer names it (a run killed after a validation checkpoint but
-    before its first --save-every one has only best.json), or None when there is none."""
-    found = checkpoints(run)
-    notes = []
-    if target != run:  # a ckpt-* folder, as asked
-        newer = [d.name for k, d in found if k > step_of(target)]
-        if newer:
-            notes.append(f"resuming {run} from {target.name}, as asked; its newer checkpoints ({', '.join(newer)}) are "
-                         "superseded by the first checkpoint this resume writes (training repeats them, bitwise the "
-                         "same)")
-        return target, notes
-    for which in ("latest", "best"):
-        name = pointer_target(run, which)
-        if name and not (run / name).is_dir():
-            notes.append(f"{run / (which + '.json')} names {name}, which is missing")
-    if not found:
-        return None, notes
-    step, ckpt = found[-1]
-    if pointer_target(run, "latest") != ckpt.name:  # latest.json names another, a missing one, or is unreadable
-        how = "best.json names it" if pointer_target(run, "best") == ckpt.name else "no pointer names it"
-        notes.append(f"resuming from {ckpt.name} (update {step}), the newest complete checkpoint ({how})")
-    return ckpt, notes
-
-
-def repair_latest(run: Path, ckpt: Path | None):
-    """Point latest.json at the checkpoint a resume of the whole run continues from, when it names another one or
-    cannot be read: what the run folder says is then what training did, also when no update is left to run."""
-    if ckpt is None:
-        return
-    if pointer_target(run, "latest") != ckpt.name:
-        atomic_write_text(run / "latest.json", json.dumps({"dir": ckpt.name, "step": step_of(ckpt)}))
-
-
-def read_run_json(run: Path, notes) -> dict:
-    path = run / "run.json"
-    if not path.exists():
-        raise MissingFile(f"{run}: no checkpoint and no run.json, so there is nothing to resume ("
-                          + ("; ".join(notes) + "; " if notes else "") + "not a train.py run folder, or an older "
-                          "train.py's run that stopped before its first checkpoint). Start a new run there: python "
-                          f"train.py --out {run} --restart --data DATA ... (the old files are moved aside)")
-    try:
-        meta = json.loads(path.read_text())
-        meta["args"]["steps"]
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"{path}: unreadable ({type(e).__name__}); it records the settings of a run that stopped "
-                        "before its first checkpoint; restore it, or start a new run there with --restart") from None
-    return meta
-
-
-def resume_args(args):
-    """The recorded settings of the run to resume, with --steps (extension) and --device taken from the command
-    line; any other setting given with a different value is refused by name."""
-    target = Path(args.resume)
-    run = run_dir_of(target)
-    if args.out and Path(args.out).resolve() != run.resolve():
-        raise UserError(f"--resume {args.resume} continues {run}; drop --out {args.out} (a run cannot move)")
-    ckpt, notes = resume_point(run, target if is_checkpoint_dir(target) else run)
-    if ckpt is None:  # stopped before its first checkpoint: start from update 0 with its recorded settings
-        meta = read_run_json(run, notes)
-        if notes:  # pointers name checkpoints that are gone: do not silently redo the whole run
-            raise MissingFile(f"{'; '.join(notes)}, and {run} has no other checkpoint; restore it from a copy, or "
-                              "start the run over: "
-                              + new_run_command(argparse.Namespace(**{**meta["args"], "out": str(run)})))
-        notes.append(f"{run} has no checkpoint yet (it stopped before its first): starting from update 0 with its "
-                     "settings (run.json), exactly the run it would have been")
-        adapter = opt_state = None
-    else:
-        meta = read_meta(ckpt)
-        if not isinstance(meta.get("args"), dict):
-            raise UserError(f"{ckpt / 'meta.json'} lacks the run's settings ('args'); it is not a checkpoint train.py "
-                            "wrote, or it was edited")
-        adapter, opt_state, meta = load_checkpoint(ckpt, fix=other_checkpoint_advice(run, ckpt, meta["args"]))
-    if int(os.environ.get("RANK", "0")) == 0:
-        for note in notes:
-            print(f"note: {note}", file=sys.stderr)
-    saved = meta["args"]
-    changed = sorted(k for k, v in args.given.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v)
-    if changed:
-        detail = ", ".join(f"--{k.replace('_', '-')} {args.given[k]} (run: {saved.get(k)})" for k in changed)
-        raise UserError(f"{run} was trained with other settings than {detail}; resume with the run's own settings "
-                        "(only --steps and --device may change), or start a new run in another --out")
-    legacy = {"route_on": "sequence", "ce_mean": "micro", "demo_assets": None}  # what runs before these settings did
-    new = argparse.Namespace(**{**legacy, **saved, "resume": str(run), "out": str(run), "device": args.device,
-                                "deterministic": args.deterministic, "ddp_backend": args.ddp_backend,
-                                "given": args.given, "restart": False})
-    new.extensions = list(saved.get("extensions", []))
-    if "steps" in args.given and args.given["steps"] != saved["steps"]:
-        if args.given["steps"] < saved["steps"]:
-            raise UserError(f"--steps {args.given['steps']} is fewer than the run's {saved['steps']}; a run can "
-                            "only be extended")
-        new.steps = args.given["steps"]
-        new.updates = new.steps // new.accum if new.step_unit == "micro" else new.steps
-        new.extensions.append({"from_steps": saved["steps"], "to_steps": new.steps, "at_update": meta.get("step", 0),
-                               "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-    return new, (adapter, opt_state, meta, ckpt if target == run or not is_checkpoint_dir(target) else None)
-
-
-def other_checkpoint_advice(run: Path, ckpt: Path, saved: dict, restore: bool = True) -> str:
-    """What to do when `ckpt` cannot be used: resume from an earlier checkpoint, or start the run over."""
-    first = "restore it from a copy, or " if restore else ""
-    older = [d for k, d in checkpoints(run) if k < step_of(ckpt)]
-    if older:
-        return f"{first}resume from an earlier checkpoint: python train.py --resume {older[-1]}"
-    try:
-        again = new_run_command(argparse.Namespace(**{**saved, "out": str(run)}))
-    except (AttributeError, KeyError, TypeError, ValueError):  # settings of an older train.py: no command
-        again = f"python train.py --out {run} --restart ... (the run's own settings)"
-    return f"{first}start the run over (it has no earlier checkpoint): {again}"
 
 
 def param_groups(route, weight_decay: float, decay_biases: bool):
@@ -407,7 +259,7 @@ def main(argv=None):
     writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the run folder
     resume = None
     if args.resume:
-        args, resume = resume_args(args)
+        args, resume = resume_args(args, build_parser())
         out = Path(args.out)
         lock = RunLock(out) if writer else None  # held until this process exits: no second writer
         if writer:
@@ -451,7 +303,8 @@ def main(argv=None):
             if bad:
                 ckpt = out / f"ckpt-{resume_meta['step']:06d}"
                 raise UserError(f"{ckpt}: holds non-finite values ({bad[0]}, ...), so it cannot be resumed; "
-                                + other_checkpoint_advice(out, ckpt, resume_meta["args"], restore=False))
+                                + other_checkpoint_advice(out, ckpt, resume_meta["args"], build_parser(),
+                                                          restore=False))
             load_adapter(route, adapter, out)
             opt.load_state_tensors(opt_state, names, resume_meta["step"])
             restore_rng(opt_state)
@@ -500,7 +353,8 @@ def main(argv=None):
         lower = float(f"{args.lr / 10:.3g}")
         change = {"lr": lower, **({"min_lr": lower} if args.min_lr > lower else {})}
         return (f"A resumed run keeps its --lr (resuming repeats this); start the run again with a lower one (the "
-                f"stopped run is moved to {out}.replaced-<time>): {new_run_command(args, **change)}; or check the data")
+                f"stopped run is moved to {out}.replaced-<time>): {new_run_command(args, build_parser(), **change)}; "
+                "or check the data")
 
     route.train()
     acc, t_run = fresh_acc(), time.time()

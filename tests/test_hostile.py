@@ -394,6 +394,7 @@ def test_nonfinite_loss_before_any_update_does_not_blame_the_lr(tmp_path, assets
 def test_new_run_command_round_trips_the_settings(tmp_path, assets):
     """The command the messages advise starts exactly the run it describes (with the change)."""
     import train
+    from minroute.resume import new_run_command
     from minroute.runs import resolve
     for extra in ([], ["--preset", "author", "--steps", "8", "--accum", "4"], ["--ablation", "noreg", "--t-max", "9"],
                   ["--demo", "--demo-assets", "A"]):
@@ -401,7 +402,7 @@ def test_new_run_command_round_trips_the_settings(tmp_path, assets):
             ["--out", str(tmp_path / "r"), "--steps", "5"] + extra
         args = train.parse_args(argv)
         args.updates = resolve(args)
-        cmd = shlex.split(train.new_run_command(args, lr=1e-4))
+        cmd = shlex.split(new_run_command(args, train.build_parser(), lr=1e-4))
         assert cmd[:2] == ["python", "train.py"] and cmd[-1] == "--restart"
         again = train.parse_args(cmd[2:])
         again.updates = resolve(again)

@@ -15,6 +15,7 @@ import torch
 import train
 from minroute.checkpoint import load_checkpoint, load_layerroute, save_checkpoint
 from minroute.distributed import configure_determinism, device_change_note
+from minroute.resume import RESUME_MAY_CHANGE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -399,7 +400,7 @@ def test_deterministic_is_the_default_and_sets_cuda_up_before_use(monkeypatch):
     from argparse import Namespace
     assert train.parse_args(["--out", "x"]).deterministic is True
     assert train.parse_args(["--out", "x", "--no-deterministic"]).deterministic is False
-    assert {"deterministic", "ddp_backend"} <= train.RESUME_MAY_CHANGE
+    assert {"deterministic", "ddp_backend"} <= RESUME_MAY_CHANGE
     calls = []
     monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda mode, **k: calls.append(mode))
     monkeypatch.setattr(torch.utils.deterministic, "fill_uninitialized_memory", True)
