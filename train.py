@@ -47,23 +47,24 @@ import json
 import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from minroute.checkpoint import (adapter_tensors, atomic_write_text, build_layerroute, check_same_shape, checkpoints,
-                                 load_adapter, load_checkpoint, model_shape, nonfinite_tensors, restore_rng,
-                                 rng_state_tensors, save_checkpoint, trained_rows_text)
+from minroute.checkpoint import (adapter_tensors, atomic_write_text, build_layerroute, check_same_shape, load_adapter,
+                                 model_shape, nonfinite_tensors, restore_rng, rng_state_tensors, save_checkpoint,
+                                 trained_row_hashes, trained_rows_text)
 from minroute.data import ROUTE_ON, DataFolder, TokenSplit, collate, counted_tokens, update_batches
 from minroute.distributed import (all_reduce_, check_processes_fit, configure_determinism, device_change_note,
                                   finish_distributed, setup_distributed)
 from minroute.load import hub_revision, load_tokenizer, resolve_dir
 from minroute.loss import lm_loss_per_sample
 from minroute.optim import AdamW, get_lr
-from minroute.resume import new_run_command, other_checkpoint_advice, repair_latest, resume_args
+from minroute.resume import last_good_checkpoint, nonfinite_advice, other_checkpoint_advice, repair_latest, resume_args
 from minroute.router import bce_gate_loss, gate_regulariser
-from minroute.runs import PRESETS, RunLog, check_demo_flags, open_inputs, start_run
+from minroute.runs import PRESETS, RunLog, check_demo_flags, fresh_acc, interval_stats, open_inputs, start_run
 from minroute.safety import (ArgumentParser, RunLock, UserError, WriteError, default_device, device, nonneg_float,
                              nonneg_int, os_cause, positive_float, positive_int, probability, run_cli, seed_int)
 
@@ -145,6 +146,198 @@ def parse_args(argv=None):
     if not args.resume:
         check_demo_flags(args)
     return args
+
+
+@dataclass
+class Run:
+    """What the phases of main share: the settings, this process, the model and its optimiser, and the run's
+    state (the update it starts at, the best validation CE, what every checkpoint records, the logs)."""
+    args: argparse.Namespace
+    out: Path
+    data: DataFolder
+    rank: int
+    world: int
+    device: torch.device
+    dtype: torch.dtype
+    route: torch.nn.Module
+    pad_id: int
+    opt: AdamW
+    names: dict
+    trainable: list
+    start: int = 0
+    best: float = float("inf")
+    meta: dict | None = None
+    rows_text: str = ""
+    log: RunLog | None = None
+
+    def say(self, *a, **k):  # under torchrun only rank 0 prints
+        if self.rank == 0:
+            print(*a, **k)
+
+    def autocast(self):  # CUDA: bf16 autocast (bf16 frozen weights; LoRA, routers, AdamW state fp32); CPU: fp32
+        cuda = self.device.type == "cuda"
+        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    check_processes_fit(args)  # before anything touches --out
+    args, data, lock, resume = open_run(args)
+    configure_determinism(args)  # before any CUDA work
+    rank, world = setup_distributed(args)
+    torch.manual_seed(args.seed)  # LoRA A init: the same in every process
+    run = build(args, data, rank, world)
+    if resume:
+        restore(run, resume)
+    record(run)
+    t_run = time.time()
+    train_loop(run)
+    if run.log:
+        run.log.close()
+    finish_distributed(world)
+    if lock:
+        lock.release()
+    run.say(f"done: {args.updates} updates in {time.time() - t_run:.1f}s; best val CE {run.best:.4f}; checkpoints in "
+            f"{run.out}")
+    return 0
+
+
+def open_run(args):
+    """The settings (a resumed run's recorded ones), the data, and in the process that writes the run folder its
+    lock (a new run's folder is made once every input is checked). Returns (args, data, lock, resume or None)."""
+    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the run folder
+    if not args.resume:
+        data, lock = start_run(Path(args.out), args, writer)  # nothing is made or moved before every input is checked
+        args.extensions = []
+        return args, data, lock, None
+    args, resume = resume_args(args, build_parser())
+    out = Path(args.out)
+    lock = RunLock(out) if writer else None  # held until this process exits: no second writer
+    if writer:
+        repair_latest(out, resume[3])
+    return args, open_inputs(args, new_run=False), lock, resume
+
+
+def build(args, data: DataFolder, rank: int, world: int) -> Run:
+    """The frozen model with its LoRA adapters and routers, and AdamW over them, on the training device."""
+    device = torch.device(args.device)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    route = build_layerroute(args.model, {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout},
+                             pool=args.pool, init=args.init, device=device, dtype=dtype)
+    pad_id = load_tokenizer(args.model).pad_id
+    groups = param_groups(route, args.weight_decay, args.decay_biases)
+    opt = AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    return Run(args, Path(args.out), data, rank, world, device, dtype, route, pad_id, opt,
+               names={p: n for n, p in route.named_parameters()}, trainable=[p for g in groups for p in g["params"]])
+
+
+def restore(run: Run, resume):
+    """A resumed run: the same data and model shape as its checkpoint, whose adapters, optimizer state and RNG
+    are loaded (none when it stopped before its first checkpoint: it starts at update 0)."""
+    args, out = run.args, run.out
+    adapter, opt_state, meta, _ = resume
+    if not run.data.same_as_trained(meta):
+        raise UserError(f"{args.data} is not the data this run started on (its content differs); resume needs the "
+                        "same data (an identical rebuild is the same data)")
+    check_same_shape(meta, run.route.config, out)
+    if adapter is not None:  # else: no checkpoint yet, the run starts at update 0 with its recorded settings
+        bad = nonfinite_tensors({**adapter, **opt_state})
+        if bad:
+            ckpt = out / f"ckpt-{meta['step']:06d}"
+            raise UserError(f"{ckpt}: holds non-finite values ({bad[0]}, ...), so it cannot be resumed; "
+                            + other_checkpoint_advice(out, ckpt, meta["args"], build_parser(), restore=False))
+        load_adapter(run.route, adapter, out)
+        run.opt.load_state_tensors(opt_state, run.names, meta["step"])
+        restore_rng(opt_state)
+        run.start, run.best = meta["step"], meta.get("best_val_ce", float("inf"))
+    run.say(f"resumed {out} at update {run.start}/{args.updates}")
+    note = device_change_note(meta, run.device, run.dtype)
+    if note:
+        run.say(note, file=sys.stderr)
+    if args.extensions and args.extensions[-1]["at_update"] == run.start:
+        run.say(f"extended to {args.updates} updates; the LR schedule is unchanged (T_max {args.t_max}, then "
+                f"min-lr {args.min_lr:g})")
+
+
+def record(run: Run):
+    """What every checkpoint records (and run.json, for a run with no checkpoint yet), the run's header, its logs."""
+    args, out, data, cfg = run.args, run.out, run.data, run.route.config
+    run_args = {k: v for k, v in vars(args).items() if k not in ("given", "restart")}
+    run.meta = {"args": run_args, "model_config": model_shape(cfg), "manifest_sha256": data.raw_sha256,
+                "data_sha256": data.identity, "model_revision": hub_revision(resolve_dir(args.model)),
+                "device_type": run.device.type, "dtype": str(run.dtype).removeprefix("torch.")}
+    run.rows_text = trained_rows_text(trained_row_hashes(data))
+    if run.rank == 0 and run.start == 0:  # the settings of a run with no checkpoint yet: --resume starts it from 0
+        try:
+            atomic_write_text(out / "run.json", json.dumps(run.meta, indent=2))
+        except OSError as e:
+            raise WriteError(f"{e.filename or out / 'run.json'}: cannot write the run's settings ({os_cause(e)}); "
+                             f"free space (or make {out} writable) and run the command again") from None
+    train_split, val_split = data.split("train"), data.split("val")
+    run.say(f"LayerRoute on {args.model}: {cfg.num_hidden_layers} layers, trainable "
+            f"{sum(p.numel() for p in run.trainable):,} | data {args.data}: train {len(train_split)} val "
+            f"{len(val_split)} | {args.updates} updates of {args.batch_size}x{args.accum} on {run.world} process(es) | "
+            f"preset {args.preset} ablation {args.ablation} pool {args.pool} route-on {args.route_on} CE mean per "
+            f"{args.ce_mean} | {run.device} {run.dtype}")
+    run.log = RunLog(out, run.start) if run.rank == 0 else None
+
+
+def train_loop(run: Run):
+    """The optimizer updates from run.start: log every --log-every, validate every --eval-every (rank 0), and
+    checkpoint every --save-every and whenever the validation CE is the best yet."""
+    args, route, updates, main_proc = run.args, run.route, run.args.updates, run.rank == 0
+    train_split, val_split = run.data.split("train"), run.data.split("val")
+    route.train()
+    acc = fresh_acc(run.device)
+    for u in range(run.start, updates):
+        lr = get_lr(u, args.lr, args.t_max, args.warmup, args.min_lr)
+        run.opt.set_lr(lr)
+        sums = accumulate_update(route, train_split, u, args, run.pad_id, run.autocast, run.device, acc, run.rank,
+                                 run.world)
+        grad_norm, finite = finish_update(run.opt, run.trainable, sums, args.clip, run.world, run.device)
+        if not finite:
+            stop_nonfinite(run, u, sums, grad_norm)
+        acc["sums"] += sums
+        acc["n"] += 1
+        step = u + 1
+        row, gate_rows = None, []
+        if step % args.log_every == 0 or step == updates:
+            if run.device.type == "cuda":
+                torch.cuda.synchronize()
+            row, gate_rows = interval_stats(acc, route, step, lr, float(grad_norm))  # this process's batches
+            run.say(f"{step:5d}/{updates} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | reg {row['reg']:.4f} | "
+                    f"skip% tool {row['skip_tool']:5.1f} plan {row['skip_plan']:5.1f} | lr {lr:.3e} | "
+                    f"dt {row['dt'] * 1000:.0f} ms | tok/s {row['tok_s']:.0f} | "
+                    f"eta {(updates - step) * row['dt'] / 60:.1f} min", flush=True)
+            acc = fresh_acc(run.device)
+        improved = False
+        if main_proc and (step % args.eval_every == 0 or step == updates):
+            vce, vt, vp = validate(route, val_split, args, run.pad_id, run.autocast, run.device)
+            run.say(f"      val | ce {vce:.4f} | skip% tool {vt:5.1f} plan {vp:5.1f} | diff {vt - vp:+.2f}", flush=True)
+            row = row or {"step": step, "lr": lr}
+            row.update(val_ce=vce, val_skip_tool=vt, val_skip_plan=vp)
+            improved, run.best = vce < run.best, min(run.best, vce)
+        if main_proc:
+            run.log.write(row, gate_rows)
+            periodic = step % args.save_every == 0 or step == updates
+            if periodic or improved:
+                opt_t = {**run.opt.state_tensors(run.names), **rng_state_tensors()}
+                save_checkpoint(run.out, step, adapter_tensors(route), opt_t, {**run.meta, "best_val_ce": run.best},
+                                (["latest"] if periodic else []) + (["best"] if improved else []),
+                                extra={"trained_rows.txt": run.rows_text})
+        if acc["n"] == 0:  # the next interval's time starts after validation and checkpointing
+            acc["t0"] = time.time()
+
+
+def stop_nonfinite(run: Run, u: int, sums, grad_norm):
+    """Stop before update u when its loss or gradient is not finite: nothing is saved; the message says where the
+    last good checkpoint is and what to do."""
+    if run.log:
+        run.log.close()
+    raise UserError(f"non-finite loss or gradient at update {u} (loss {sums[0].item():.4g}, ce "
+                    f"{sums[1].item():.4g}, reg {sums[2].item():.4g}, grad norm {grad_norm.item():.4g}); "
+                    f"stopped before the update, nothing saved; {last_good_checkpoint(run.out)}. "
+                    f"{nonfinite_advice(u, run.args, build_parser())}")
 
 
 def param_groups(route, weight_decay: float, decay_biases: bool):
@@ -244,185 +437,6 @@ def validate(route, val: TokenSplit, args, pad_id, autocast, device):
     route.train()
     pct = {k: 100 * float(np.mean(v)) if v else float("nan") for k, v in skips.items()}
     return float(ce_sum) / max(tok, 1), pct[0], pct[1]
-
-
-def trained_row_hashes(data: DataFolder) -> list[str]:
-    """Content and prompt hashes of every row the run can learn from or select on (train and val): eval.py
-    refuses held-out rows whose conversation or whose prompt (first user message) is among them."""
-    contents, prompts = data.trained_hashes()
-    return sorted(contents | {f"prompt:{h}" for h in prompts})
-
-
-def main(argv=None):
-    args = parse_args(argv)
-    check_processes_fit(args)  # before anything touches --out
-    writer = int(os.environ.get("RANK", "0")) == 0  # under torchrun only rank 0 writes the run folder
-    resume = None
-    if args.resume:
-        args, resume = resume_args(args, build_parser())
-        out = Path(args.out)
-        lock = RunLock(out) if writer else None  # held until this process exits: no second writer
-        if writer:
-            repair_latest(out, resume[3])
-        data = open_inputs(args, new_run=False)
-    else:
-        out = Path(args.out)
-        data, lock = start_run(out, args, writer)  # nothing is made or moved before every input is checked
-        args.extensions = []
-    updates = args.updates
-    configure_determinism(args)  # before any CUDA work
-    rank, world = setup_distributed(args)
-    main_proc = rank == 0
-    say = print if main_proc else (lambda *a, **k: None)
-    torch.manual_seed(args.seed)  # LoRA A init: the same in every process
-    device = torch.device(args.device)
-    cuda = device.type == "cuda"
-    dtype = torch.bfloat16 if cuda else torch.float32
-
-    def autocast():
-        return torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
-
-    train_split, val_split = data.split("train"), data.split("val")  # data and model checked by open_inputs
-    route = build_layerroute(args.model, {"r": args.lora_r, "alpha": args.lora_alpha, "dropout": args.lora_dropout},
-                             pool=args.pool, init=args.init, device=device, dtype=dtype)
-    cfg = route.config
-    pad_id = load_tokenizer(args.model).pad_id
-    groups = param_groups(route, args.weight_decay, args.decay_biases)
-    opt = AdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    names = {p: n for n, p in route.named_parameters()}
-    trainable = [p for g in groups for p in g["params"]]
-    start, best = 0, float("inf")
-    if resume:
-        adapter, opt_state, resume_meta, _ = resume
-        if not data.same_as_trained(resume_meta):
-            raise UserError(f"{args.data} is not the data this run started on (its content differs); resume needs the "
-                            "same data (an identical rebuild is the same data)")
-        check_same_shape(resume_meta, cfg, out)
-        if adapter is not None:  # else: no checkpoint yet, the run starts at update 0 with its recorded settings
-            bad = nonfinite_tensors({**adapter, **opt_state})
-            if bad:
-                ckpt = out / f"ckpt-{resume_meta['step']:06d}"
-                raise UserError(f"{ckpt}: holds non-finite values ({bad[0]}, ...), so it cannot be resumed; "
-                                + other_checkpoint_advice(out, ckpt, resume_meta["args"], build_parser(),
-                                                          restore=False))
-            load_adapter(route, adapter, out)
-            opt.load_state_tensors(opt_state, names, resume_meta["step"])
-            restore_rng(opt_state)
-            start, best = resume_meta["step"], resume_meta.get("best_val_ce", float("inf"))
-        say(f"resumed {out} at update {start}/{updates}")
-        note = device_change_note(resume_meta, device, dtype)
-        if note:
-            say(note, file=sys.stderr)
-        if args.extensions and args.extensions[-1]["at_update"] == start:
-            say(f"extended to {updates} updates; the LR schedule is unchanged (T_max {args.t_max}, then "
-                f"min-lr {args.min_lr:g})")
-    run_args = {k: v for k, v in vars(args).items() if k not in ("given", "restart")}
-    meta_base = {"args": run_args, "model_config": model_shape(cfg), "manifest_sha256": data.raw_sha256,
-                 "data_sha256": data.identity,
-                 "model_revision": hub_revision(resolve_dir(args.model)),
-                 "device_type": device.type, "dtype": str(dtype).removeprefix("torch.")}
-    rows_text = trained_rows_text(trained_row_hashes(data))
-    if main_proc and start == 0:  # the settings of a run with no checkpoint yet: --resume starts it again from 0
-        try:
-            atomic_write_text(out / "run.json", json.dumps(meta_base, indent=2))
-        except OSError as e:
-            raise WriteError(f"{e.filename or out / 'run.json'}: cannot write the run's settings ({os_cause(e)}); "
-                             f"free space (or make {out} writable) and run the command again") from None
-    say(f"LayerRoute on {args.model}: {cfg.num_hidden_layers} layers, trainable {sum(p.numel() for p in trainable):,} | "
-        f"data {args.data}: train {len(train_split)} val {len(val_split)} | {updates} updates of {args.batch_size}x"
-        f"{args.accum} on {world} process(es) | preset {args.preset} ablation {args.ablation} pool {args.pool} "
-        f"route-on {args.route_on} CE mean per {args.ce_mean} | {device} {dtype}")
-    log = RunLog(out, start) if main_proc else None
-
-    def fresh_acc():
-        return {"sums": torch.zeros(4, dtype=torch.float64, device=device), "n": 0, "t0": time.time(),
-                "soft": [], "hard": [], "tool": []}
-
-    def last_good_checkpoint() -> str:
-        found = checkpoints(out)
-        if not found:
-            return f"no checkpoint was written in {out} yet"
-        d = found[-1][1]
-        bad = nonfinite_tensors(load_checkpoint(d)[0])
-        return f"the last good checkpoint is {d}" if not bad else f"{d} holds non-finite {bad[:2]}"
-
-    def nonfinite_advice(u: int) -> str:
-        if u == 0:  # the initial weights: no learning rate has acted yet
-            return ("The loss is not finite before any update, so no --lr can help: check the data, the model and "
-                    "--gate-reg / --lora-alpha")
-        lower = float(f"{args.lr / 10:.3g}")
-        change = {"lr": lower, **({"min_lr": lower} if args.min_lr > lower else {})}
-        return (f"A resumed run keeps its --lr (resuming repeats this); start the run again with a lower one (the "
-                f"stopped run is moved to {out}.replaced-<time>): {new_run_command(args, build_parser(), **change)}; "
-                "or check the data")
-
-    route.train()
-    acc, t_run = fresh_acc(), time.time()
-    for u in range(start, updates):
-        lr = get_lr(u, args.lr, args.t_max, args.warmup, args.min_lr)
-        opt.set_lr(lr)
-        sums = accumulate_update(route, train_split, u, args, pad_id, autocast, device, acc, rank, world)
-        grad_norm, finite = finish_update(opt, trainable, sums, args.clip, world, device)
-        if not finite:
-            if log:
-                log.close()
-            raise UserError(f"non-finite loss or gradient at update {u} (loss {sums[0].item():.4g}, ce "
-                            f"{sums[1].item():.4g}, reg {sums[2].item():.4g}, grad norm {grad_norm.item():.4g}); "
-                            f"stopped before the update, nothing saved; {last_good_checkpoint()}. "
-                            f"{nonfinite_advice(u)}")
-        acc["sums"] += sums
-        acc["n"] += 1
-        step = u + 1
-        row, gate_rows = None, []
-        if step % args.log_every == 0 or step == updates:
-            if cuda:
-                torch.cuda.synchronize()
-            row, gate_rows = interval_stats(acc, route, step, lr, float(grad_norm))  # this process's batches
-            say(f"{step:5d}/{updates} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | reg {row['reg']:.4f} | "
-                f"skip% tool {row['skip_tool']:5.1f} plan {row['skip_plan']:5.1f} | lr {lr:.3e} | "
-                f"dt {row['dt'] * 1000:.0f} ms | tok/s {row['tok_s']:.0f} | "
-                f"eta {(updates - step) * row['dt'] / 60:.1f} min", flush=True)
-            acc = fresh_acc()
-        improved = False
-        if main_proc and (step % args.eval_every == 0 or step == updates):
-            vce, vt, vp = validate(route, val_split, args, pad_id, autocast, device)
-            say(f"      val | ce {vce:.4f} | skip% tool {vt:5.1f} plan {vp:5.1f} | diff {vt - vp:+.2f}", flush=True)
-            row = row or {"step": step, "lr": lr}
-            row.update(val_ce=vce, val_skip_tool=vt, val_skip_plan=vp)
-            improved, best = vce < best, min(best, vce)
-        if main_proc:
-            log.write(row, gate_rows)
-            periodic = step % args.save_every == 0 or step == updates
-            if periodic or improved:
-                opt_t = {**opt.state_tensors(names), **rng_state_tensors()}
-                save_checkpoint(out, step, adapter_tensors(route), opt_t, {**meta_base, "best_val_ce": best},
-                                (["latest"] if periodic else []) + (["best"] if improved else []),
-                                extra={"trained_rows.txt": rows_text})
-        if acc["n"] == 0:  # the next interval's time starts after validation and checkpointing
-            acc["t0"] = time.time()
-    if log:
-        log.close()
-    finish_distributed(world)
-    if lock:
-        lock.release()
-    say(f"done: {updates} updates in {time.time() - t_run:.1f}s; best val CE {best:.4f}; checkpoints in {out}")
-    return 0
-
-
-def interval_stats(acc, route, step, lr, grad_norm):
-    """The log row and the per-layer gate rows of one log interval (the only place statistics leave the device)."""
-    soft, hard, tool = torch.cat(acc["soft"]).cpu(), torch.cat(acc["hard"]).cpu(), torch.cat(acc["tool"]).cpu()
-    skip = 100 * (1 - hard.float().mean(1))
-    n, dt = acc["n"], time.time() - acc["t0"]
-    loss, ce, reg, tok = acc["sums"].tolist()
-    row = {"step": step, "loss": loss / n, "ce": ce / n, "reg": reg / n,
-           "skip_tool": float(skip[tool].mean()) if tool.any() else float("nan"),
-           "skip_plan": float(skip[~tool].mean()) if (~tool).any() else float("nan"),
-           "lr": lr, "grad_norm": grad_norm, "dt": dt / n, "tok_s": tok / dt}
-    gate_rows = [[step, i, round(float(soft[:, i].mean()), 5), round(float(1 - hard[:, i].float().mean()), 5),
-                  round(r.bias.item(), 5), round(r.weight.detach().norm().item(), 5)]
-                 for i, r in enumerate(route.routers)]
-    return row, gate_rows
 
 
 if __name__ == "__main__":

@@ -96,6 +96,13 @@ def _write_text(path: Path, text: str):
         os.fsync(f.fileno())
 
 
+def trained_row_hashes(data) -> list[str]:
+    """Content and prompt hashes of every row a run on `data` (a DataFolder) can learn from or select on (train
+    and val), as trained_rows.txt lists them: eval.py refuses held-out rows whose conversation or whose prompt (first user message) is among them."""
+    contents, prompts = data.trained_hashes()
+    return sorted(contents | {f"prompt:{h}" for h in prompts})
+
+
 def trained_rows_text(hashes) -> str:
     return "".join(f"{h}\n" for h in hashes)
 

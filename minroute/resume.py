@@ -26,6 +26,7 @@ from .checkpoint import (
     checkpoints,
     is_checkpoint_dir,
     load_checkpoint,
+    nonfinite_tensors,
     pointer_target,
     read_meta,
     run_dir_of,
@@ -179,3 +180,25 @@ def other_checkpoint_advice(run: Path, ckpt: Path, saved: dict, ap, restore: boo
     except (AttributeError, KeyError, TypeError, ValueError):  # settings of an older train.py: no command
         again = f"python train.py --out {run} --restart ... (the run's own settings)"
     return f"{first}start the run over (it has no earlier checkpoint): {again}"
+
+
+def last_good_checkpoint(run: Path) -> str:
+    """Where a run stopped by a non-finite loss can be taken up again, in words."""
+    found = checkpoints(run)
+    if not found:
+        return f"no checkpoint was written in {run} yet"
+    d = found[-1][1]
+    bad = nonfinite_tensors(load_checkpoint(d)[0])
+    return f"the last good checkpoint is {d}" if not bad else f"{d} holds non-finite {bad[:2]}"
+
+
+def nonfinite_advice(u: int, args, ap) -> str:
+    """What to do about a non-finite loss at update u: a resume would repeat it, so start over with a lower --lr."""
+    if u == 0:  # the initial weights: no learning rate has acted yet
+        return ("The loss is not finite before any update, so no --lr can help: check the data, the model and "
+                "--gate-reg / --lora-alpha")
+    lower = float(f"{args.lr / 10:.3g}")
+    change = {"lr": lower, **({"min_lr": lower} if args.min_lr > lower else {})}
+    return (f"A resumed run keeps its --lr (resuming repeats this); start the run again with a lower one (the "
+            f"stopped run is moved to {Path(args.out)}.replaced-<time>): {new_run_command(args, ap, **change)}; or "
+            "check the data")

@@ -14,6 +14,7 @@ aside (never deletes it). `run.json` (the run's settings, written before its fir
 that stopped before its first checkpoint resumable: from update 0, with the same settings, which is
 exactly the run it would have been. `RunLog` appends train_log.csv and gates.csv; a resumed run first
 drops the rows the interrupted process wrote after its checkpoint, so the logs hold every step once.
+`interval_stats` makes a log interval's rows.
 """
 from __future__ import annotations
 
@@ -23,6 +24,8 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 from .data import DataFolder
 from .load import load_config, load_tokenizer, resolve_dir
@@ -337,3 +340,26 @@ class RunLog:
                 f.close()
             except OSError:  # a full disk fails the last flush too; what was flushed before is on disk
                 pass
+
+
+def fresh_acc(device) -> dict:
+    """An empty log interval: its updates' summed [loss, ce, reg, real tokens] on the device, their number, its
+    start time, and the gates of its micro-batches (train.py's accumulate_update appends them)."""
+    return {"sums": torch.zeros(4, dtype=torch.float64, device=device), "n": 0, "t0": time.time(),
+            "soft": [], "hard": [], "tool": []}
+
+
+def interval_stats(acc, route, step, lr, grad_norm):
+    """The log row and the per-layer gate rows of one log interval (the only place statistics leave the device)."""
+    soft, hard, tool = torch.cat(acc["soft"]).cpu(), torch.cat(acc["hard"]).cpu(), torch.cat(acc["tool"]).cpu()
+    skip = 100 * (1 - hard.float().mean(1))
+    n, dt = acc["n"], time.time() - acc["t0"]
+    loss, ce, reg, tok = acc["sums"].tolist()
+    row = {"step": step, "loss": loss / n, "ce": ce / n, "reg": reg / n,
+           "skip_tool": float(skip[tool].mean()) if tool.any() else float("nan"),
+           "skip_plan": float(skip[~tool].mean()) if (~tool).any() else float("nan"),
+           "lr": lr, "grad_norm": grad_norm, "dt": dt / n, "tok_s": tok / dt}
+    gate_rows = [[step, i, round(float(soft[:, i].mean()), 5), round(float(1 - hard[:, i].float().mean()), 5),
+                  round(r.bias.item(), 5), round(r.weight.detach().norm().item(), 5)]
+                 for i, r in enumerate(route.routers)]
+    return row, gate_rows
