@@ -93,6 +93,15 @@ def build_parser(suppress: bool = False):
     g.add_argument("--ddp-backend", choices=["auto", "gloo"], default="auto",
                    help="torchrun: auto = NCCL on CUDA (one GPU per process; more processes than GPUs are refused), "
                         "gloo on CPU; gloo = gloo on CUDA too, several processes may share a GPU (for testing)")
+    add_training_options(ap)
+    if suppress:  # argparse keeps the defaults on the actions; SUPPRESS leaves unset options out of the namespace
+        for action in ap._actions:
+            action.default = argparse.SUPPRESS
+    return ap
+
+
+def add_training_options(ap):
+    """How a run trains: optimisation, the method's settings, logging and checkpoints."""
     g = ap.add_argument_group("optimisation")
     g.add_argument("--steps", type=positive_int,
                    help="optimizer updates (paper preset) or micro-batches (author preset); 3000")
@@ -128,10 +137,6 @@ def build_parser(suppress: bool = False):
     g.add_argument("--eval-every", type=positive_int, help="updates between validations (paper 200, author 50)")
     g.add_argument("--val-batches", type=nonneg_int, help="validation micro-batches, 0 = the whole val split (30)")
     g.add_argument("--save-every", type=positive_int, help="updates between checkpoints (200)")
-    if suppress:  # argparse keeps the defaults on the actions; SUPPRESS leaves unset options out of the namespace
-        for action in ap._actions:
-            action.default = argparse.SUPPRESS
-    return ap
 
 
 def parse_args(argv=None):
