@@ -36,7 +36,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import csv
 import json
 import os
 import sys
@@ -48,14 +47,15 @@ import numpy as np
 import torch
 
 from minroute import tables as T
-from minroute.checkpoint import atomic_write_text, load_layerroute, resolve_checkpoint, trained_rows
+from minroute.checkpoint import load_layerroute, resolve_checkpoint
 from minroute.data import TOOL, DataFolder
-from minroute.evaluate import BaseCache, PassResult, random_masks, static_mask, static_masks
+from minroute.evaluate import (BaseCache, PassResult, check_held_out, eval_batching, random_masks, static_mask,
+                               static_masks)
 from minroute.load import load_tokenizer
 from minroute.passes import Setting, floor_seconds, run_settings
 from minroute.report import plot_gates
 from minroute.safety import ArgumentParser, UserError, default_device, device, nonneg_int, positive_int, run_cli
-from minroute.tables import method_name, table
+from minroute.tables import method_name, table, write_results
 
 
 def parse_args(argv=None):
@@ -108,39 +108,6 @@ class Run:
     @property
     def route_on(self) -> str:
         return self.meta["args"].get("route_on", "sequence")
-
-
-def check_held_out(data: DataFolder, meta: dict, ckpt_dir: Path, say=print):
-    """Refuse eval rows the run trained or selected on: same conversation, or same prompt (first user message)."""
-    if not data.same_as_trained(meta):
-        say(f"note: {data} is not the data folder {ckpt_dir.name} was trained on (its content differs); its "
-            "held-out rows are checked against the rows the run trained on")
-    trained = trained_rows(ckpt_dir)
-    if trained is None:  # checkpoints written before trained_rows.txt: the data folder's own train/val
-        contents, prompts = data.trained_hashes()
-        trained = contents | {f"prompt:{h}" for h in prompts}
-    for split in ("eval", "eval_matched", "eval_matched_sequence"):
-        if not data.has_split(split):
-            continue
-        leak = [r for r in data.split(split).rows if r["hash"] in trained or f"prompt:{r.get('prompt_hash')}" in trained]
-        if leak:
-            r = leak[0]
-            why = "conversation" if r["hash"] in trained else "prompt"
-            raise UserError(f"{len(leak)} rows of {data}/{split} (e.g. {r['source']} row {r['row']}, by its {why}) "
-                            f"were trained on by {ckpt_dir}; evaluate on held-out data (rebuild it without them)")
-
-
-def eval_batching(meta: dict, batch_size: int) -> tuple[dict, str]:
-    """How to batch a checkpoint's eval rows so that no row's gates depend on its batch-mates: mask-aware pooling
-    ignores padding; the authors' forward (pool 'all') pools over it, so it is evaluated at the padded length
-    it trained with, or one row at a time (as the authors' evaluate.py) when it trained unpadded."""
-    a = meta["args"]
-    if a.get("pool") != "all":
-        return {"batch_size": batch_size, "pad_to": None}, "padding excluded from pooling and attention"
-    if a.get("pad_to"):
-        return ({"batch_size": batch_size, "pad_to": a["pad_to"]},
-                f"right-padded to {a['pad_to']} tokens as in training (the authors' forward pools over padding)")
-    return {"batch_size": 1, "pad_to": None}, "one row at a time (the authors' forward pools over padding)"
 
 
 def open_run(path, which, model=None, data=None, device="cpu", batch_size: int = 8, say=lambda *a: None) -> Run:
@@ -417,25 +384,6 @@ def check_outputs(args) -> tuple[Path, Path]:
         if anchor is None or not os.access(anchor, os.W_OK):
             raise UserError(f"{p}: cannot write there (no writable folder)")
     return json_path, csv_dir
-
-
-def write_results(results: dict, tables: list, json_path: Path, csv_dir: Path):
-    """eval.json and the CSV tables, each written atomically (temp file, fsync, rename)."""
-    import io
-    try:
-        json_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(json_path, json.dumps(results, indent=2, default=float))
-        csv_dir.mkdir(parents=True, exist_ok=True)
-        for name, header, rows in tables:
-            buf = io.StringIO()
-            w = csv.writer(buf)
-            w.writerow(header)
-            w.writerows(rows)
-            atomic_write_text(csv_dir / f"{name}.csv", buf.getvalue())
-    except OSError as e:
-        raise UserError(f"writing the results failed ({e.strerror or e}): {e.filename or json_path}; the previous "
-                        "files, if any, are unchanged") from None
-    print(f"\nwrote {json_path} and {len(tables)} CSV tables in {csv_dir}")
 
 
 def main(argv=None):

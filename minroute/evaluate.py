@@ -24,17 +24,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .data import TOOL, TokenSplit
+from .checkpoint import atomic_write_text, trained_rows
+from .data import TOOL, DataFolder, TokenSplit
 from .flops import paper_flops, sequence_flops
 from .passes import Setting, SettingResult, run_settings
+from .safety import UserError
 from .stats import bootstrap_ci, differential_stats, length_regression, t_ci, t_quantile  # noqa: F401
 
 STEP_NAMES = {TOOL: "tool", 1: "planning"}
-
-
-def _atomic_write_text(path, text):
-    from .checkpoint import atomic_write_text
-    atomic_write_text(path, text)
 
 
 @dataclass
@@ -212,4 +209,39 @@ class BaseCache:
         p = self.path(what)
         if p is not None:
             self.dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write_text(p.with_suffix(".json"), json.dumps(value, default=float))
+            atomic_write_text(p.with_suffix(".json"), json.dumps(value, default=float))
+
+
+# ----------------------------------------------------------------------------- which rows, batched how
+
+def check_held_out(data: DataFolder, meta: dict, ckpt_dir: Path, say=print):
+    """Refuse eval rows the run trained or selected on: same conversation, or same prompt (first user message)."""
+    if not data.same_as_trained(meta):
+        say(f"note: {data} is not the data folder {ckpt_dir.name} was trained on (its content differs); its "
+            "held-out rows are checked against the rows the run trained on")
+    trained = trained_rows(ckpt_dir)
+    if trained is None:  # checkpoints written before trained_rows.txt: the data folder's own train/val
+        contents, prompts = data.trained_hashes()
+        trained = contents | {f"prompt:{h}" for h in prompts}
+    for split in ("eval", "eval_matched", "eval_matched_sequence"):
+        if not data.has_split(split):
+            continue
+        leak = [r for r in data.split(split).rows if r["hash"] in trained or f"prompt:{r.get('prompt_hash')}" in trained]
+        if leak:
+            r = leak[0]
+            why = "conversation" if r["hash"] in trained else "prompt"
+            raise UserError(f"{len(leak)} rows of {data}/{split} (e.g. {r['source']} row {r['row']}, by its {why}) "
+                            f"were trained on by {ckpt_dir}; evaluate on held-out data (rebuild it without them)")
+
+
+def eval_batching(meta: dict, batch_size: int) -> tuple[dict, str]:
+    """How to batch a checkpoint's eval rows so that no row's gates depend on its batch-mates: mask-aware pooling
+    ignores padding; the authors' forward (pool 'all') pools over it, so it is evaluated at the padded length
+    it trained with, or one row at a time (as the authors' evaluate.py) when it trained unpadded."""
+    a = meta["args"]
+    if a.get("pool") != "all":
+        return {"batch_size": batch_size, "pad_to": None}, "padding excluded from pooling and attention"
+    if a.get("pad_to"):
+        return ({"batch_size": batch_size, "pad_to": a["pad_to"]},
+                f"right-padded to {a['pad_to']} tokens as in training (the authors' forward pools over padding)")
+    return {"batch_size": 1, "pad_to": None}, "one row at a time (the authors' forward pools over padding)"

@@ -4,14 +4,19 @@ evaluate.py's; the numbers here are arithmetic on them, named as the paper names
 """
 from __future__ import annotations
 
+import csv
+import io
+import json
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from .checkpoint import atomic_write_text
 from .data import TOOL, collate
 from .evaluate import STEP_NAMES
 from .flops import paper_flops, sequence_flops, skip_bound_speedup
+from .safety import UserError
 from .stats import length_regression, log_t_ci, t_ci_clipped
 from .timing import decode_ms_per_token, measure, prefill
 
@@ -232,3 +237,21 @@ def seeds_tables(per: list[dict], n_given: int, tables) -> dict:
           f"in {positive} of {len(per)}", ["metric", "mean", "sd", "CI low", "CI high", ""], rows, tables,
           "seeds_summary")
     return {"runs": per, "summary": summary, "positive_diff": positive, "n": len(per), "n_given": n_given}
+
+
+def write_results(results: dict, tables: list, json_path: Path, csv_dir: Path):
+    """eval.json and the CSV tables, each written atomically (temp file, fsync, rename)."""
+    try:
+        json_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(json_path, json.dumps(results, indent=2, default=float))
+        csv_dir.mkdir(parents=True, exist_ok=True)
+        for name, header, rows in tables:
+            buf = io.StringIO()
+            w = csv.writer(buf)
+            w.writerow(header)
+            w.writerows(rows)
+            atomic_write_text(csv_dir / f"{name}.csv", buf.getvalue())
+    except OSError as e:
+        raise UserError(f"writing the results failed ({e.strerror or e}): {e.filename or json_path}; the previous "
+                        "files, if any, are unchanged") from None
+    print(f"\nwrote {json_path} and {len(tables)} CSV tables in {csv_dir}")
