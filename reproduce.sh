@@ -111,15 +111,16 @@ else
       fi
     fi
     [ -d "$src" ] || { echo "error: --source-dir $src: no such folder (it must hold gsm8k/ and bfcl-v4/)" >&2; exit 2; }
-    if [ "$quick" = 1 ]; then n_rows=120 eval_counts="tool=8,planning=8" pairs=5 cap=32
-    else n_rows=400 eval_counts="tool=30,planning=30" pairs=30 cap=128; fi
+    if [ "$quick" = 1 ]; then n_rows=120 eval_counts="tool=4,planning=4" pairs=3 cap=32 timing_args="--time-prompts 2 --repeats 2"
+    else n_rows=400 eval_counts="tool=30,planning=30" pairs=30 cap=128 timing_args="--time-prompts 4 --repeats 3"; fi
     data="${data:-$out/data}"
     if [ ! -f "$data/manifest.json" ]; then
       run "$py" -m data_prep --source-dir "$src" --sources "bfcl=$n_rows,gsm8k=$n_rows" --tokenizer "$model" \
         --max-len 512 --cut-rows drop --eval-counts "$eval_counts" --matched-pairs "$pairs" --out "$data"
     fi
     common+=(--batch-size 4 --accum 2 --lr 5e-4 --log-every 2 --eval-every "$steps" --val-batches 4 --save-every 10)
-    ev_common+=(--time-prompts 4 --repeats 3 --new-tokens 16 --max-new-tokens "$cap")
+    # shellcheck disable=SC2206
+    ev_common+=($timing_args --new-tokens 16 --max-new-tokens "$cap")
   else
     data="${data:-$out/data}"
     if [ ! -f "$data/manifest.json" ]; then
@@ -177,7 +178,10 @@ for v in $variants; do
         > "$dir.train.log" 2>&1 || status="FAILED in training (see $dir.train.log)"
     fi
     if [ "$status" = done ]; then
-      name=$("$py" -c 'import sys; from minroute.checkpoint import pointer_target as p; print(p(sys.argv[1], "latest") or "")' "$dir")
+      name=$("$py" -c '
+import json, sys
+try: print(json.load(open(sys.argv[1]))["dir"])
+except (OSError, ValueError, KeyError, TypeError): pass' "$dir/latest.json")  # train.py repairs a broken pointer
       ckpt="$dir/$name"
       if [ -z "$name" ] || [ ! -d "$ckpt" ]; then
         status="FAILED: $dir/latest.json names no checkpoint after training (see $dir.train.log)"

@@ -107,7 +107,7 @@ def test_real_cpu_quick_study(tmp_path):
     pytest.importorskip("matplotlib")
     out = tmp_path / "quick"
     res = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "--real-cpu", "--quick", "--out", str(out),
-                          "--variants", "paper", "--steps", "2"], env=env(), capture_output=True, text=True, cwd=ROOT)
+                          "--variants", "paper", "--steps", "1"], env=env(), capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     report = (out / "REPORT.md").read_text()
     for section in SECTIONS + ("## What the evaluation cost",):
@@ -129,7 +129,10 @@ def test_real_cpu_quick_study(tmp_path):
 # ----------------------------------------------------------------------------- a study under a hostile user (issue 23)
 
 def rerun(out, *extra):
-    return subprocess.run(study_cmd(out) + list(extra), env=env(), capture_output=True, text=True, cwd=ROOT)
+    """A study of two runs (paper, seeds 1 and 2): each case below needs one run to damage and one to compare."""
+    cmd = study_cmd(out)
+    cmd[cmd.index("--variants") + 1] = "paper"
+    return subprocess.run(cmd + list(extra), env=env(), capture_output=True, text=True, cwd=ROOT)
 
 
 def test_study_numbers_survive_a_hostile_user(tmp_path):
@@ -145,17 +148,17 @@ def test_study_numbers_survive_a_hostile_user(tmp_path):
     (runs / "paper-s2" / "eval.json").write_text('{"skip_diff": 1.0, "trunc')
     # 8: an ad-hoc evaluation into a study run (another checkpoint choice) is not the study's number
     adhoc = subprocess.run([os.environ.get("PYTHON", "python"), str(ROOT / "eval.py"), "--ckpt",
-                            str(runs / "noreg-s1"), "--which", "best", "--no-timing", "--floor-every", "0"],
+                            str(runs / "paper-s1"), "--which", "best", "--no-timing", "--floor-every", "0"],
                            env=env(), capture_output=True, text=True, cwd=ROOT)
     assert adhoc.returncode == 0, adhoc.stderr[-2000:]
-    assert json.loads((runs / "noreg-s1" / "eval.json").read_text())["settings"]["which"] == "best"
+    assert json.loads((runs / "paper-s1" / "eval.json").read_text())["settings"]["which"] == "best"
     res = rerun(out)
     assert res.returncode == 0, res.stderr[-2000:]
     s = json.loads((out / "study.json").read_text())
-    assert sorted(Path(r["run"]).name for r in s["runs"]) == ["noreg-s1", "noreg-s2", "paper-s1", "paper-s2"]
+    assert sorted(Path(r["run"]).name for r in s["runs"]) == ["paper-s1", "paper-s2"]
     assert [Path(x["run"]).name for x in s["left_out"]] == ["paper-s1.bak"] and "counted once" in s["left_out"][0]["why"]
     assert json.loads((runs / "paper-s2" / "eval.json").read_text())["settings"]["which"] == "latest"
-    assert json.loads((runs / "noreg-s1" / "eval.json").read_text())["settings"]["which"] == "latest", \
+    assert json.loads((runs / "paper-s1" / "eval.json").read_text())["settings"]["which"] == "latest", \
         "the study re-evaluated the run its own way"
     shutil.rmtree(runs / "paper-s1.bak")
     # 6 and 10: asked for more steps, the runs are extended and re-evaluated; the report follows them
@@ -165,15 +168,15 @@ def test_study_numbers_survive_a_hostile_user(tmp_path):
         ev = json.loads(Path(r["eval"]).read_text())
         assert ev["step"] == 10 and json.loads((Path(r["run"]) / "latest.json").read_text())["step"] == 10
     # 10: a run whose eval.json is older than its checkpoint is left out by the report, named
-    adapter = runs / "noreg-s2" / json.loads((runs / "noreg-s2" / "latest.json").read_text())["dir"]
-    ev = json.loads((runs / "noreg-s2" / "eval.json").read_text())
+    adapter = runs / "paper-s2" / json.loads((runs / "paper-s2" / "latest.json").read_text())["dir"]
+    ev = json.loads((runs / "paper-s2" / "eval.json").read_text())
     ev["checkpoint"] = str(adapter.parent / "ckpt-000008")
-    (runs / "noreg-s2" / "eval.json").write_text(json.dumps(ev))
+    (runs / "paper-s2" / "eval.json").write_text(json.dumps(ev))
     report = subprocess.run([os.environ.get("PYTHON", "python"), str(ROOT / "eval.py"), "--report", str(out)],
                             env=env(), capture_output=True, text=True, cwd=ROOT)
     assert report.returncode == 0
     left = json.loads((out / "study.json").read_text())["left_out"]
-    assert [Path(x["run"]).name for x in left] == ["noreg-s2"] and "re-evaluate it" in left[0]["why"]
+    assert [Path(x["run"]).name for x in left] == ["paper-s2"] and "re-evaluate it" in left[0]["why"]
 
 
 def test_study_paths_and_interrupts(tmp_path):
