@@ -241,7 +241,8 @@ def main():
             out = ask(procs, side)
             if r:
                 res[side].append(out)
-        print(f"round {r}/{a.rounds} done", file=sys.stderr, flush=True)
+        print(f"round {r}/{a.rounds} done" + (": " + ", ".join(f"{s} {res[s][-1]['s']:.3f} s" for s in sides)
+                                                if r else " (warm-up)"), file=sys.stderr, flush=True)
     stop(procs)
     for impl in impls:  # memory: a fresh worker at a time, glibc returning freed large blocks
         proc, tokens = start(impl, {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"})
