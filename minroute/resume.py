@@ -128,7 +128,8 @@ def resume_args(args, ap):
     run = run_dir_of(target)
     if args.out and Path(args.out).resolve() != run.resolve():
         raise UserError(f"--resume {args.resume} continues {run}; drop --out {args.out} (a run cannot move)")
-    ckpt, notes = resume_point(run, target if is_checkpoint_dir(target) else run)
+    whole_run = not is_checkpoint_dir(target)  # RUN_DIR (its newest checkpoint), not RUN_DIR/ckpt-N as asked
+    ckpt, notes = resume_point(run, run if whole_run else target)
     if ckpt is None:  # stopped before its first checkpoint: start from update 0 with its recorded settings
         meta = read_run_json(run, notes)
         if notes:  # pointers name checkpoints that are gone: do not silently redo the whole run
@@ -166,7 +167,7 @@ def resume_args(args, ap):
         new.updates = new.steps // new.accum if new.step_unit == "micro" else new.steps
         new.extensions.append({"from_steps": saved["steps"], "to_steps": new.steps, "at_update": meta.get("step", 0),
                                "time": time.strftime("%Y-%m-%d %H:%M:%S")})
-    return new, (adapter, opt_state, meta, ckpt if target == run or not is_checkpoint_dir(target) else None)
+    return new, (adapter, opt_state, meta, ckpt if whole_run else None)
 
 
 def other_checkpoint_advice(run: Path, ckpt: Path, saved: dict, ap, restore: bool = True) -> str:
