@@ -365,7 +365,8 @@ def forward_loss(route, batch, args, autocast, n_tokens: int, n_seqs: int):
     counted = (batch["loss_index"], batch["loss_target"]) if "loss_index" in batch else None  # from collate
     with autocast():
         h, soft, hard = route.gated_hidden(batch["input_ids"], batch["attention_mask"], batch.get("route_mask"),
-                                           padded=getattr(batch, "padded", None))
+                                           padded=getattr(batch, "padded", None),
+                                           lengths=getattr(batch, "lengths", None))
         ce_sums, counts = lm_loss_per_sample(h, route.lm_head.weight, batch["labels"], chunk=args.chunk,
                                              counted=counted)
     if args.ablation == "bce":  # LayerRoute-BCE: the regulariser replaced by BCE on the step type

@@ -26,8 +26,8 @@ ratios, with their min-max).
 Both sides: the same random weights and batches (right padding of varied lengths), LoRA r8 / alpha 16 / dropout
 0.05 on q/k/v/o, AdamW. transformers + PEFT (Qwen2ForCausalLM or LlamaForCausalLM, as the checkpoint's config
 says) has no routers: it always runs every block forward and backward. minroute runs LayerRoute (routers,
-straight-through gates, CE + lambda R, the counted positions precomputed on the host as collate does) with its
-gates imposed:
+straight-through gates, CE + lambda R, the counted positions precomputed on the host as collate does, the rows
+packed without their padding from collate's row lengths, as train.py runs them) with its gates imposed:
   open  every block open (the most work minroute can do),
   band  the initial gates: the middle band closed (9 of 24 blocks for Qwen, 11 of 30 for SmolLM2), as at step 0,
   high  all but the first and last 3 blocks closed, a high-skip setting.
@@ -103,15 +103,16 @@ def build_step(side: str, ckpt: Path, a):
         opt = AdamW(groups, lr=2e-4)
         counted = [tuple(t.to(device) for t in counted_positions(b[2])) for b in cpu_batches]  # as collate does
         padded = [bool((b[1] == 0).any()) for b in cpu_batches]
+        lengths = [b[1].sum(1).tolist() for b in cpu_batches]  # right padding: as collate's Batch.lengths
         n_tokens = sum(int((b[2][:, 1:] != -100).sum()) for b in cpu_batches)
         forced = {g: torch.tensor(fn(cfg.num_hidden_layers)) for g, fn in GATES.items()}
 
         def step(gates: str):
             sums = torch.zeros(4, device=device)
             with model.forcing(forced[gates]):
-                for (ids, mask, labels), cnt, pad in zip(micro, counted, padded):
+                for (ids, mask, labels), cnt, pad, n in zip(micro, counted, padded, lengths):
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                        h, soft, _ = model.gated_hidden(ids, mask, padded=pad)
+                        h, soft, _ = model.gated_hidden(ids, mask, padded=pad, lengths=n)
                         ce, _ = lm_loss_per_sample(h, model.lm_head.weight, labels, counted=cnt)
                     loss = ce.sum() / n_tokens + gate_regulariser(soft) / a.accum
                     loss.backward()

@@ -164,10 +164,12 @@ ROUTE_ON = ("prompt", "sequence")
 
 class Batch(dict):
     """collate's batch: a dict of CPU tensors, plus what the host knows about it without reading a device:
-    `padded` (does attention_mask hold a 0) and `real_tokens` (its 1s). `{k: v.to(device) ...}` still works."""
+    `padded` (does attention_mask hold a 0), `real_tokens` (its 1s) and, for right padding, `lengths` (each row's
+    real tokens; the training forward then packs the rows without their padding). `{k: v.to(device) ...}` still works."""
 
     padded: bool = True
     real_tokens: int = 0
+    lengths: list[int] | None = None
 
     def to(self, device, non_blocking: bool = False) -> "Batch":
         """The same batch on `device` (the host facts kept); on CUDA from pinned memory, without blocking."""
@@ -178,7 +180,7 @@ class Batch(dict):
             out = Batch((k, v.pin_memory().to(device, non_blocking=True)) for k, v in self.items())
         else:
             out = Batch((k, v.to(device)) for k, v in self.items())
-        out.padded, out.real_tokens = self.padded, self.real_tokens
+        out.padded, out.real_tokens, out.lengths = self.padded, self.real_tokens, self.lengths
         return out
 
 
@@ -227,6 +229,7 @@ def collate(split: TokenSplit, indices, pad_id: int, pad_to: int | None = None, 
                 loss_target=loss_target)
     out.real_tokens = sum(len(s[0]) for s in seqs)
     out.padded = out.real_tokens < B * T
+    out.lengths = [len(s[0]) for s in seqs] if side == "right" else None
     if route_on == "prompt":
         out["route_mask"] = route
     if a_labels is not None:

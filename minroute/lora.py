@@ -2,6 +2,15 @@
 
     y = x W^T + b + (alpha / r) * B A dropout(x)        A: (r, in)  B: (out, r)
 
+computed as B ((A (m * x)) * (alpha / r) / (1 - p)) with m the dropout's 0/1 mask: the scales act on r columns,
+not on the full width (equal to PEFT's order up to rounding; exactly equal without dropout when alpha / r is a
+power of two, as 16 / 8 is).
+
+Dropout (`LoRADropout`) is PEFT's in distribution: each element of x kept with probability 1 - p and scaled
+by 1 / (1 - p), independently per element and per layer. The mask comes from one 31-bit integer draw per
+element compared with round(p * 2^31) (p exact to 2^-32): on this project's CPU, 4-6 ms for a 2,048 x 576 input
+against 15 ms for nn.Dropout's `bernoulli_` (whose draws were an eighth of a SmolLM2-shape training update).
+
 A starts kaiming-uniform with a = sqrt(5) (= U(+-1/sqrt(in)), PEFT's and the authors' default), B starts
 at zero, so a fresh adapter leaves the model unchanged. A and B are kept in fp32 whatever the base dtype,
 so small updates are not rounded away in bf16. `merge()` folds the update into W for inference and
@@ -28,6 +37,21 @@ TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj")
 PEFT_PREFIX = "base_model.model."
 
 
+class LoRADropout(nn.Dropout):
+    """nn.Dropout(p) with a cheaper mask draw: keep = (uniform integer in [0, 2^31)) >= round(p * 2^31)."""
+
+    def keep(self, x: torch.Tensor) -> torch.Tensor | None:
+        """The bool mask of kept elements for x in training, None when nothing is dropped (eval, p = 0)."""
+        if not self.training or self.p == 0:
+            return None
+        draw = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_()  # uniform on [0, 2^31)
+        return draw >= round(self.p * 2**31)
+
+    def forward(self, x):
+        keep = self.keep(x)
+        return x if keep is None else torch.where(keep, x, 0.0) * (1.0 / (1.0 - self.p))
+
+
 class LoRALinear(nn.Linear):
     """A frozen nn.Linear (same weight and bias tensors, same names) plus a trainable low-rank update."""
 
@@ -38,13 +62,15 @@ class LoRALinear(nn.Linear):
         self.weight.requires_grad_(False)
         if self.bias is not None:
             self.bias.requires_grad_(False)
+        if not 0 <= dropout < 1:
+            raise ValueError(f"LoRA dropout {dropout}: expected a probability in [0, 1)")
         self.r, self.alpha, self.scaling = r, alpha, alpha / r
         device = base.weight.device
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=device, dtype=torch.float32))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=device, dtype=torch.float32))
         if device.type != "meta":
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
-        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
         self.enabled = True  # False: behave as the base layer (the "base model" rows of eval tables)
         self._original_weight: torch.Tensor | None = None
@@ -53,8 +79,11 @@ class LoRALinear(nn.Linear):
         y = F.linear(x, self.weight, self.bias)
         if self.merged or not self.enabled:
             return y
-        a = self.dropout(x).to(self.lora_A.dtype)
-        return y + (F.linear(F.linear(a, self.lora_A), self.lora_B) * self.scaling).to(y.dtype)
+        a, scale = x.to(self.lora_A.dtype), self.scaling
+        keep = self.dropout.keep(a) if isinstance(self.dropout, LoRADropout) else None
+        if keep is not None:  # dropout's 1 / (1 - p) joins alpha / r on the rank-r side: one full-width pass fewer
+            a, scale = torch.where(keep, a, 0.0), scale / (1.0 - self.dropout.p)
+        return y + F.linear(F.linear(a, self.lora_A) * scale, self.lora_B).to(y.dtype)
 
     def delta_weight(self) -> torch.Tensor:
         """(alpha / r) * B A, the update to W, in fp32."""

@@ -203,6 +203,25 @@ def attention_mask_4d(key_mask: torch.Tensor | None, q_len: int, past: int, devi
     return mask
 
 
+class Segments:
+    """Rows packed end to end along the sequence (padding dropped): a (1, N) call whose first lengths[0] tokens are
+    row 0, the next lengths[1] row 1, and so on. Passed where a mask goes, it makes attention causal within each
+    row and blind across rows: for right-padded rows that is exactly what the padding mask does to real tokens,
+    minus the work on padding (matmuls, elementwise, and the masked attention's full square per row)."""
+
+    def __init__(self, lengths: list[int]):
+        self.lengths = list(lengths)
+        ends = [sum(self.lengths[:i + 1]) for i in range(len(self.lengths))]
+        self.bounds = [(e - n, e) for e, n in zip(ends, self.lengths)]  # [start, end) of each row
+
+    def take(self, x: torch.Tensor, rows: list[int]) -> torch.Tensor:
+        """The tokens (dim 1) of these rows of a packed (1, N, ...) tensor, packed, in the order given."""
+        return torch.cat([x[:, a:b] for a, b in (self.bounds[r] for r in rows)], dim=1)
+
+    def subset(self, rows: list[int]) -> "Segments":
+        return Segments([self.lengths[r] for r in rows])
+
+
 # ----------------------------------------------------------------------------- KV cache
 
 class KVCache:
@@ -274,7 +293,10 @@ class Attention(nn.Module):
         if cache is not None:
             past = cache.length
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past + T, D)
-        if mask is None:  # fused causal path; GQA handled inside SDPA
+        if isinstance(mask, Segments):  # packed rows: each one's own fused causal attention
+            y = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
+                                                          enable_gqa=True) for a, b in mask.bounds], dim=2)
+        elif mask is None:  # fused causal path; GQA handled inside SDPA
             y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and T > 1, enable_gqa=True)
         elif x.device.type == "cpu":  # CPU kernels take GQA with a mask too: no repeated k/v kept for backward
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
@@ -287,7 +309,8 @@ class Attention(nn.Module):
 
 class SwiGLU(torch.autograd.Function):
     """silu(g) * u, bitwise as written out, but keeping only g and u for the backward (autograd would also
-    keep silu(g), a third (T, intermediate) tensor per layer); silu' = s (1 + g (1 - s)), s = sigmoid(g)."""
+    keep silu(g), a third (T, intermediate) tensor per layer); silu' = s (1 + g (1 - s)), s = sigmoid(g), taken
+    by torch's fused silu_backward (one pass over (T, intermediate) instead of six)."""
 
     @staticmethod
     def forward(ctx, g, u):
@@ -297,8 +320,7 @@ class SwiGLU(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad):
         g, u = ctx.saved_tensors
-        s = torch.sigmoid(g)
-        return grad * u * (s * (1 + g * (1 - s))), grad * (g * s)
+        return torch.ops.aten.silu_backward(grad * u, g), grad * F.silu(g)
 
 
 class MLP(nn.Module):
@@ -417,5 +439,5 @@ def count_params_meta(cfg: ModelConfig) -> int:
         return CausalLM(cfg).num_params()
 
 
-__all__ = ["ModelConfig", "CausalLM", "Block", "KVCache", "init_weights", "rope_cos_sin", "rope_inv_freq",
+__all__ = ["ModelConfig", "CausalLM", "Block", "KVCache", "Segments", "init_weights", "rope_cos_sin", "rope_inv_freq",
            "apply_rope", "rotate_half", "repeat_kv", "attention_mask_4d", "count_params_meta"]

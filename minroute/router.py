@@ -27,6 +27,8 @@ through it: closed rows run their block without autograd (no activations kept, n
 with it (gather, block, scatter). `dense=True` runs every row with autograd (the reference path, same
 gradients). The split costs one host read per block (how many rows are open: shapes depend on it), and none
 when the gates are imposed (`forcing`: known on the host) or all rows run alike (`dense`, no autograd).
+Given the rows' lengths (right padding; train.py passes collate's), training packs the rows end to end without
+their padding, so no block computes a padded position (`_Packed`; model.Segments keeps attention within a row).
 Inference (`hidden`) really skips: block i runs only on the rows whose gate is 1, not at all when every row
 is closed, and the decision is taken once per sequence at prefill; in KV-cache decoding
 a skipped block is never run and holds no cache for that sequence.
@@ -45,7 +47,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .model import CausalLM, KVCache
+from .model import CausalLM, KVCache, Segments
 
 
 def middle_band(n_layers: int) -> range:
@@ -131,10 +133,12 @@ class LayerRoute(nn.Module):
         finally:
             self.forced, self._forced_on, self._forced_host = old
 
-    def soft_gate(self, i: int, h: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
-        """p (B,) of router i on the hidden state h (B, T, d) entering block i; fp32 even under autocast."""
+    def soft_gate(self, i: int, h: torch.Tensor, key_mask: torch.Tensor | None, layout=None) -> torch.Tensor:
+        """p (B,) of router i on the hidden state h (B, T, d) entering block i; fp32 even under autocast.
+        With a packed layout (gated_hidden), h is (1, N, d) and key_mask its (B, N) averaging weights."""
         with torch.autocast(h.device.type, enabled=False):
-            return torch.sigmoid(self.routers[i](pool_mean(h, key_mask))).squeeze(-1)
+            m = pool_mean(h, key_mask) if not isinstance(layout, _Packed) else key_mask @ h[0].float()
+            return torch.sigmoid(self.routers[i](m)).squeeze(-1)
 
     def _pooled_positions(self, attention_mask, route_mask):
         """What the routers average over: route_mask if given, else real tokens ('mask') or everything ('all')."""
@@ -142,9 +146,9 @@ class LayerRoute(nn.Module):
             return route_mask
         return None if self.pool == "all" else attention_mask
 
-    def _hard(self, i: int, p: torch.Tensor) -> tuple[torch.Tensor, int | None]:
-        """Hard gates (B,) of block i on p's device, and how many rows are open when the host knows it (imposed
-        gates) without reading the device, else None."""
+    def _hard(self, i: int, p: torch.Tensor) -> tuple[torch.Tensor, list[bool] | None]:
+        """Hard gates (B,) of block i on p's device, and which rows are open as host bools when the host knows it
+        (imposed gates) without reading the device, else None."""
         if self.forced is None:
             return p > 0.5, None
         f = self._forced_on.get(p.device)
@@ -154,46 +158,60 @@ class LayerRoute(nn.Module):
                 f = f.pin_memory().to(p.device, non_blocking=True)
             self._forced_on[p.device] = f = f.to(p.device)
         host = self._forced_host
-        n_open = (p.shape[0] if host[i] else 0) if f.dim() == 1 else sum(row[i] for row in host)
-        return (f[i].expand_as(p) if f.dim() == 1 else f[:, i]).clone(), n_open
+        open_rows = [host[i]] * p.shape[0] if f.dim() == 1 else [row[i] for row in host]
+        return (f[i].expand_as(p) if f.dim() == 1 else f[:, i]).clone(), open_rows
 
     def gated_hidden(self, input_ids, attention_mask=None, route_mask=None, dense: bool = False,
-                     padded: bool | None = None):
+                     padded: bool | None = None, lengths: list[int] | None = None):
         """Training forward: h <- select(z, Block(h), h) + STE term, every block computed for every row.
 
         Closed rows run their block without autograd (their output only feeds the router's gradient);
         `dense=True` runs all rows with autograd instead (the reference; same values and gradients).
         padded: whether attention_mask has any 0 when the host knows it (data.collate says), else None (read
-        from the device). Returns the final-norm hidden states (B, T, d), soft gates (B, L) and hard gates (B, L).
+        from the device). lengths: each row's real tokens, when the rows are right-padded and the host knows it
+        (data.collate's `Batch.lengths`): the rows are then packed end to end without their padding (model.Segments)
+        and every block works on real tokens only; pool 'all' (the authors' forward, which computes and pools the
+        padding) never packs. Returns the final-norm hidden states (B, T, d; zeros at padding when packed), soft
+        gates (B, L) and hard gates (B, L).
         """
-        attn = None if self.pool == "all" else attention_mask  # authors': causal attention only
-        h, cos, sin, mask = self.base.prepare(input_ids, attn, padded=padded)
+        attn = None if self.pool == "all" else attention_mask
         pooled = self._pooled_positions(attention_mask, route_mask)
-        B = h.shape[0]
+        B, T = input_ids.shape
+        if attn is not None and lengths is not None and padded is not False and sum(lengths) < B * T \
+                and min(lengths) > 0:
+            layout = _Packed(lengths, T, input_ids.device)
+            h, cos, sin, _ = self.base.prepare(layout.pack(input_ids), position_ids=layout.positions)
+            mask, weights = layout.segments, layout.averager(pooled)
+        else:
+            layout = _Padded()
+            h, cos, sin, mask = self.base.prepare(input_ids, attn, padded=padded)
+            weights = pooled
         softs, hards, rows_run = [], [], []
         for i, block in enumerate(self.base.layers):
-            p = self.soft_gate(i, h, pooled)  # (B,)
-            hard, n_open = self._hard(i, p)
+            p = self.soft_gate(i, h, weights, layout)  # (B,)
+            hard, open_rows = self._hard(i, p)
+            n_open = None if open_rows is None else sum(open_rows)
             if dense or not torch.is_grad_enabled():
                 out, n_open = block(h, cos, sin, mask), B
             else:
                 if n_open is None:
-                    n_open = int(hard.sum())  # the block's one host read: which rows need autograd
+                    open_rows = hard.tolist()  # the block's one host read: which rows need autograd
+                    n_open = sum(open_rows)
                 if n_open == B:
                     out = block(h, cos, sin, mask)
                 elif n_open == 0:  # every row closed: no autograd, no gather
                     with torch.no_grad():
                         out = block(h, cos, sin, mask)
                 else:
-                    out = _open_rows_with_grad(block, h, cos, sin, mask, hard, n_open)
+                    out = layout.open_rows_with_grad(block, h, cos, sin, mask, hard, open_rows)
             rows_run.append(n_open)
-            ste = (p - p.detach()).to(h.dtype)[:, None, None]  # exactly 0 in the forward
-            h = torch.where(hard[:, None, None], out, h) + ste * (out - h).detach()
+            ste = (p - p.detach()).to(h.dtype)  # exactly 0 in the forward
+            h = torch.where(layout.per_token(hard), out, h) + layout.per_token(ste) * (out - h).detach()
             softs.append(p)
             hards.append(hard)
         soft, hard = torch.stack(softs, 1), torch.stack(hards, 1)
         self.last = RouteTrace(soft.detach(), hard, rows_run)
-        return self.base.model.norm(h), soft, hard
+        return layout.unpack(self.base.model.norm(h)), soft, hard
 
     @torch.no_grad()
     def hidden(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None,
@@ -257,22 +275,89 @@ class LayerRoute(nn.Module):
         return {f"routers.{k}": v for k, v in self.routers.state_dict().items()}
 
 
-def _open_rows_with_grad(block, h, cos, sin, mask, hard, n_open: int):
-    """Block(h) for every row: the n_open open rows (hard True) with autograd, the closed rows without.
+class _Padded:
+    """gated_hidden's layout for (B, T, d) states, padding included."""
 
-    The row split is computed on the device (a stable sort: open rows first, each part in row order), so knowing
-    n_open on the host is all it takes; no nonzero()."""
-    order = torch.argsort((~hard).to(torch.uint8), stable=True)
-    open_rows, closed = order[:n_open], order[n_open:]
+    @staticmethod
+    def per_token(v: torch.Tensor) -> torch.Tensor:
+        return v[:, None, None]  # (B,) -> (B, 1, 1)
 
-    def run(rows):
-        sub_mask = mask if mask is None or mask.shape[0] == 1 else mask[rows]
-        return block(h[rows], cos[rows], sin[rows], sub_mask)
-    with torch.no_grad():
-        out_closed = run(closed)
-    out_open = run(open_rows)
-    inverse = torch.argsort(order)
-    return torch.cat([out_open, out_closed])[inverse]
+    @staticmethod
+    def unpack(h: torch.Tensor) -> torch.Tensor:
+        return h
+
+    @staticmethod
+    def open_rows_with_grad(block, h, cos, sin, mask, hard, open_rows: list[bool]):
+        """Block(h) for every row: the open rows (hard True) with autograd, the closed rows without.
+
+        The row split is computed on the device (a stable sort: open rows first, each part in row order), so knowing
+        how many are open on the host is all it takes; no nonzero()."""
+        n_open = sum(open_rows)
+        order = torch.argsort((~hard).to(torch.uint8), stable=True)
+        open_idx, closed = order[:n_open], order[n_open:]
+
+        def run(rows):
+            sub_mask = mask if mask is None or mask.shape[0] == 1 else mask[rows]
+            return block(h[rows], cos[rows], sin[rows], sub_mask)
+        with torch.no_grad():
+            out_closed = run(closed)
+        out_open = run(open_idx)
+        inverse = torch.argsort(order)
+        return torch.cat([out_open, out_closed])[inverse]
+
+
+class _Packed:
+    """gated_hidden's layout for right-padded rows packed end to end: (B, T) positions -> (1, N) real tokens.
+
+    Every block then works on the N = sum(lengths) real tokens only; attention is causal within each row
+    (model.Segments). The routers' mean over a row is one (B, N) averaging matrix times the states."""
+
+    def __init__(self, lengths: list[int], T: int, device):
+        self.segments, self.T = Segments(lengths), T
+        self.row = torch.cat([torch.full((n,), b, dtype=torch.long, device=device) for b, n in enumerate(lengths)])
+        self.positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]  # (1, N)
+
+    def pack(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, T, ...) -> (1, N, ...): each row's first lengths[b] positions, end to end."""
+        return torch.cat([x[b, :n] for b, n in enumerate(self.segments.lengths)])[None]
+
+    def unpack(self, h: torch.Tensor) -> torch.Tensor:
+        """(1, N, d) -> (B, T, d), zeros at the padding."""
+        return torch.stack([F.pad(h[0, a:b], (0, 0, 0, self.T - (b - a))) for a, b in self.segments.bounds])
+
+    def averager(self, pooled: torch.Tensor | None) -> torch.Tensor:
+        """(B, N) fp32: row b holds 1 / (its pooled tokens) on its pooled tokens (pooled (B, T), 1 = pooled;
+        None = all its tokens), 0 elsewhere; times the (N, d) states it is the routers' per-row mean."""
+        n_tok = self.row.shape[0]
+        weights = torch.ones(n_tok, device=self.row.device) if pooled is None else self.pack(pooled)[0].float()
+        out = torch.zeros(len(self.segments.lengths), n_tok, device=self.row.device)
+        for b, (s, e) in enumerate(self.segments.bounds):
+            w = weights[s:e]
+            out[b, s:e] = w / w.sum().clamp(min=1.0)
+        return out
+
+    def per_token(self, v: torch.Tensor) -> torch.Tensor:
+        return v[self.row][None, :, None]  # (B,) -> (1, N, 1)
+
+    def open_rows_with_grad(self, block, h, cos, sin, mask, hard, open_rows: list[bool]):
+        """Block(h) for every token: the open rows' tokens with autograd, the closed rows' without; the split and
+        the merge are slices the host knows (which rows are open), no device index."""
+        seg = self.segments
+        opened = [b for b, o in enumerate(open_rows) if o]
+        closed = [b for b, o in enumerate(open_rows) if not o]
+
+        def run(rows):
+            return block(seg.take(h, rows), seg.take(cos, rows), seg.take(sin, rows), seg.subset(rows))
+        with torch.no_grad():
+            out_closed = run(closed)
+        out_open = run(opened)
+        pieces, at = {}, {"o": 0, "c": 0}
+        for rows, out, key in ((opened, out_open, "o"), (closed, out_closed, "c")):
+            for b in rows:
+                n = seg.lengths[b]
+                pieces[b] = out[:, at[key]:at[key] + n]
+                at[key] += n
+        return torch.cat([pieces[b] for b in range(len(open_rows))], dim=1)
 
 
 def gate_regulariser(soft: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from minroute import load_model
-from minroute.lora import (LoRALinear, add_lora, load_peft_adapter, lora_layers, lora_state_dict, merge_lora,
+from minroute.lora import (LoRADropout, LoRALinear, add_lora, load_peft_adapter, lora_layers, lora_state_dict, merge_lora,
                            save_peft_adapter, unmerge_lora)
 from minroute.model import init_weights
 
@@ -70,6 +70,48 @@ def test_dropout_only_in_train_mode(tiny_dir):
     assert torch.equal(m(ids), m(ids))
     m.train()
     assert not torch.equal(m(ids), m(ids))
+
+
+def test_dropout_mask_is_bernoulli_and_the_training_forward_is_the_formula():
+    """LoRADropout keeps each element with probability 1 - p (independently: two draws differ, the kept fraction is
+    within 5 standard errors of 1 - p), and LoRALinear's training forward is W x + b + (alpha / r) B A (m * x) /
+    (1 - p) with that mask m, its gradients those of the formula."""
+    p, n = 0.05, 1_000_000
+    drop = LoRADropout(p).train()
+    x = torch.ones(n)
+    torch.manual_seed(0)
+    a, b = drop.keep(x), drop.keep(x)
+    se = math.sqrt(p * (1 - p) / n)
+    for m in (a, b):
+        assert abs(m.float().mean().item() - (1 - p)) < 5 * se
+    assert not torch.equal(a, b)
+    assert abs((a & b).float().mean().item() - (1 - p) ** 2) < 5 * se, "two masks must be independent"
+    torch.manual_seed(1)
+    y = drop(x)
+    torch.manual_seed(1)
+    assert torch.equal(y, torch.where(drop.keep(x), x / (1 - p), 0.0)), "forward = mask * x / (1 - p)"
+    drop.eval()
+    assert drop(x) is x
+
+    torch.manual_seed(2)
+    lin = LoRALinear(nn.Linear(32, 16), r=4, alpha=8, dropout=0.25).train()
+    nn.init.normal_(lin.lora_B)
+    xin = torch.randn(3, 5, 32, requires_grad=True)
+    torch.manual_seed(3)
+    out = lin(xin)
+    torch.manual_seed(3)
+    keep = lin.dropout.keep(xin)
+    xr = xin.detach().clone().requires_grad_(True)
+    A, B = (t.detach().clone().requires_grad_(True) for t in (lin.lora_A, lin.lora_B))
+    ref = xr @ lin.weight.T + lin.bias + (8 / 4) * ((keep * xr) / (1 - 0.25)) @ A.T @ B.T
+    assert (out - ref).abs().max().item() < 1e-5
+    g = torch.randn(out.shape)
+    (out * g).sum().backward()
+    (ref * g).sum().backward()
+    for got, want in ((xin.grad, xr.grad), (lin.lora_A.grad, A.grad), (lin.lora_B.grad, B.grad)):
+        assert (got - want).abs().max().item() < 1e-4 * max(want.abs().max().item(), 1.0)
+    with pytest.raises(ValueError, match="dropout"):
+        LoRALinear(nn.Linear(4, 4), dropout=1.0)
 
 
 def test_merged_model_matches_unmerged(tiny_dir):

@@ -88,7 +88,7 @@ def test_counted_positions_from_the_host_give_the_same_loss_without_index_add(mo
 
 
 def test_collate_precomputes_what_the_step_needs(demo_run):
-    """collate: counted positions (those of its labels), padded and real tokens known on the host."""
+    """collate: counted positions (those of its labels), padded, real tokens and row lengths known on the host."""
     from minroute.data import TokenSplit, collate
     from minroute.loss import counted_positions
     split = TokenSplit(demo_run / "demo-data", "train")
@@ -98,6 +98,9 @@ def test_collate_precomputes_what_the_step_needs(demo_run):
     index, target = counted_positions(b["labels"])
     assert torch.equal(b["loss_index"], index) and torch.equal(b["loss_target"], target)
     assert b.padded and b.real_tokens == int(b["attention_mask"].sum()) == int(lens[rows].sum())
+    assert b.lengths == b["attention_mask"].sum(1).tolist() == [int(lens[r]) for r in rows]  # the packing's lengths
+    assert all(b["attention_mask"][i, :n].all() for i, n in enumerate(b.lengths)), "right padding: a prefix each"
+    assert collate(split, rows, 0, side="left").lengths is None, "left padding is never packed"
     same = collate(split, [rows[-1]] * 2, 0)
     assert not same.padded and same.real_tokens == 2 * int(lens[rows[-1]])
     moved = {k: v.to("cpu") for k, v in b.items()}  # what eval and passes do still works

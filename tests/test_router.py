@@ -396,3 +396,66 @@ def test_training_mode_gates_and_lora_dropout(deep_dir, dropout):
     print(f"lora dropout {dropout}: {flips} of {train_hard.numel()} training-mode gates differ from eval-mode ones")
     if dropout == 0.0:
         assert flips == 0
+
+
+@pytest.mark.parametrize("gates", ["mixed", "open", "closed"])
+@pytest.mark.parametrize("routed_on", ["sequence", "prompt"])
+def test_packed_rows_equal_padded_rows(deep_dir, gates, routed_on):
+    """Right-padded rows packed without their padding (lengths given, as collate gives them): the same hidden
+    states at every real position (zeros at padding), the same gates, rows run, and LoRA / router gradients as the
+    padded forward, on the dense path and on the closed-rows-without-autograd path."""
+    m = routed(deep_dir)
+    m.train()
+    ids, mask = batch(m.config.vocab_size, B=6)
+    lengths = mask.sum(1).tolist()
+    assert min(lengths) < ids.shape[1]
+    route_mask = None
+    if routed_on == "prompt":
+        route_mask = torch.zeros_like(mask)
+        for b, n in enumerate(lengths):
+            route_mask[b, :max(1, n - 4 - b)] = 1
+    if gates == "mixed":
+        mixed_routers(m, ids, mask)
+    else:
+        set_routers(m, 1, scale=0.0)
+        with torch.no_grad():
+            for r in m.routers:
+                r.bias.fill_(2.0 if gates == "open" else -2.0)
+
+    def run(dense, lengths=None):
+        m.zero_grad(set_to_none=True)
+        h, soft, hard = m.gated_hidden(ids, mask, route_mask=route_mask, dense=dense, lengths=lengths)
+        target = torch.randn(h.shape, generator=torch.Generator().manual_seed(0)) * mask[:, :, None]
+        ((h * target).sum() + 0.5 * gate_regulariser(soft)).backward()
+        g = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+             for n, p in m.named_parameters() if p.requires_grad}
+        return h.detach(), soft.detach(), hard, g, list(m.last.rows_run)
+
+    ref = run(dense=True)
+    for dense in (True, False):
+        h, soft, hard, g, rows_run = run(dense, lengths)
+        real = mask.bool()[:, :, None]
+        assert (h - ref[0]).masked_fill(~real, 0).abs().max().item() <= 1e-5
+        assert h.masked_fill(real, 0).abs().max().item() == 0, "padding positions of a packed forward are zeros"
+        assert (soft - ref[1]).abs().max().item() <= 1e-6 and torch.equal(hard, ref[2])
+        if not dense:
+            assert rows_run == hard.sum(0).tolist()
+        for n in ref[3]:
+            scale = max(ref[3][n].abs().max().item(), 1e-12)
+            rel = (ref[3][n] - g[n]).abs().max().item() / scale
+            # a router's gradient is one dot product over T x d terms that cancel (summed in another order when
+            # packed): fp32 rounding reaches 1e-5 of it; LoRA tensors stay within 1e-5
+            tol = 1e-4 if n.startswith("routers.") else 1e-5
+            assert rel <= tol, f"{n}: packed gradient differs from padded by {rel:.3g} (relative)"
+
+
+def test_pool_all_never_packs(deep_dir):
+    """The authors' forward (pool 'all') computes and pools the padding: lengths change nothing."""
+    m = routed(deep_dir, pool="all")
+    ids, mask = batch(m.config.vocab_size, B=4)
+    set_routers(m, 3)
+    with torch.no_grad():
+        a = m.gated_hidden(ids, mask)
+        b = m.gated_hidden(ids, mask, lengths=mask.sum(1).tolist())
+    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert a[0].masked_fill(mask.bool()[:, :, None], 0).abs().max() > 0, "pad positions are computed"

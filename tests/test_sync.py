@@ -91,3 +91,17 @@ def test_counter_sees_what_it_counts():
         _ = x.to("cpu", non_blocking=True)  # non-blocking: nothing
     kinds = sorted(k for k, _ in c.calls)
     assert kinds == ["__bool__", "blocking copy .to(device)", "boolean-mask index", "item", "nonzero"], kinds
+
+
+def test_training_forward_packs_padded_rows(small, monkeypatch):
+    """train.py hands collate's row lengths to the forward, so padded micro-batches run packed (no padding work)."""
+    route, opt, trainable, split, pad_id = small
+    seen = []
+    real = route.gated_hidden
+
+    def spy(*a, **k):
+        seen.append((k.get("lengths"), a[1].sum(1).tolist()))
+        return real(*a, **k)
+    monkeypatch.setattr(route, "gated_hidden", spy)
+    train.accumulate_update(route, split, 0, train_args(accum=2), pad_id, no_autocast, CPU)
+    assert seen and all(lengths == real_lengths for lengths, real_lengths in seen), seen
