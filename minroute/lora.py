@@ -45,7 +45,7 @@ class LoRADropout(nn.Dropout):
         if not self.training or self.p == 0:
             return None
         draw = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_()  # uniform on [0, 2^31)
-        return draw >= round(self.p * 2**31)
+        return draw >= min(round(self.p * 2**31), 2**31 - 1)  # capped: int32 compare (p within 2^-31 of 1)
 
     def forward(self, x):
         keep = self.keep(x)
@@ -80,8 +80,9 @@ class LoRALinear(nn.Linear):
         if self.merged or not self.enabled:
             return y
         a, scale = x.to(self.lora_A.dtype), self.scaling
-        keep = self.dropout.keep(a) if isinstance(self.dropout, LoRADropout) else None
-        if keep is not None:  # dropout's 1 / (1 - p) joins alpha / r on the rank-r side: one full-width pass fewer
+        if not isinstance(self.dropout, LoRADropout):  # Identity (p = 0), or a module someone put there
+            a = self.dropout(a)
+        elif (keep := self.dropout.keep(a)) is not None:  # its 1 / (1 - p) joins alpha / r on the rank-r side
             a, scale = torch.where(keep, a, 0.0), scale / (1.0 - self.dropout.p)
         return y + F.linear(F.linear(a, self.lora_A) * scale, self.lora_B).to(y.dtype)
 

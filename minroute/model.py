@@ -294,6 +294,8 @@ class Attention(nn.Module):
             past = cache.length
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past + T, D)
         if isinstance(mask, Segments):  # packed rows: each one's own fused causal attention
+            if cache is not None:
+                raise ValueError("packed rows (Segments) take no KV cache: they are a training-forward layout")
             y = torch.cat([F.scaled_dot_product_attention(q[:, :, a:b], k[:, :, a:b], v[:, :, a:b], is_causal=True,
                                                           enable_gqa=True) for a, b in mask.bounds], dim=2)
         elif mask is None:  # fused causal path; GQA handled inside SDPA

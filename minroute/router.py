@@ -171,12 +171,15 @@ class LayerRoute(nn.Module):
         from the device). lengths: each row's real tokens, when the rows are right-padded and the host knows it
         (data.collate's `Batch.lengths`): the rows are then packed end to end without their padding (model.Segments)
         and every block works on real tokens only; pool 'all' (the authors' forward, which computes and pools the
-        padding) never packs. Returns the final-norm hidden states (B, T, d; zeros at padding when packed), soft
+        padding) never packs. With lengths, attention_mask must be each row's first lengths[b] positions and
+        route_mask 0 at the padding (collate's are; checking would cost a device read). Returns the final-norm hidden states (B, T, d; zeros at padding when packed), soft
         gates (B, L) and hard gates (B, L).
         """
         attn = None if self.pool == "all" else attention_mask
         pooled = self._pooled_positions(attention_mask, route_mask)
         B, T = input_ids.shape
+        if lengths is not None and (len(lengths) != B or max(lengths) > T):
+            raise ValueError(f"lengths {lengths}: expected {B} row lengths of at most {T} tokens")
         if attn is not None and lengths is not None and padded is not False and sum(lengths) < B * T \
                 and min(lengths) > 0:
             layout = _Packed(lengths, T, input_ids.device)

@@ -112,6 +112,8 @@ def test_dropout_mask_is_bernoulli_and_the_training_forward_is_the_formula():
         assert (got - want).abs().max().item() < 1e-4 * max(want.abs().max().item(), 1.0)
     with pytest.raises(ValueError, match="dropout"):
         LoRALinear(nn.Linear(4, 4), dropout=1.0)
+    lin.dropout = nn.Dropout(0.5)  # any other module put there is still applied
+    assert not torch.equal(lin(xin), lin(xin))
 
 
 def test_merged_model_matches_unmerged(tiny_dir):

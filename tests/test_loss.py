@@ -101,6 +101,7 @@ def test_collate_precomputes_what_the_step_needs(demo_run):
     assert b.lengths == b["attention_mask"].sum(1).tolist() == [int(lens[r]) for r in rows]  # the packing's lengths
     assert all(b["attention_mask"][i, :n].all() for i, n in enumerate(b.lengths)), "right padding: a prefix each"
     assert collate(split, rows, 0, side="left").lengths is None, "left padding is never packed"
+    assert not (b["route_mask"].bool() & ~b["attention_mask"].bool()).any(), "the routed prompt is real tokens"
     same = collate(split, [rows[-1]] * 2, 0)
     assert not same.padded and same.real_tokens == 2 * int(lens[rows[-1]])
     moved = {k: v.to("cpu") for k, v in b.items()}  # what eval and passes do still works

@@ -449,6 +449,14 @@ def test_packed_rows_equal_padded_rows(deep_dir, gates, routed_on):
             assert rel <= tol, f"{n}: packed gradient differs from padded by {rel:.3g} (relative)"
 
 
+def test_packed_lengths_are_checked(deep_dir):
+    m = routed(deep_dir)
+    ids, mask = batch(m.config.vocab_size, B=4)
+    for bad in ([5, 5, 5], [5, 5, 5, ids.shape[1] + 1]):
+        with pytest.raises(ValueError, match="lengths"):
+            m.gated_hidden(ids, mask, lengths=bad)
+
+
 def test_pool_all_never_packs(deep_dir):
     """The authors' forward (pool 'all') computes and pools the padding: lengths change nothing."""
     m = routed(deep_dir, pool="all")
