@@ -259,15 +259,27 @@ def test_real_shape_trainable_counts():
     assert (n_lora, n_router, n_train) == (1_081_344, 21_528, 1_102_872)
 
 
-def grads_of(m, ids, mask, dense, route_mask=None, seed=0):
+def grads_of(m, ids, mask, dense, route_mask=None, seed=0, lengths=None):
+    """Values and gradients of a loss on the real positions (padding left out: a packed forward has none)."""
     m.zero_grad(set_to_none=True)
-    h, soft, hard = m.gated_hidden(ids, mask, route_mask=route_mask, dense=dense)
-    target = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed))
+    h, soft, hard = m.gated_hidden(ids, mask, route_mask=route_mask, dense=dense, lengths=lengths)
+    target = torch.randn(h.shape, generator=torch.Generator().manual_seed(seed)) * mask[:, :, None]
     ((h * target).sum() + 0.5 * gate_regulariser(soft)).backward()
     # a tensor no row reached with autograd has no .grad; train.py steps it with a zero gradient, as dense would
     g = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
          for n, p in m.named_parameters() if p.requires_grad}
     return h.detach(), soft.detach(), hard, g
+
+
+def set_gates(m, ids, mask, gates: str):
+    """Routers whose gates are mixed across rows, or all open, or all closed."""
+    if gates == "mixed":
+        mixed_routers(m, ids, mask)
+    else:
+        set_routers(m, 1, scale=0.0)
+        with torch.no_grad():
+            for r in m.routers:
+                r.bias.fill_(2.0 if gates == "open" else -2.0)
 
 
 @pytest.mark.parametrize("gates", ["mixed", "open", "closed"])
@@ -276,14 +288,7 @@ def test_closed_rows_skip_backward_same_gradients(deep_dir, gates):
     m = routed(deep_dir)
     m.train()
     ids, mask = batch(m.config.vocab_size, B=6)
-    L = m.config.num_hidden_layers
-    if gates == "mixed":
-        mixed_routers(m, ids, mask)
-    else:
-        set_routers(m, 1, scale=0.0)
-        with torch.no_grad():
-            for r in m.routers:
-                r.bias.fill_(2.0 if gates == "open" else -2.0)
+    set_gates(m, ids, mask, gates)
     h_d, s_d, hard_d, g_d = grads_of(m, ids, mask, dense=True)
     h_s, s_s, hard_s, g_s = grads_of(m, ids, mask, dense=False)
     assert torch.equal(hard_d, hard_s) and torch.equal(s_d, s_s)
@@ -414,26 +419,12 @@ def test_packed_rows_equal_padded_rows(deep_dir, gates, routed_on):
         route_mask = torch.zeros_like(mask)
         for b, n in enumerate(lengths):
             route_mask[b, :max(1, n - 4 - b)] = 1
-    if gates == "mixed":
-        mixed_routers(m, ids, mask)
-    else:
-        set_routers(m, 1, scale=0.0)
-        with torch.no_grad():
-            for r in m.routers:
-                r.bias.fill_(2.0 if gates == "open" else -2.0)
+    set_gates(m, ids, mask, gates)
 
-    def run(dense, lengths=None):
-        m.zero_grad(set_to_none=True)
-        h, soft, hard = m.gated_hidden(ids, mask, route_mask=route_mask, dense=dense, lengths=lengths)
-        target = torch.randn(h.shape, generator=torch.Generator().manual_seed(0)) * mask[:, :, None]
-        ((h * target).sum() + 0.5 * gate_regulariser(soft)).backward()
-        g = {n: p.grad.clone() if p.grad is not None else torch.zeros_like(p)
-             for n, p in m.named_parameters() if p.requires_grad}
-        return h.detach(), soft.detach(), hard, g, list(m.last.rows_run)
-
-    ref = run(dense=True)
+    ref = grads_of(m, ids, mask, dense=True, route_mask=route_mask)
     for dense in (True, False):
-        h, soft, hard, g, rows_run = run(dense, lengths)
+        h, soft, hard, g = grads_of(m, ids, mask, dense, route_mask=route_mask, lengths=lengths)
+        rows_run = m.last.rows_run
         real = mask.bool()[:, :, None]
         assert (h - ref[0]).masked_fill(~real, 0).abs().max().item() <= 1e-5
         assert h.masked_fill(real, 0).abs().max().item() == 0, "padding positions of a packed forward are zeros"
