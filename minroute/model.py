@@ -441,5 +441,5 @@ def count_params_meta(cfg: ModelConfig) -> int:
         return CausalLM(cfg).num_params()
 
 
-__all__ = ["ModelConfig", "CausalLM", "Block", "KVCache", "Segments", "init_weights", "rope_cos_sin", "rope_inv_freq",
-           "apply_rope", "rotate_half", "repeat_kv", "attention_mask_4d", "count_params_meta"]
+__all__ = ["ModelConfig", "CausalLM", "Block", "KVCache", "Segments", "init_weights", "rope_cos_sin",
+           "rope_inv_freq", "apply_rope", "rotate_half", "repeat_kv", "attention_mask_4d", "count_params_meta"]

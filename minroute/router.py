@@ -137,8 +137,7 @@ class LayerRoute(nn.Module):
         """p (B,) of router i on the hidden state h (B, T, d) entering block i; fp32 even under autocast.
         With a packed layout (gated_hidden), h is (1, N, d) and key_mask its (B, N) averaging weights."""
         with torch.autocast(h.device.type, enabled=False):
-            m = pool_mean(h, key_mask) if not isinstance(layout, _Packed) else key_mask @ h[0].float()
-            return torch.sigmoid(self.routers[i](m)).squeeze(-1)
+            return torch.sigmoid(self.routers[i]((layout or _Padded).pool(h, key_mask))).squeeze(-1)
 
     def _pooled_positions(self, attention_mask, route_mask):
         """What the routers average over: route_mask if given, else real tokens ('mask') or everything ('all')."""
@@ -172,10 +171,10 @@ class LayerRoute(nn.Module):
         (data.collate's `Batch.lengths`): the rows are then packed end to end without their padding (model.Segments)
         and every block works on real tokens only; pool 'all' (the authors' forward, which computes and pools the
         padding) never packs. With lengths, attention_mask must be each row's first lengths[b] positions and
-        route_mask 0 at the padding (collate's are; checking would cost a device read). Returns the final-norm hidden states (B, T, d; zeros at padding when packed), soft
-        gates (B, L) and hard gates (B, L).
+        route_mask 0 at the padding (collate's are; checking would cost a device read). Returns the final-norm
+        hidden states (B, T, d; zeros at padding when packed), soft gates (B, L) and hard gates (B, L).
         """
-        attn = None if self.pool == "all" else attention_mask
+        attn = None if self.pool == "all" else attention_mask  # authors': causal attention only
         pooled = self._pooled_positions(attention_mask, route_mask)
         B, T = input_ids.shape
         if lengths is not None and (len(lengths) != B or max(lengths) > T):
@@ -282,6 +281,10 @@ class _Padded:
     """gated_hidden's layout for (B, T, d) states, padding included."""
 
     @staticmethod
+    def pool(h: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        return pool_mean(h, key_mask)  # (B, d) fp32
+
+    @staticmethod
     def per_token(v: torch.Tensor) -> torch.Tensor:
         return v[:, None, None]  # (B,) -> (B, 1, 1)
 
@@ -338,6 +341,10 @@ class _Packed:
             w = weights[s:e]
             out[b, s:e] = w / w.sum().clamp(min=1.0)
         return out
+
+    @staticmethod
+    def pool(h: torch.Tensor, averager: torch.Tensor) -> torch.Tensor:
+        return averager @ h[0].float()  # (B, N) @ (N, d): each row's mean, (B, d) fp32
 
     def per_token(self, v: torch.Tensor) -> torch.Tensor:
         return v[self.row][None, :, None]  # (B,) -> (1, N, 1)
