@@ -46,16 +46,16 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from minroute import tables as T
-from minroute.checkpoint import load_layerroute, resolve_checkpoint
-from minroute.data import TOOL, DataFolder
-from minroute.evaluate import (BaseCache, PassResult, check_held_out, eval_batching, random_masks, static_mask,
+from minroute.evaluation import tables as T
+from minroute.run.checkpoint import load_layerroute, resolve_checkpoint
+from minroute.run.data import TOOL, DataFolder
+from minroute.evaluation.evaluate import (BaseCache, PassResult, check_held_out, eval_batching, random_masks, static_mask,
                                static_masks)
-from minroute.load import load_tokenizer
-from minroute.passes import Setting, floor_seconds, run_settings
-from minroute.report import plot_gates
-from minroute.safety import ArgumentParser, UserError, default_device, device, nonneg_int, positive_int, run_cli
-from minroute.tables import method_name, table, write_results
+from minroute.run.load import load_tokenizer
+from minroute.evaluation.passes import Setting, floor_seconds, run_settings
+from minroute.evaluation.report import plot_gates
+from minroute.run.safety import ArgumentParser, UserError, default_device, device, nonneg_int, positive_int, run_cli
+from minroute.evaluation.tables import method_name, table, write_results
 
 
 def parse_args(argv=None):
@@ -203,7 +203,7 @@ def table2(run: Run, p: dict, res: dict, args, dev, autocast, tables):
 
 def tasks(run: Run, g: PassResult, args, dev, autocast, tables, include_base=True, quiet=False,
           cache: "BaseCache | None" = None) -> dict:
-    from minroute.tasks import run_tasks
+    from minroute.evaluation.tasks import run_tasks
     L = run.route.config.num_hidden_layers
     methods = {"base": (np.ones(L, bool), False), "full": (np.ones(L, bool), True), "gated": (None, True)}
     cached = cache.load_json("tasks") if cache is not None and include_base else None
@@ -389,7 +389,7 @@ def check_outputs(args) -> tuple[Path, Path]:
 def main(argv=None):
     args = parse_args(argv)
     if args.report:
-        from minroute.report import write_report
+        from minroute.evaluation.report import write_report
         study = Path(args.report)
         if not (study / "runs").is_dir():
             raise UserError(f"--report {study}: no runs/ folder in it; pass the --out folder of reproduce.sh")

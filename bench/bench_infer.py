@@ -23,9 +23,9 @@ import torch
 
 from common import REAL, describe, real_shape_checkpoint
 
-from minroute.checkpoint import build_layerroute
-from minroute.flops import skip_bound_speedup
-from minroute.timing import decode_ms_per_token, measure, prefill
+from minroute.run.checkpoint import build_layerroute
+from minroute.evaluation.flops import skip_bound_speedup
+from minroute.evaluation.timing import decode_ms_per_token, measure, prefill
 
 
 def hf_decode_ms_per_token(ckpt, ids, n_new, repeats, device, dtype):

@@ -54,7 +54,7 @@ from pathlib import Path
 import torch
 from common import DEFAULT_CKPT, ROOT, SHAPES, describe, random_batch, real_shape_checkpoint
 
-from minroute.flops import attention_flops, block_flops, lm_head_flops
+from minroute.evaluation.flops import attention_flops, block_flops, lm_head_flops
 
 GATES = {"open": lambda L: [True] * L,
          "band": lambda L: [not (round(L / 3) <= i < round(17 * L / 24)) for i in range(L)],
@@ -83,8 +83,7 @@ def batches(a, vocab: int):
 
 def build_step(side: str, ckpt: Path, a):
     """The model of one side and a function step(gates) that runs one optimizer update on the fixed batches."""
-    import train  # its update tail: clip, the non-finite read, AdamW
-    from minroute.load import load_config
+    from minroute.run.load import load_config
     device = torch.device(a.device)
     cuda = device.type == "cuda"
     dtype = torch.bfloat16 if cuda else torch.float32
@@ -93,14 +92,14 @@ def build_step(side: str, ckpt: Path, a):
     micro = [tuple(t.to(device) for t in b) for b in cpu_batches]
     torch.manual_seed(0)
     if side == "minroute":
-        from minroute.checkpoint import build_layerroute
-        from minroute.loss import counted_positions, lm_loss_per_sample
-        from minroute.optim import AdamW
-        from minroute.router import gate_regulariser
+        from minroute.core.update import gate_regulariser, param_groups
+        from minroute.fast.kernels import ForeachAdamW, counted_positions, lm_loss_per_sample
+        from minroute.fast.packing import train_forward
+        from minroute.run.checkpoint import build_layerroute
         model = build_layerroute(ckpt, {"r": 8, "alpha": 16, "dropout": 0.05}, device=device, dtype=dtype).train()
-        groups = train.param_groups(model, 0.01, False)
+        groups = param_groups(model, 0.01, False)
         trainable = [p for g in groups for p in g["params"]]
-        opt = AdamW(groups, lr=2e-4)
+        opt = ForeachAdamW(groups, lr=2e-4)
         counted = [tuple(t.to(device) for t in counted_positions(b[2])) for b in cpu_batches]  # as collate does
         padded = [bool((b[1] == 0).any()) for b in cpu_batches]
         lengths = [b[1].sum(1).tolist() for b in cpu_batches]  # right padding: as collate's Batch.lengths
@@ -112,12 +111,12 @@ def build_step(side: str, ckpt: Path, a):
             with model.forcing(forced[gates]):
                 for (ids, mask, labels), cnt, pad, n in zip(micro, counted, padded, lengths):
                     with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-                        h, soft, _ = model.gated_hidden(ids, mask, padded=pad, lengths=n)
+                        h, soft, _ = train_forward(model, ids, mask, padded=pad, lengths=n)
                         ce, _ = lm_loss_per_sample(h, model.lm_head.weight, labels, counted=cnt)
                     loss = ce.sum() / n_tokens + gate_regulariser(soft) / a.accum
                     loss.backward()
                     sums[0] += loss.detach()
-            train.finish_update(opt, trainable, sums, 1.0, 1, device)
+            update_tail(opt, trainable, sums)
     else:
         import peft
         import transformers
@@ -135,8 +134,20 @@ def build_step(side: str, ckpt: Path, a):
                     loss = model(input_ids=ids, attention_mask=mask, labels=labels).loss / a.accum
                 loss.backward()
                 sums[0] += loss.detach()
-            train.finish_update(opt, trainable, sums, 1.0, 1, device)
+            update_tail(opt, trainable, sums)
     return step, sum(int(b[1].sum()) for b in cpu_batches)
+
+
+def update_tail(opt, trainable, sums):
+    """What train.one_update does after the micro-batches, the same for both sides: zero-filled gradients for tensors
+    no open row reached, clip 1.0, the non-finite read, the step."""
+    for p in trainable:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    grad_norm = torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+    if bool(torch.isfinite(grad_norm) & torch.isfinite(sums[0])):
+        opt.step()
+    opt.zero_grad()
 
 
 def update_flops(cfg, cpu_batches, gates: list[bool]) -> float:
@@ -252,7 +263,7 @@ def main():
             mem[side] = ask({impl: proc}, side)["mem_mb"]
         stop({impl: proc})
     ref = "transformers+peft" if not a.no_hf else None
-    from minroute.load import load_config
+    from minroute.run.load import load_config
     cfg = load_config(Path(ckpt))
     cpu_batches = batches(a, cfg.vocab_size)
     peak = a.peak_tflops or default_peak(a.device)

@@ -12,8 +12,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from minroute.model import ModelConfig  # noqa: E402
-from minroute.tiny import write_tiny_checkpoint  # noqa: E402
+from minroute.core.model import ModelConfig  # noqa: E402
+from minroute.run.tiny import write_tiny_checkpoint  # noqa: E402
 
 REAL = ModelConfig()
 # HuggingFaceTB/SmolLM2-135M(-Instruct): Llama architecture, no biases, tied embeddings

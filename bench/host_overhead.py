@@ -210,7 +210,8 @@ def write_split(root: Path, name: str = "train", n: int = 64, vocab: int = 500, 
 def train_args(batch_size=4, accum=4, **kw):
     from argparse import Namespace
     base = dict(batch_size=batch_size, accum=accum, seed=1, sort_by_length=1, ce_mean="update", pad_to=0,
-                route_on="prompt", chunk=512, ablation="none", bce_target="open", gate_reg=1.0, clip=1.0)
+                route_on="prompt", chunk=512, ablation="none", bce_target="open", gate_reg=1.0, clip=1.0, lr=2e-4,
+                t_max=1000, warmup=0, min_lr=1e-6)
     return Namespace(**{**base, **kw})
 
 
@@ -219,9 +220,9 @@ def setup(work: Path, layers=24, hidden=64, heads=4, kv=2, ffn=128, vocab=512):
     import torch
 
     import train
-    from minroute.checkpoint import build_layerroute
-    from minroute.data import TokenSplit
-    from minroute.tiny import write_tiny_checkpoint
+    from minroute.run.checkpoint import build_layerroute
+    from minroute.run.data import TokenSplit
+    from minroute.run.tiny import write_tiny_checkpoint
     work.mkdir(parents=True, exist_ok=True)
     ckpt = work / f"m{layers}x{hidden}"
     if not (ckpt / "model.safetensors").exists():
@@ -232,8 +233,13 @@ def setup(work: Path, layers=24, hidden=64, heads=4, kv=2, ffn=128, vocab=512):
         write_split(data, vocab=vocab)
     torch.manual_seed(0)
     route = build_layerroute(ckpt, {"r": 8, "alpha": 16, "dropout": 0.05}).train()
-    groups = train.param_groups(route, 0.01, False)
-    from minroute.optim import AdamW
+    if not hasattr(train, "one_update"):  # older trees
+        groups = train.param_groups(route, 0.01, False)
+        from minroute.optim import AdamW
+    else:
+        from minroute.core.update import param_groups
+        from minroute.fast.kernels import ForeachAdamW as AdamW
+        groups = param_groups(route, 0.01, False)
     opt = AdamW(groups, lr=2e-4)
     trainable = [p for g in groups for p in g["params"]]
     return route, opt, trainable, TokenSplit(data, "train"), 0
@@ -250,11 +256,15 @@ def mix_gates(route, seed: int = 0, scale: float = 3.0):
 
 
 def one_update(route, opt, trainable, split, u, args, pad_id, device="cpu"):
-    """train.py's update: its own accumulate_update, then zero-filled gradients, clip, the non-finite read, AdamW
-    (train.finish_update where the tree has it, else the same lines as the older train.py's loop)."""
+    """train.py's update (train.one_update where the tree has it; older trees: accumulate_update, then zero-filled
+    gradients, clip, the non-finite read, AdamW, by train.finish_update or the same lines as their loop)."""
     import torch
 
     import train
+    if hasattr(train, "one_update"):
+        _, _, gn, ok = train.one_update(u, route, opt, trainable, split, args, pad_id,
+                                        lambda: torch.autocast("cpu", enabled=False), torch.device(device))
+        return gn, ok
     sums = train.accumulate_update(route, split, u, args, pad_id, lambda: torch.autocast("cpu", enabled=False),
                                    device)
     if hasattr(train, "finish_update"):
@@ -292,36 +302,24 @@ def count(work: Path) -> dict:
                 return real_collate(*a, **k)
         train.collate = collate
         try:
-            with counter:
-                sums = train.accumulate_update(route, split, 1, args, pad_id,
-                                               lambda: torch.autocast("cpu", enabled=False), "cpu")
-                micro = counter.total
-                where_micro = counter.by_where()
-                counter.reset()
-                if hasattr(train, "finish_update"):
-                    train.finish_update(opt, trainable, sums, args.clip, 1, torch.device("cpu"))
-                else:
-                    for p in trainable:
-                        if p.grad is None:
-                            p.grad = torch.zeros_like(p)
-                    gn = torch.nn.utils.clip_grad_norm_(trainable, args.clip)
-                    bool(torch.isfinite(gn) & torch.isfinite(sums[0]))
-                    opt.step()
-                    opt.zero_grad()
-                tail = counter.total
-                where_tail = counter.by_where()
+            if hasattr(train, "one_update"):  # micro-batches vs the update's tail: by where the sync is
+                with counter:
+                    one_update(route, opt, trainable, split, 1, args, pad_id)
+                where = counter.by_where()
+                where_micro = {w: n for w, n in where.items() if not w.startswith("train.py:")}
+                where_tail = {w: n for w, n in where.items() if w.startswith("train.py:")}
+                micro, tail = sum(where_micro.values()), sum(where_tail.values())
+            else:
+                micro, where_micro, tail, where_tail = count_older_tree(counter, route, opt, trainable, split, args,
+                                                                        pad_id)
         finally:
             train.collate = real_collate
         hard = route.last.hard
         out[gates] = {"syncs_per_micro_batch": micro / args.accum, "syncs_update_tail": tail, "where_tail": where_tail,
                       "blocks_with_mixed_rows": int((hard.any(0) & ~hard.all(0)).sum()), "where": where_micro}
     one_update(route, opt, trainable, split, 2, args, pad_id)
-    accumulate = lambda: train.accumulate_update(route, split, 3, args, pad_id,  # noqa: E731
-                                                 lambda: torch.autocast("cpu", enabled=False), "cpu")
-    sums = accumulate()
     for p in trainable:
-        if p.grad is None:
-            p.grad = torch.zeros_like(p)
+        p.grad = torch.randn_like(p)
     with op_counter() as c:
         opt.step()
     out["adamw_ops_per_update"] = c.n
@@ -330,6 +328,32 @@ def count(work: Path) -> dict:
         one_update(route, opt, trainable, split, 4, args, pad_id)
     out["python_ops_per_update"] = c.n
     return out
+
+
+def count_older_tree(counter, route, opt, trainable, split, args, pad_id):
+    """Syncs of an older tree's accumulate_update (per micro-batch) and update tail, counted apart."""
+    import torch
+
+    import train
+    with counter:
+        sums = train.accumulate_update(route, split, 1, args, pad_id,
+                                       lambda: torch.autocast("cpu", enabled=False), "cpu")
+        micro = counter.total
+        where_micro = counter.by_where()
+        counter.reset()
+        if hasattr(train, "finish_update"):
+            train.finish_update(opt, trainable, sums, args.clip, 1, torch.device("cpu"))
+        else:
+            for p in trainable:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            gn = torch.nn.utils.clip_grad_norm_(trainable, args.clip)
+            bool(torch.isfinite(gn) & torch.isfinite(sums[0]))
+            opt.step()
+            opt.zero_grad()
+        tail = counter.total
+        where_tail = counter.by_where()
+    return micro, where_micro, tail, where_tail
 
 
 def worker(work: Path, shape: dict):

@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from minroute.safety import ArgumentParser, UserError, nonneg_int, positive_int, run_cli, sha256_file
+from minroute.run.safety import ArgumentParser, UserError, nonneg_int, positive_int, run_cli, sha256_file
 
 from .build import CUT_ROWS, MULTI_TURN, PAPER_COUNTS, PAPER_EVAL_COUNTS, SOURCES, build
 
@@ -77,7 +77,7 @@ def main(argv=None):
         raise UserError(f"--source-dir {a.source_dir}: no such folder; it must hold the raw files as on the Hub "
                         "(DIR/<repo name>/<file>)")
 
-    from minroute.load import load_tokenizer, resolve_dir
+    from minroute.run.load import load_tokenizer, resolve_dir
     tok = load_tokenizer(a.tokenizer)
     tok_file = resolve_dir(a.tokenizer) / "tokenizer.json"
     try:

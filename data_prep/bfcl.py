@@ -25,7 +25,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from minroute.safety import MissingFile
+from minroute.run.safety import MissingFile
 
 from .records import TOOL, Malformed, Sample, read_json_records
 

@@ -38,7 +38,7 @@ The build writes into a temporary folder beside --out and renames it into place 
 interrupted build never leaves new arrays under an old manifest; `overwrite=True` replaces only a folder
 data_prep built (its manifest says so) that holds no run and none of the source files; a lock keeps a second
 build out of the same --out. manifest.json records every file's size and sha256 (`files`), which train.py
-and eval.py verify; `minroute.data.data_identity` hashes what the data *is*, not when it was built.
+and eval.py verify; `minroute.run.data.data_identity` hashes what the data *is*, not when it was built.
 """
 from __future__ import annotations
 
@@ -51,9 +51,9 @@ from pathlib import Path
 
 import numpy as np
 
-from minroute.chat import ChatFormat, encode_chat
-from minroute.checkpoint import publish_folder
-from minroute.safety import FileLock, MissingFile, UserError, file_records, sha256_file
+from minroute.run.chat import ChatFormat, encode_chat
+from minroute.run.checkpoint import publish_folder
+from minroute.run.safety import FileLock, MissingFile, UserError, file_records, sha256_file
 
 from . import bfcl, glaive, gsm8k, hermes, turing
 from .records import PLANNING, TOOL, Malformed, Sample, first_response, read_json_records
@@ -267,7 +267,7 @@ def check_out_folder(final: Path, overwrite: bool, source_dir):
     if not built:
         raise UserError(f"{final} was not built by data_prep (no data_prep manifest.json); --overwrite replaces only "
                         "a data folder. Choose another --out")
-    from minroute.runs import RUN_FILES
+    from minroute.run.folders import RUN_FILES
     held = [f for f in RUN_FILES if (final / f).exists()] + [p.name for p in final.glob("ckpt-*")][:1]
     if held:
         raise UserError(f"{final} holds a train.py run ({', '.join(held)}); --overwrite never replaces a run. "

@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from minroute.safety import UserError
+from minroute.run.safety import UserError
 
 from .records import PLANNING, Malformed, Sample, require
 

@@ -7,7 +7,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from minroute.safety import MissingFile, UserError
+from minroute.run.safety import MissingFile, UserError
 
 TOOL, PLANNING = "tool_call", "planning"
 

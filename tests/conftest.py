@@ -36,7 +36,7 @@ def real_tokenizer_path():
 @pytest.fixture(scope="session")
 def tiny_dir(tmp_path_factory):
     """A tiny random Qwen2 checkpoint (4 layers, d=64, GQA 2) with the bundled BPE tokenizer."""
-    from minroute.tiny import write_tiny_checkpoint
+    from minroute.run.tiny import write_tiny_checkpoint
     return write_tiny_checkpoint(tmp_path_factory.mktemp("tiny"), seed=0)
 
 
@@ -47,3 +47,10 @@ def demo_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("demo") / "run"
     assert train.main(["--demo", "--out", str(out), "--steps", "40", "--eval-every", "10"]) == 0
     return out
+
+
+@pytest.fixture(scope="module")
+def deep_dir(tmp_path_factory):
+    """A tiny random Qwen2 checkpoint with 6 layers (routing tests)."""
+    from minroute.run.tiny import write_tiny_checkpoint
+    return write_tiny_checkpoint(tmp_path_factory.mktemp("deep"), num_hidden_layers=6, seed=2)

@@ -4,7 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from minroute.chat import DEFAULT_SYSTEM, encode_chat, render
+from minroute.run.chat import DEFAULT_SYSTEM, encode_chat, render
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather for a city — in °C",

@@ -9,7 +9,7 @@ import pytest
 
 from data_prep import glaive, gsm8k, hermes, turing
 from data_prep.__main__ import main as cli
-from minroute.safety import UserError, run_cli, sha256_file
+from minroute.run.safety import UserError, run_cli, sha256_file
 from data_prep.build import build
 from data_prep.records import Malformed, read_json_records
 
@@ -243,7 +243,7 @@ def test_download_path_uses_pinned_revisions(tmp_path, tiny_tok, monkeypatch):
 def test_model_download_asks_for_the_needed_files_at_the_pinned_revision(tmp_path, tiny_dir, monkeypatch):
     import huggingface_hub
 
-    from minroute.load import MODEL_FILES, PINNED_REVISIONS, load_model
+    from minroute.run.load import MODEL_FILES, PINNED_REVISIONS, load_model
     seen = {}
 
     def fake_snapshot(repo_id, revision=None, allow_patterns=None, **kw):
@@ -261,7 +261,7 @@ def test_unpinned_model_is_fetched_at_main_and_its_commit_recorded(tmp_path, tin
 
     import huggingface_hub
 
-    from minroute.load import MODEL_FILES, hub_revision, load_model, load_tokenizer
+    from minroute.run.load import MODEL_FILES, hub_revision, load_model, load_tokenizer
     snap = tmp_path / "hub" / "models--HuggingFaceTB--SmolLM2-135M-Instruct" / "snapshots" / ("c" * 40)
     shutil.copytree(tiny_dir, snap)
     seen = []
@@ -294,8 +294,8 @@ def test_held_out_rows_are_never_truncated(tmp_path, tiny_tok):
 
 def test_build_is_atomic_and_never_replaces_silently(tmp_path, tiny_tok, monkeypatch):
     import data_prep.build as b
-    from minroute.data import read_manifest
-    from minroute.safety import UserError
+    from minroute.run.data import read_manifest
+    from minroute.run.safety import UserError
     kw = dict(source_dir=FIX, counts=ALL, eval_counts={"tool": 1, "planning": 1}, log=lambda *a: None)
     out = tmp_path / "d"
     build(out, tiny_tok, "tiny", seed=1, **kw)
@@ -403,8 +403,8 @@ def test_bfcl_rows_become_chats_with_json_schema_tools():
 
 def test_bfcl_reference_answers_pass_bfcl_scoring():
     """Every usable fixture row's rendered reference call is correct by minroute's BFCL scorer."""
-    from minroute.chat import render
-    from minroute.tasks import bfcl_correct
+    from minroute.run.chat import render
+    from minroute.evaluation.tasks import bfcl_correct
     records, _ = bfcl.read(FIX)
     n = 0
     for i, r in enumerate(records):
@@ -445,7 +445,7 @@ def test_mixture_of_exactly_the_named_sources(tmp_path, tiny_tok):
 
 
 def test_cut_rows_are_counted_and_dropped_on_request(tmp_path, tiny_tok):
-    from minroute.chat import encode_chat
+    from minroute.run.chat import encode_chat
     raw = release_dir(tmp_path)
     records, _ = bfcl.read(raw)
     lengths = []
@@ -477,7 +477,7 @@ def test_multi_turn_rows_end_at_their_routed_response(tmp_path, tiny_tok):
     cut = build(tmp_path / "c", tiny_tok, "tiny", **kw)
     whole = build(tmp_path / "w", tiny_tok, "tiny", multi_turn="whole", **kw)
     assert cut["sources"]["glaive"]["cut_at_first_response"] > 0 and whole["sources"]["glaive"]["cut_at_first_response"] == 0
-    from minroute.data import TokenSplit
+    from minroute.run.data import TokenSplit
     for d in ("c", "w"):
         tr = TokenSplit(tmp_path / d, "train")
         for i, r in enumerate(tr.rows):
@@ -494,7 +494,7 @@ def test_length_matched_sets_match_on_what_the_routers_see(tmp_path, tiny_tok):
     demo = Path(__file__).parent.parent / "data_prep" / "demo"
     build(tmp_path / "d", tiny_tok, "tiny", source_dir=demo, counts={"hermes": 40, "glaive": 40, "gsm8k": 40},
           eval_counts={"tool": 10, "planning": 10}, matched_pairs=10, log=lambda *a: None)
-    from minroute.data import TokenSplit
+    from minroute.run.data import TokenSplit
     for split, length in (("eval_matched", "prompt"), ("eval_matched_sequence", "row")):
         s = TokenSplit(tmp_path / "d", split)
         n = len(s) // 2
@@ -507,7 +507,7 @@ def test_length_matched_sets_match_on_what_the_routers_see(tmp_path, tiny_tok):
 
 
 def test_overwrite_replaces_only_a_data_folder(tmp_path, tiny_tok):
-    from minroute.safety import UserError
+    from minroute.run.safety import UserError
     kw = dict(counts=ALL, eval_counts={"tool": 1, "planning": 1}, log=lambda *a: None, overwrite=True)
     raw = tmp_path / "raw"
     shutil.copytree(FIX, raw)
@@ -531,7 +531,7 @@ def test_overwrite_replaces_only_a_data_folder(tmp_path, tiny_tok):
 
 
 def test_identical_rebuild_keeps_the_data_identity(tmp_path, tiny_tok):
-    from minroute.data import data_identity, read_manifest
+    from minroute.run.data import data_identity, read_manifest
     kw = dict(source_dir=FIX, counts=ALL, eval_counts={"tool": 1, "planning": 1}, log=lambda *a: None)
     a = build(tmp_path / "a", tiny_tok, "tiny", **kw)
     b = build(tmp_path / "b", tiny_tok, "./tiny", **kw)  # the same tokenizer, spelled differently
@@ -541,7 +541,7 @@ def test_identical_rebuild_keeps_the_data_identity(tmp_path, tiny_tok):
 
 
 def test_a_second_build_into_the_same_out_is_refused(tmp_path, tiny_tok):
-    from minroute.safety import FileLock, UserError
+    from minroute.run.safety import FileLock, UserError
     with FileLock(tmp_path / ".d.lock", "--out d"):
         with pytest.raises(UserError, match="is being written by pid"):
             build(tmp_path / "d", tiny_tok, "tiny", source_dir=FIX, counts=ALL, log=lambda *a: None)

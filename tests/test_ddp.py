@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from minroute.checkpoint import load_checkpoint
+from minroute.run.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -38,7 +38,7 @@ def test_all_reduce_refuses_tensors_off_the_training_device():
     check runs before any communication, so it is tested here without a process group."""
     import torch
 
-    from minroute.distributed import all_reduce_
+    from minroute.run.distributed import all_reduce_
     with pytest.raises(RuntimeError, match=r"not on meta"):
         all_reduce_([torch.zeros(3, device="meta"), torch.zeros(4)], torch.device("meta"))
 
@@ -70,8 +70,8 @@ def test_more_processes_than_gpus_is_refused_in_one_line(monkeypatch, capsys):
     gloo switch lets them share the GPU. Before: rank 1 went to cuda:1 and died with a CUDA traceback."""
     from argparse import Namespace
 
-    from minroute.distributed import check_processes_fit
-    from minroute.safety import run_cli
+    from minroute.run.distributed import check_processes_fit
+    from minroute.run.safety import run_cli
     fake_gpus(monkeypatch, 1)
     args = Namespace(device="cuda", ddp_backend="auto", demo=False, accum=4, batch_size=4)
     torchrun_env(monkeypatch, 0, 0, 2)
@@ -92,7 +92,7 @@ def test_nccl_binds_each_process_to_its_gpu_and_gloo_shares_one(monkeypatch):
 
     import torch
 
-    from minroute.distributed import setup_distributed
+    from minroute.run.distributed import setup_distributed
     gpu_calls = fake_gpus(monkeypatch, 2)
     events = []
     fake_dist(monkeypatch, events)
@@ -112,15 +112,16 @@ def test_nccl_binds_each_process_to_its_gpu_and_gloo_shares_one(monkeypatch):
 def test_no_process_leaves_before_rank_0_wrote_the_last_checkpoint(tmp_path, demo_run, monkeypatch):
     """Rank 0's last validation and checkpoint come before the barrier, the barrier before the teardown."""
     import train
+    from minroute.run import lifecycle
     events = []
     fake_dist(monkeypatch, events)
     torchrun_env(monkeypatch, 0, 0, 2)
-    real_save = train.save_checkpoint
+    real_save = lifecycle.save_checkpoint
 
     def save(*a, **k):
         events.append(("save", a[1]))
         return real_save(*a, **k)
-    monkeypatch.setattr(train, "save_checkpoint", save)
+    monkeypatch.setattr(lifecycle, "save_checkpoint", save)
     argv = ["--model", str(demo_run / "demo-model"), "--data", str(demo_run / "demo-data"), "--steps", "2",
             "--batch-size", "2", "--accum", "2", "--save-every", "2", "--eval-every", "2", "--val-batches", "1",
             "--device", "cpu", "--out", str(tmp_path / "r")]

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 import eval as eval_script
-from minroute.checkpoint import load_layerroute
-from minroute.data import TokenSplit, collate
-from minroute.evaluate import (PassResult, bootstrap_ci, length_regression, random_masks, run_pass, static_mask,
+from minroute.run.checkpoint import load_layerroute
+from minroute.run.data import TokenSplit, collate
+from minroute.evaluation.evaluate import (PassResult, bootstrap_ci, length_regression, random_masks, run_pass, static_mask,
                                static_masks)
-from minroute.flops import sequence_flops
-from minroute.load import load_tokenizer
+from minroute.evaluation.flops import sequence_flops
+from minroute.run.load import load_tokenizer
 
 
 def synthetic():
@@ -33,7 +33,7 @@ def test_pass_metrics_by_hand():
     # the authors' definition: the mean over samples of exp(CE_i + lambda * R_i), R_i the sample's mean soft gate
     assert r.paper_ppl(0, 1.0, forced=False) == pytest.approx((math.exp(1.0 + 0.5) + math.exp(2.0 + 0.35)) / 2)
     assert r.paper_ppl(0, 1.0, forced=True) == pytest.approx((math.exp(2.0) + math.exp(3.0)) / 2)
-    from minroute.model import ModelConfig
+    from minroute.core.model import ModelConfig
     cfg = ModelConfig(num_hidden_layers=4)
     assert r.flops_reduction(cfg, 0, whole_model=False) == pytest.approx(100 * 5 / 8)
     expect = 1 - (sequence_flops(cfg, 10, 2) + sequence_flops(cfg, 20, 1)) / (
@@ -94,7 +94,7 @@ def test_run_pass_forced_gates_and_ppl_is_ce_only(demo_run):
     r = run_pass(route, ev, pad, "gated", np.tile(mask, (len(ev), 1)), batch_size=4)
     assert r.skip_pct(0) == r.skip_pct(1) == 50.0 and (r.layers_run == L // 2).all()
     full = run_pass(route, ev, pad, "full", batch_size=4)
-    # independent CE: the training-style forward with all gates open, plain cross-entropy over labels
+    # independent CE: core's training forward with all gates open, plain cross-entropy over labels
     ce_sum, n = 0.0, 0
     with torch.no_grad(), route.forcing(torch.ones(L, dtype=torch.bool)):
         for a in range(0, len(ev), 4):
@@ -110,7 +110,7 @@ def test_run_pass_forced_gates_and_ppl_is_ce_only(demo_run):
 def rebuilt_data(tmp_path, demo_run, edit):
     """A copy of the demo data with `edit(folder)` applied and its manifest's file records updated, as a rebuild
     would leave it (so only the content, not a corrupt file, can be refused)."""
-    from minroute.safety import file_records
+    from minroute.run.safety import file_records
     data = tmp_path / "data"
     shutil.copytree(demo_run / "demo-data", data)
     edit(data)
@@ -157,7 +157,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, demo_run, capsys, mo
 
 
 def test_t_interval_matches_tables():
-    from minroute.evaluate import t_ci, t_quantile
+    from minroute.evaluation.evaluate import t_ci, t_quantile
     for df, ref in ((1, 12.706205), (2, 4.302653), (9, 2.262157), (29, 2.045230)):
         assert t_quantile(0.975, df) == pytest.approx(ref, abs=1e-5), df
     lo, hi = t_ci([1.0, 2.0, 6.0])  # mean 3, sd sqrt(7), n 3
@@ -166,7 +166,7 @@ def test_t_interval_matches_tables():
 
 
 def test_differential_stats_by_hand():
-    from minroute.evaluate import differential_stats
+    from minroute.evaluation.evaluate import differential_stats
     rng = np.random.default_rng(0)
     L = 8
     hard = np.ones((40, L), dtype=bool)
@@ -236,7 +236,7 @@ def test_compare_adds_table2_rows(tmp_path, demo_run):
 
 
 def test_across_seeds_names_and_leaves_out_broken_runs(tmp_path, demo_run, capsys):
-    from minroute.checkpoint import load_checkpoint, save_checkpoint
+    from minroute.run.checkpoint import load_checkpoint, save_checkpoint
     broken, nan_run = tmp_path / "broken", tmp_path / "nan"
     shutil.copytree(demo_run, broken)
     ckpt = broken / json.loads((broken / "latest.json").read_text())["dir"]

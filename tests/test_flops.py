@@ -3,9 +3,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minroute import load_model
-from minroute.flops import (attention_flops, block_flops, lm_head_flops, lora_params, paper_flops, router_flops,
+from minroute.evaluation.flops import (attention_flops, block_flops, lm_head_flops, lora_params, paper_flops, router_flops,
                             router_params, sequence_flops, skip_bound_speedup)
-from minroute.model import ModelConfig
+from minroute.core.model import ModelConfig
 
 
 def test_paper_formula():

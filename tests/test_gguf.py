@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from minroute import load_model, load_tokenizer
-from minroute.chat import ChatFormat, render
-from minroute.gguf import convert, unpermute_qk
-from minroute.model import init_weights
-from minroute.safety import UserError
+from minroute.run.chat import ChatFormat, render
+from minroute.run.gguf import convert, unpermute_qk
+from minroute.core.model import init_weights
+from minroute.run.safety import UserError
 
 gguf = pytest.importorskip("gguf")
 transformers = pytest.importorskip("transformers")
@@ -111,7 +111,7 @@ def write_gguf(path, hf_model, tokenizer_json: dict, arch="llama", qtype=None, p
 
 @pytest.fixture(scope="module")
 def tiny_tokenizer(tmp_path_factory):
-    from minroute.tiny import write_tiny_checkpoint
+    from minroute.run.tiny import write_tiny_checkpoint
     d = write_tiny_checkpoint(tmp_path_factory.mktemp("tok"), num_hidden_layers=1)
     return d / "tokenizer.json"
 
@@ -279,7 +279,7 @@ def test_out_dir_is_never_clobbered(tmp_path, tiny_tokenizer):
 
 
 def test_cli_error_is_one_line(tmp_path):
-    r = subprocess.run([sys.executable, "-m", "minroute.gguf", str(tmp_path / "nope.gguf"), str(tmp_path / "o")],
+    r = subprocess.run([sys.executable, "-m", "minroute.run.gguf", str(tmp_path / "nope.gguf"), str(tmp_path / "o")],
                        capture_output=True, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     assert r.returncode == 2 and r.stderr.strip().count("\n") == 0 and r.stderr.startswith("error: "), r.stderr
 
@@ -335,7 +335,7 @@ def test_real_gguf_tokenizer_and_chat_equal_transformers(real):
 def test_real_gguf_answers(real):
     """The converted folder is an ordinary checkpoint: the chat command answers with it sensibly."""
     out, _, _ = real
-    r = subprocess.run([sys.executable, "-m", "minroute.generate", "--model", str(out), "--prompt",
+    r = subprocess.run([sys.executable, "-m", "minroute.evaluation.generate", "--model", str(out), "--prompt",
                         "What is the capital of France?", "--max-new-tokens", "24"], capture_output=True, text=True,
                        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "2"})
     assert r.returncode == 0, r.stderr

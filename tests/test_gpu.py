@@ -1,7 +1,7 @@
 """What only a GPU can show (`python -m pytest -m gpu`; skipped without CUDA): the real 0.5B shape, random weights.
 
 - bf16 parity with transformers' SDPA path at the real shape, every parameter random (biases and norms too);
-- LayerRoute + LoRA (the training forward, gated_hidden) against transformers + PEFT at the real shape in bf16,
+- LayerRoute + LoRA (the training forward, fast/packing.py's train_forward) against transformers + PEFT at the real shape in bf16,
   logits and LoRA gradients, with every gate open and with the initial band closed (PEFT's model with those
   decoder layers replaced by the identity);
 - one real-shape training step with the closed-block backward: gradients equal the dense path's, and the
@@ -30,8 +30,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.fixture(scope="module")
 def real_ckpt(tmp_path_factory):
-    from minroute.model import ModelConfig
-    from minroute.tiny import write_tiny_checkpoint
+    from minroute.core.model import ModelConfig
+    from minroute.run.tiny import write_tiny_checkpoint
     c = ModelConfig()
     return write_tiny_checkpoint(tmp_path_factory.mktemp("real") / "m", hidden_size=c.hidden_size,
                                  num_hidden_layers=c.num_hidden_layers, num_attention_heads=c.num_attention_heads,
@@ -76,16 +76,18 @@ class Skip(torch.nn.Module):
 
 
 def layerroute_vs_peft(ckpt, device, dtype, open_gates: list[bool], adapter: Path, B=2, T=256, seed=0):
-    """LayerRoute (gated_hidden, closed rows without backward) + LoRA against transformers + PEFT (closed layers
+    """LayerRoute (train_forward, closed rows without backward) + LoRA against transformers + PEFT (closed layers
     replaced by Skip) with the same random LoRA A and B: (max |dlogit| on real tokens, logit scale, worst relative
     L2 difference of a LoRA gradient, LoRA tensors compared). Routers at init (w = 0), so their straight-through
     term adds nothing to the hidden states' gradient; loss = token-mean CE, dropout 0."""
     import peft
     import transformers
 
-    from minroute.checkpoint import build_layerroute
-    from minroute.lora import lora_layers, save_peft_adapter
-    from minroute.loss import lm_loss
+    from minroute.core.lora import lora_layers
+    from minroute.fast.kernels import lm_loss
+    from minroute.fast.packing import train_forward
+    from minroute.run.checkpoint import build_layerroute
+    from minroute.run.peft import save_peft_adapter
     cuda = torch.device(device).type == "cuda"
     route = build_layerroute(ckpt, {"r": 8, "alpha": 16, "dropout": 0.0}, device=device, dtype=dtype).train()
     g = torch.Generator().manual_seed(seed)
@@ -99,7 +101,7 @@ def layerroute_vs_peft(ckpt, device, dtype, open_gates: list[bool], adapter: Pat
     labels = ids.masked_fill(mask == 0, -100)
     ids, mask, labels = ids.to(device), mask.to(device), labels.to(device)
     with route.forcing(torch.tensor(open_gates)), torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-        h, _, _ = route.gated_hidden(ids, mask)
+        h, _, _ = train_forward(route, ids, mask)
         ours_logits = route.lm_head(h).float()
         loss = lm_loss(h, route.lm_head.weight, labels)
     loss.backward()
@@ -137,8 +139,8 @@ def layerroute_vs_peft(ckpt, device, dtype, open_gates: list[bool], adapter: Pat
 
 @pytest.mark.parametrize("gates", ["open", "band"])
 def test_layerroute_lora_bf16_parity_with_peft_real_shape(real_ckpt, gates, tmp_path):
-    from minroute.model import ModelConfig
-    from minroute.router import middle_band
+    from minroute.core.model import ModelConfig
+    from minroute.core.router import middle_band
     L = ModelConfig().num_hidden_layers
     band = middle_band(L)
     open_gates = [True] * L if gates == "open" else [i not in band for i in range(L)]
@@ -151,9 +153,10 @@ def test_layerroute_lora_bf16_parity_with_peft_real_shape(real_ckpt, gates, tmp_
 
 
 def test_real_shape_training_step_skips_closed_backward(real_ckpt):
-    from minroute.checkpoint import build_layerroute
-    from minroute.loss import lm_loss
-    from minroute.router import gate_regulariser
+    from minroute.core.update import gate_regulariser
+    from minroute.fast.kernels import lm_loss
+    from minroute.fast.packing import train_forward
+    from minroute.run.checkpoint import build_layerroute
     route = build_layerroute(real_ckpt, {"r": 8, "alpha": 16, "dropout": 0.0}, device="cuda",
                              dtype=torch.bfloat16).train()
     ids, mask = batch()
@@ -167,7 +170,8 @@ def test_real_shape_training_step_skips_closed_backward(real_ckpt):
         before = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         with route.forcing(gates), torch.autocast("cuda", dtype=torch.bfloat16):
-            h, soft, _ = route.gated_hidden(ids, mask, dense=dense)
+            forward = route.gated_hidden if dense else lambda *a: train_forward(route, *a)  # core: every row
+            h, soft, _ = forward(ids, mask)
             loss = lm_loss(h, route.lm_head.weight, labels) + gate_regulariser(soft)
         loss.backward()
         torch.cuda.synchronize()
@@ -191,9 +195,9 @@ def test_real_shape_training_step_skips_closed_backward(real_ckpt):
 
 
 def test_skipping_and_decode_against_their_bounds(real_ckpt):
-    from minroute.checkpoint import build_layerroute
-    from minroute.flops import skip_bound_speedup
-    from minroute.timing import decode_ms_per_token, measure, prefill
+    from minroute.run.checkpoint import build_layerroute
+    from minroute.evaluation.flops import skip_bound_speedup
+    from minroute.evaluation.timing import decode_ms_per_token, measure, prefill
     route = build_layerroute(real_ckpt, {"r": 8, "alpha": 16, "dropout": 0.0}, device="cuda",
                              dtype=torch.bfloat16).eval()
     cfg, L, k = route.config, route.config.num_hidden_layers, 9
@@ -215,7 +219,7 @@ def test_skipping_and_decode_against_their_bounds(real_ckpt):
 
 
 def test_real_shape_update_time_syncs_and_bitwise_repeat(real_ckpt, tmp_path):
-    """train.py's update (accumulate_update + finish_update, the paper's 4 x 4, prompt-routed, rows of 96..512
+    """train.py's update (train.one_update, the paper's 4 x 4, prompt-routed, rows of 96..512
     tokens): its time; the host syncs CUDA reports (router gates: <= 1 per block per micro-batch + 1; imposed
     gates: only the update's one); and with --deterministic's settings the same update twice is bitwise equal."""
     from argparse import Namespace
@@ -223,27 +227,28 @@ def test_real_shape_update_time_syncs_and_bitwise_repeat(real_ckpt, tmp_path):
     from host_overhead import write_split
 
     import train
-    from minroute.checkpoint import build_layerroute
-    from minroute.data import TokenSplit
-    from minroute.optim import AdamW
+    from minroute.core.update import param_groups
+    from minroute.fast.kernels import ForeachAdamW
+    from minroute.run.checkpoint import build_layerroute
+    from minroute.run.data import TokenSplit
     data = write_split(tmp_path / "data", n=96, vocab=151936, min_len=96, max_len=512)
     split = TokenSplit(data, "train")
     dev = torch.device("cuda")
     route = build_layerroute(real_ckpt, {"r": 8, "alpha": 16, "dropout": 0.05}, device=dev,
                              dtype=torch.bfloat16).train()
-    groups = train.param_groups(route, 0.01, False)
+    groups = param_groups(route, 0.01, False)
     trainable = [p for g in groups for p in g["params"]]
-    opt = AdamW(groups, lr=2e-4)
+    opt = ForeachAdamW(groups, lr=2e-4)
     args = Namespace(batch_size=4, accum=4, seed=1, sort_by_length=1, ce_mean="update", pad_to=0, route_on="prompt",
-                     chunk=512, ablation="none", bce_target="open", gate_reg=1.0)
+                     chunk=512, ablation="none", bce_target="open", gate_reg=1.0, lr=2e-4, t_max=3000, warmup=0,
+                     min_lr=1e-6, clip=1.0)
     L = route.config.num_hidden_layers
 
     def autocast():
         return torch.autocast("cuda", dtype=torch.bfloat16)
 
-    def update(u):
-        sums = train.accumulate_update(route, split, u, args, 0, autocast, dev)
-        _, finite = train.finish_update(opt, trainable, sums, 1.0, 1, dev)
+    def update(u, optimizer=opt, params=trainable):
+        _, _, _, finite = train.one_update(u, route, optimizer, params, split, args, 0, autocast, dev)
         assert finite
 
     for u in range(3):  # warm-up: kernels, pinned-memory blocks, RoPE tables
@@ -277,9 +282,14 @@ def test_real_shape_update_time_syncs_and_bitwise_repeat(real_ckpt, tmp_path):
 
     torch.use_deterministic_algorithms(True)
     try:
+        class NoStep:  # keeps the update's gradients
+            def set_lr(self, lr): pass
+            def step(self): pass
+            def zero_grad(self): pass
+
         def grads(u):
             opt.zero_grad()
-            train.accumulate_update(route, split, u, args, 0, autocast, dev)
+            update(u, NoStep(), [])
             return {n: p.grad.clone() for n, p in route.named_parameters() if p.grad is not None}
         a, b = grads(30), grads(30)
     finally:

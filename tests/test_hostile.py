@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from minroute.checkpoint import load_checkpoint
+from minroute.run.checkpoint import load_checkpoint
 
 ROOT = Path(__file__).resolve().parent.parent
 TRAIN = str(ROOT / "train.py")
@@ -26,7 +26,7 @@ def env():
 
 
 def run(argv, cwd, stdin=None, patch=None):
-    """`python train.py ARGV` (or `python -m minroute.generate ...` when argv starts with -m) in cwd; with
+    """`python train.py ARGV` (or `python -m minroute.evaluation.generate ...` when argv starts with -m) in cwd; with
     `patch`, Python code run first, to simulate what a test cannot make happen (a full disk, a NaN)."""
     if patch:
         launcher = f"import runpy, sys\n{patch}\nsys.argv = sys.argv[1:]\nrunpy.run_path(sys.argv[0], run_name='__main__')"
@@ -67,7 +67,7 @@ def advised(message: str, tool: str = "python train.py") -> list[str]:
     m = re.search(re.escape(tool) + r" (.*?)(?=  \(|; |$)", message)
     assert m, f"no `{tool} ...` advice in: {message}"
     argv = shlex.split(m.group(1))
-    return argv if tool == "python train.py" else ["-m", "minroute.generate", *argv]
+    return argv if tool == "python train.py" else ["-m", "minroute.evaluation.generate", *argv]
 
 
 def final_adapter(run_dir):
@@ -111,7 +111,7 @@ def read_only(folder: Path):
 # ----------------------------------------------------------------------------- OS errors
 
 ENOSPC_AT_2 = """
-import minroute.checkpoint as ck
+import minroute.run.checkpoint as ck
 from safetensors import SafetensorError
 real = ck.save_file
 def save_file(tensors, path, *a, **k):
@@ -168,8 +168,8 @@ def test_os_errors_are_one_line_naming_the_path_and_the_cause(tmp_path, assets, 
         (["--ckpt", str(tmp_path / "ckpt-link"), "--prompt", "hi"], ["ckpt-link", "no such folder"]),
         (["--ckpt", str(tmp_path / "afile"), "--prompt", "hi"], ["afile", "no latest.json"]),
     ):
-        one_error(run(["-m", "minroute.generate", *argv], cwd=tmp_path), *needles)
-    chat = subprocess.Popen([sys.executable, "-m", "minroute.generate", "--ckpt", str(demo_run), "--prompt", "hi",
+        one_error(run(["-m", "minroute.evaluation.generate", *argv], cwd=tmp_path), *needles)
+    chat = subprocess.Popen([sys.executable, "-m", "minroute.evaluation.generate", "--ckpt", str(demo_run), "--prompt", "hi",
                              "--max-new-tokens", "200", "--temperature", "1"], cwd=tmp_path, env=env(),
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     chat.stdout.read(1)
@@ -179,8 +179,8 @@ def test_os_errors_are_one_line_naming_the_path_and_the_cause(tmp_path, assets, 
 
 
 def test_a_full_disk_while_logging_is_one_line(tmp_path):
-    from minroute.runs import RunLog
-    from minroute.safety import WriteError
+    from minroute.run.log import RunLog
+    from minroute.run.safety import WriteError
     log = RunLog(tmp_path, 0)
 
     class Full:
@@ -236,7 +236,7 @@ def test_numbers_are_checked_before_anything_is_written(tmp_path, assets, base_r
     assert res.returncode == 0, err(res)
 
     # the chat command: every number checked up front; any temperature > 0 samples (1e-45: the argmax)
-    chat = ["-m", "minroute.generate", "--ckpt", str(demo_run), "--prompt", "hi", "--max-new-tokens", "4"]
+    chat = ["-m", "minroute.evaluation.generate", "--ckpt", str(demo_run), "--prompt", "hi", "--max-new-tokens", "4"]
     for extra, needle in ((["--temperature", "-1"], "--temperature: '-1': must be a number >= 0"),
                           (["--temperature", "nan"], "must be a number >= 0"),
                           (["--top-p", "1.5"], "--top-p: '1.5': must be a number in (0, 1]"),
@@ -253,7 +253,7 @@ def test_numbers_are_checked_before_anything_is_written(tmp_path, assets, base_r
 
 
 def test_sampling_survives_extreme_temperatures():
-    from minroute.generate import sample_next
+    from minroute.evaluation.generate import sample_next
     logits = torch.tensor([[1.0, 3.0, 2.0, 3.0 - 1e-3], [0.0, -5.0, 7.0, 1.0]])
     g = torch.Generator().manual_seed(0)
     for t in (1e-45, 5e-324, 1e-300):
@@ -277,7 +277,7 @@ def kill_when(argv, cwd, ready, what):
 
 
 NAN_AFTER_5 = """
-import minroute.loss as L
+import minroute.fast.kernels as L
 real, calls = L.lm_loss_per_sample, [0]
 def flaky(*a, **k):
     sums, counts = real(*a, **k)
@@ -328,9 +328,9 @@ def test_every_advice_is_a_command_that_works(tmp_path, assets, base_run):
     dangling = tmp_path / "dangling"
     shutil.copytree(base_run, dangling)
     (dangling / "latest.json").write_text(json.dumps({"dir": "ckpt-000009", "step": 9}))
-    line = one_error(run(["-m", "minroute.generate", "--ckpt", str(dangling), "--prompt", "hi"], cwd=tmp_path),
+    line = one_error(run(["-m", "minroute.evaluation.generate", "--ckpt", str(dangling), "--prompt", "hi"], cwd=tmp_path),
                      "latest.json names ckpt-000009, which is missing")
-    res = run(["-m", "minroute.generate", "--ckpt", re.search(r"instead \((\S+?)[,)]", line).group(1), "--prompt",
+    res = run(["-m", "minroute.evaluation.generate", "--ckpt", re.search(r"instead \((\S+?)[,)]", line).group(1), "--prompt",
                "hi", "--max-new-tokens", "2"], cwd=tmp_path)
     assert res.returncode == 0, err(res)
     res = run(["--resume", str(dangling), "--steps", "6"], cwd=tmp_path)
@@ -394,8 +394,8 @@ def test_nonfinite_loss_before_any_update_does_not_blame_the_lr(tmp_path, assets
 def test_new_run_command_round_trips_the_settings(tmp_path, assets):
     """The command the messages advise starts exactly the run it describes (with the change)."""
     import train
-    from minroute.resume import new_run_command
-    from minroute.runs import resolve
+    from minroute.run.resume import new_run_command
+    from minroute.run.settings import resolve
     for extra in ([], ["--preset", "author", "--steps", "8", "--accum", "4"], ["--ablation", "noreg", "--t-max", "9"],
                   ["--demo", "--demo-assets", "A"]):
         argv = small(assets, tmp_path / "r") + extra if "--demo" not in extra else \
@@ -440,7 +440,7 @@ def test_folders_that_are_not_what_they_seem_are_refused_by_name(tmp_path, asset
         assert tree(tmp_path) == before, f"{argv} changed the disk"
 
     # the chat command: text that is not UTF-8, from stdin or the command line, is named
-    chat = ["-m", "minroute.generate", "--ckpt", str(demo_run), "--max-new-tokens", "2"]
+    chat = ["-m", "minroute.evaluation.generate", "--ckpt", str(demo_run), "--max-new-tokens", "2"]
     tools = tmp_path / "tools.json"
     tools.write_text('[{"type": "function", "function": {"name": "a\\ud800"}}]')
     for argv, stdin, needles in (

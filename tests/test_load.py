@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from minroute import load_model, load_tokenizer
-from minroute.load import resolve_dir
-from minroute.model import init_weights
+from minroute.run.load import resolve_dir
+from minroute.core.model import init_weights
 
 
 def copy_ckpt(src, dst):
@@ -46,7 +46,7 @@ def test_reads_transformers_save_pretrained(tmp_path, tiny_dir, shard):
 
 
 def test_untied_checkpoint_keeps_its_own_head(tmp_path):
-    from minroute.tiny import write_tiny_checkpoint
+    from minroute.run.tiny import write_tiny_checkpoint
     d = write_tiny_checkpoint(tmp_path / "u", tie_word_embeddings=False, seed=3)
     m = load_model(d)
     assert m.lm_head.weight is not m.model.embed_tokens.weight
@@ -176,7 +176,7 @@ def test_real_tokenizer_golden_vectors(real_tokenizer_path, text):
 
 
 def test_tiny_writer_with_real_tokenizer(tmp_path, real_tokenizer_path):
-    from minroute.tiny import write_tiny_checkpoint
+    from minroute.run.tiny import write_tiny_checkpoint
     d = write_tiny_checkpoint(tmp_path / "r", tokenizer=real_tokenizer_path, hidden_size=32, num_hidden_layers=2)
     m = load_model(d)
     assert m.config.vocab_size == 151936

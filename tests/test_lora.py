@@ -6,9 +6,10 @@ import torch
 from torch import nn
 
 from minroute import load_model
-from minroute.lora import (LoRADropout, LoRALinear, add_lora, load_peft_adapter, lora_layers, lora_state_dict, merge_lora,
-                           save_peft_adapter, unmerge_lora)
-from minroute.model import init_weights
+from minroute.core.lora import (LoRADropout, LoRALinear, add_lora, lora_layers, lora_state_dict, merge_lora,
+                                unmerge_lora)
+from minroute.run.peft import load_peft_adapter, save_peft_adapter
+from minroute.core.model import init_weights
 
 
 def randomise_B(model, seed=0, std=0.05):

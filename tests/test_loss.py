@@ -1,9 +1,11 @@
-"""The chunked, gradient-in-forward cross-entropy equals F.cross_entropy on full logits, value and gradient."""
+"""fast/kernels.py's chunked, gradient-in-forward cross-entropy equals F.cross_entropy on full logits and core's
+plain lm_loss_per_sample, value and gradient."""
 import pytest
 import torch
 import torch.nn.functional as F
 
-from minroute.loss import lm_loss, lm_loss_per_sample
+from minroute.core.update import lm_loss_per_sample as plain_per_sample
+from minroute.fast.kernels import lm_loss, lm_loss_per_sample
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 4096])
@@ -41,6 +43,27 @@ def test_per_sample_sums_and_counts():
         assert abs(sums[b].item() - ref.item()) < 1e-5
 
 
+@pytest.mark.parametrize("chunk", [3, 512])
+def test_equals_the_plain_per_sample_loss_of_core(chunk):
+    """fast = core: per-sequence sums, counts, and the gradient reaching the hidden states."""
+    torch.manual_seed(2)
+    B, T, d, V = 4, 9, 12, 40
+    W = torch.randn(V, d)
+    labels = torch.randint(0, V, (B, T))
+    labels[1, 5:] = -100
+    labels[3, :2] = -100
+    h = torch.randn(B, T, d, requires_grad=True)
+    h2 = h.detach().clone().requires_grad_(True)
+    sums, counts = lm_loss_per_sample(h, W, labels, chunk=chunk)
+    ref_sums, ref_counts = plain_per_sample(h2, W, labels)
+    assert torch.equal(counts, ref_counts)
+    assert (sums - ref_sums).abs().max().item() <= 1e-5
+    w = torch.randn(B)
+    (sums * w).sum().backward()
+    (ref_sums * w).sum().backward()
+    assert (h.grad - h2.grad).abs().max().item() <= 1e-6
+
+
 def test_refuses_a_trainable_head():
     W = torch.randn(5, 4, requires_grad=True)
     with pytest.raises(ValueError, match="frozen LM head"):
@@ -58,7 +81,7 @@ def index_add_sums(h, W, labels):
 def test_counted_positions_from_the_host_give_the_same_loss_without_index_add(monkeypatch):
     """Precomputed counted positions (collate does it on the CPU) give bitwise the same sums and gradients as
     positions found here; the sums equal index_add's to fp32 rounding; no index_add (nondeterministic on CUDA)."""
-    from minroute.loss import counted_positions
+    from minroute.fast.kernels import counted_positions
     torch.manual_seed(2)
     B, T, d, V = 4, 23, 16, 40
     W = torch.randn(V, d)
@@ -89,8 +112,8 @@ def test_counted_positions_from_the_host_give_the_same_loss_without_index_add(mo
 
 def test_collate_precomputes_what_the_step_needs(demo_run):
     """collate: counted positions (those of its labels), padded, real tokens and row lengths known on the host."""
-    from minroute.data import TokenSplit, collate
-    from minroute.loss import counted_positions
+    from minroute.run.data import TokenSplit, collate
+    from minroute.fast.kernels import counted_positions
     split = TokenSplit(demo_run / "demo-data", "train")
     lens = split.lengths()
     rows = [int(i) for i in lens.argsort()[:3]] + [int(lens.argmax())]

@@ -3,14 +3,14 @@ import numpy as np
 import pytest
 import torch
 
-from minroute.data import TokenSplit
-from minroute.evaluate import PassResult, random_masks, run_pass, static_masks
-from minroute.passes import Setting, floor_seconds, run_settings
+from minroute.run.data import TokenSplit
+from minroute.evaluation.evaluate import PassResult, random_masks, run_pass, static_masks
+from minroute.evaluation.passes import Setting, floor_seconds, run_settings
 
 
 @pytest.fixture(scope="module")
 def demo(demo_run):
-    from minroute.checkpoint import load_layerroute
+    from minroute.run.checkpoint import load_layerroute
     route, meta = load_layerroute(demo_run, "latest")
     return route, TokenSplit(meta["args"]["data"], "eval")
 
@@ -69,8 +69,8 @@ def test_floor_is_each_setting_alone(demo):
 
 def test_left_padded_prefill_equals_each_prompt_alone(demo):
     """timing.prefill on a left-padded batch uses generate's positions: each row's logits are its logits alone."""
-    from minroute.data import collate
-    from minroute.timing import prefill
+    from minroute.run.data import collate
+    from minroute.evaluation.timing import prefill
     route, ev = demo
     rows = [0, 4, 12, 15]
     batch = collate(ev, rows, 0, side="left", prompt_only=True)
@@ -84,8 +84,8 @@ def test_left_padded_prefill_equals_each_prompt_alone(demo):
 
 def test_prefill_counts_positions_over_real_tokens(demo, monkeypatch):
     """The positions prefill hands the model are generate's: a left-padded row's first real token is at 0."""
-    from minroute.data import collate
-    from minroute.timing import prefill
+    from minroute.run.data import collate
+    from minroute.evaluation.timing import prefill
     route, ev = demo
     seen = []
     real_hidden = route.hidden

@@ -24,7 +24,8 @@ def small(tmp_path_factory):
 
 
 def counted_update(small, u, monkeypatch, forced=None):
-    """Syncs of accumulate_update (per micro-batch) and of finish_update, with collate (host data) not counted."""
+    """Syncs of train.one_update, split by where they happen: in the micro-batches (anywhere but train.py) and in
+    the update's tail (train.py: the non-finite check); collate (host data) not counted."""
     route, opt, trainable, split, pad_id = small
     args = train_args(accum=2)
     counter = HostSyncCounter()
@@ -35,14 +36,12 @@ def counted_update(small, u, monkeypatch, forced=None):
             return real(*a, **k)
     monkeypatch.setattr(train, "collate", collate)
     with route.forcing(forced):
-        train.accumulate_update(route, split, u, args, pad_id, no_autocast, CPU)  # warm-up (per-device caches)
-        train.finish_update(opt, trainable, torch.zeros(4), 1.0, 1, CPU)
+        train.one_update(u, route, opt, trainable, split, args, pad_id, no_autocast, CPU)  # warm-up (caches)
         with counter:
-            sums = train.accumulate_update(route, split, u + 1, args, pad_id, no_autocast, CPU)
-            micro = counter.by_where()
-            counter.reset()
-            _, finite = train.finish_update(opt, trainable, sums, 1.0, 1, CPU)
-            tail = counter.by_where()
+            _, _, _, finite = train.one_update(u + 1, route, opt, trainable, split, args, pad_id, no_autocast, CPU)
+    where = counter.by_where()
+    micro = {w: n for w, n in where.items() if not w.startswith("train.py:")}
+    tail = {w: n for w, n in where.items() if w.startswith("train.py:")}
     assert finite
     return micro, tail, args.accum
 
@@ -50,7 +49,7 @@ def counted_update(small, u, monkeypatch, forced=None):
 @pytest.mark.parametrize("gates", ["band", "mixed"])
 def test_one_host_read_per_block_and_one_per_update(small, monkeypatch, gates):
     """Router gates (initial band: every row alike; mixed: rows differ): at most one read per block per micro-batch,
-    all of them the block's open-row count in router.py, nothing in the loss, the mask, RoPE or the batch copy;
+    all of them the block's open-row count in fast/packing.py, nothing in the loss, the mask, RoPE or the batch copy;
     and exactly one per update, train.py's non-finite check."""
     route = small[0]
     L = route.config.num_hidden_layers
@@ -63,7 +62,7 @@ def test_one_host_read_per_block_and_one_per_update(small, monkeypatch, gates):
     total = sum(micro.values())
     print(f"{gates}: {total / accum:.1f} syncs per micro-batch ({L} blocks): {micro}; update tail: {tail}")
     assert total <= accum * L, f"{total / accum:.1f} host syncs per micro-batch for {L} blocks: {micro}"
-    assert all(w.startswith("router.py:") for w in micro), f"host syncs outside the row split: {micro}"
+    assert all(w.startswith("packing.py:") for w in micro), f"host syncs outside the row split: {micro}"
     assert sum(tail.values()) == 1 and all(w.startswith("train.py:") for w in tail), tail
 
 
@@ -97,11 +96,11 @@ def test_training_forward_packs_padded_rows(small, monkeypatch):
     """train.py hands collate's row lengths to the forward, so padded micro-batches run packed (no padding work)."""
     route, opt, trainable, split, pad_id = small
     seen = []
-    real = route.gated_hidden
+    real = train.train_forward
 
     def spy(*a, **k):
-        seen.append((k.get("lengths"), a[1].sum(1).tolist()))
+        seen.append((k.get("lengths"), a[2].sum(1).tolist()))
         return real(*a, **k)
-    monkeypatch.setattr(route, "gated_hidden", spy)
-    train.accumulate_update(route, split, 0, train_args(accum=2), pad_id, no_autocast, CPU)
+    monkeypatch.setattr(train, "train_forward", spy)
+    train.one_update(0, route, opt, trainable, split, train_args(accum=2), pad_id, no_autocast, CPU)
     assert seen and all(lengths == real_lengths for lengths, real_lengths in seen), seen

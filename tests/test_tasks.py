@@ -9,8 +9,8 @@ import numpy as np
 import torch
 import pytest
 
-from minroute import tasks
-from minroute.tasks import gsm8k_prediction, parse_tool_calls, score_gsm8k, score_tool_call
+from minroute.evaluation import tasks
+from minroute.evaluation.tasks import gsm8k_prediction, parse_tool_calls, score_gsm8k, score_tool_call
 
 REF = [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]
 
@@ -61,9 +61,9 @@ def test_gsm8k_scoring():
 
 def test_run_tasks_with_forced_outputs_gives_hand_computed_values(demo_run, monkeypatch):
     """Generation replaced by fixed outputs: the summary must be the hand-computed shares, with Wilson intervals."""
-    from minroute.checkpoint import load_layerroute
-    from minroute.data import TokenSplit
-    from minroute.load import load_tokenizer
+    from minroute.run.checkpoint import load_layerroute
+    from minroute.run.data import TokenSplit
+    from minroute.run.load import load_tokenizer
     route, meta = load_layerroute(demo_run, "latest")
     ev = TokenSplit(meta["args"]["data"], "eval")
     tok = load_tokenizer(meta["args"]["model"])
@@ -105,9 +105,9 @@ def test_run_tasks_with_forced_outputs_gives_hand_computed_values(demo_run, monk
 
 def test_batched_generation_equals_one_prompt_at_a_time(demo_run):
     """Left-padded batches of prompts of different lengths give each prompt its own greedy output and gates."""
-    from minroute.checkpoint import load_layerroute
-    from minroute.data import TokenSplit
-    from minroute.load import load_tokenizer
+    from minroute.run.checkpoint import load_layerroute
+    from minroute.run.data import TokenSplit
+    from minroute.run.load import load_tokenizer
     route, meta = load_layerroute(demo_run, "latest")
     ev = TokenSplit(meta["args"]["data"], "eval")
     tok = load_tokenizer(meta["args"]["model"])
@@ -136,7 +136,7 @@ def test_chat_command_runs_on_demo_checkpoint(demo_run, tmp_path):
     tools = tmp_path / "tools.json"
     tools.write_text('[{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]')
     root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, "-m", "minroute.generate", "--ckpt", str(demo_run), "--which", "latest",
+    res = subprocess.run([sys.executable, "-m", "minroute.evaluation.generate", "--ckpt", str(demo_run), "--which", "latest",
                           "--prompt", "Weather in Paris?", "--tools", str(tools), "--max-new-tokens", "12"],
                          capture_output=True, text=True, cwd=root,
                          env={**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(root)})
@@ -147,9 +147,9 @@ def test_chat_command_runs_on_demo_checkpoint(demo_run, tmp_path):
 def test_chat_command_checks_tools_first_and_caps_new_tokens(demo_run, tmp_path, capsys, monkeypatch):
     import json
 
-    import minroute.checkpoint as ck
-    from minroute.generate import chat_main
-    from minroute.safety import run_cli
+    import minroute.run.checkpoint as ck
+    from minroute.evaluation.generate import chat_main
+    from minroute.run.safety import run_cli
     bad = tmp_path / "tools.json"
     bad.write_text('{"name": "not a list"}')
     monkeypatch.setattr(ck, "load_layerroute", lambda *a, **k: pytest.fail("loaded the model before --tools"))
@@ -177,7 +177,7 @@ def test_chat_command_checks_tools_first_and_caps_new_tokens(demo_run, tmp_path,
 
 # ---- BFCL AST scorer: bfcl_check / bfcl_correct and the tolerant parser ----
 
-from minroute.tasks import bfcl_check, bfcl_correct, parse_tool_calls_tolerant, standardize_string
+from minroute.evaluation.tasks import bfcl_check, bfcl_correct, parse_tool_calls_tolerant, standardize_string
 
 BFCL_FIXTURE = Path(__file__).parent / "fixtures" / "bfcl" / "bfcl_v4_sample.json"
 MODES = ("omit", "first")  # optional args ("" accepted): left out, or given their first non-"" accepted value

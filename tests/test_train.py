@@ -13,9 +13,9 @@ import pytest
 import torch
 
 import train
-from minroute.checkpoint import load_checkpoint, load_layerroute, save_checkpoint
-from minroute.distributed import configure_determinism, device_change_note
-from minroute.resume import RESUME_MAY_CHANGE
+from minroute.run.checkpoint import load_checkpoint, load_layerroute, save_checkpoint
+from minroute.run.distributed import configure_determinism, device_change_note
+from minroute.run.resume import RESUME_MAY_CHANGE
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,7 +95,7 @@ def test_checkpoint_files_have_the_run_folders_permissions(tmp_path):
 
 
 def test_crash_during_checkpoint_write_keeps_previous(tmp_path, monkeypatch):
-    import minroute.checkpoint as ck
+    import minroute.run.checkpoint as ck
     t = {"w": torch.ones(3)}
     save_checkpoint(tmp_path, 1, t, {"m.w": torch.zeros(3)}, {"args": {}})
     real = ck._save_tensors
@@ -137,7 +137,7 @@ def test_bad_inputs(tmp_path, small_setup, tiny_dir):
 
 
 def test_checkpoint_from_another_model_shape(tmp_path, demo_run):
-    from minroute.tiny import write_tiny_checkpoint
+    from minroute.run.tiny import write_tiny_checkpoint
     other = write_tiny_checkpoint(tmp_path / "other", hidden_size=32, num_hidden_layers=2)
     with pytest.raises(ValueError, match=r"checkpoint is from another model shape"):
         load_layerroute(demo_run, "latest", model=other)
@@ -167,9 +167,24 @@ def test_ablations_and_author_preset_run(tmp_path, small_setup, extra, check):
 
 # ----------------------------------------------------------------------------- the update's CE
 
+class NoStep:
+    """An optimizer that takes no step and keeps the gradients, so the update's gradients can be compared."""
+
+    def set_lr(self, lr):
+        pass
+
+    def step(self):
+        pass
+
+    def zero_grad(self):
+        pass
+
+
 def one_update_grads(route, split, args, pad_id):
     route.zero_grad(set_to_none=True)
-    train.accumulate_update(route, split, 3, args, pad_id, lambda: torch.autocast("cpu", enabled=False), "cpu")
+    opt = NoStep()
+    train.one_update(3, route, opt, [], split, args, pad_id, lambda: torch.autocast("cpu", enabled=False),
+                     torch.device("cpu"))
     return {n: (p.grad.clone() if p.grad is not None else torch.zeros_like(p))
             for n, p in route.named_parameters() if p.requires_grad}
 
@@ -179,9 +194,9 @@ def test_update_ce_is_token_mean_whatever_the_micro_batch_cut(small_setup):
     mean of micro-batch means does not (that is the bias the token mean removes)."""
     from argparse import Namespace
 
-    from minroute.checkpoint import build_layerroute
-    from minroute.data import TokenSplit
-    from minroute.load import load_tokenizer
+    from minroute.run.checkpoint import build_layerroute
+    from minroute.run.data import TokenSplit
+    from minroute.run.load import load_tokenizer
     model, data = small_setup
     split, pad_id = TokenSplit(data, "train"), load_tokenizer(model).pad_id
     route = build_layerroute(str(model), {"r": 4, "alpha": 8, "dropout": 0.0})
@@ -191,7 +206,7 @@ def test_update_ce_is_token_mean_whatever_the_micro_batch_cut(small_setup):
             if prm.requires_grad:
                 prm.copy_(0.05 * torch.randn(prm.shape, generator=g))
     base = dict(batch_size=2, accum=4, seed=1, pad_to=0, chunk=64, ablation="none", gate_reg=1.0, route_on="prompt",
-                bce_target="open")
+                bce_target="open", lr=1e-3, t_max=10, warmup=0, min_lr=1e-6, clip=0.0)
     lengths = split.lengths()[np.concatenate(train.update_batches(split, 3, 2, 4, 1, False))]
     assert lengths.max() > 2 * lengths.min(), f"the update should mix lengths: {lengths}"
     for ce_mean, same in (("update", True), ("micro", False)):
@@ -268,7 +283,7 @@ def test_resume_extends_refuses_changed_settings_and_resolves_ckpt_folder(tmp_pa
 
 
 def test_two_writers_cannot_share_a_run(tmp_path, small_setup, capsys):
-    from minroute.safety import RunLock
+    from minroute.run.safety import RunLock
     model, data = small_setup
     out = tmp_path / "r"
     out.mkdir()
@@ -347,7 +362,7 @@ def test_a_run_from_before_these_settings_still_resumes(tmp_path, short_run, sma
     with the settings the older code used (route on the sequence, mean of micro-batch means)."""
     import shutil
 
-    from minroute.data import manifest_hash
+    from minroute.run.data import manifest_hash
     run, data = tmp_path / "r", tmp_path / "data"
     shutil.copytree(short_run, run)
     shutil.copytree(small_setup[1], data)

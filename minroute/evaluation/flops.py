@@ -9,7 +9,7 @@ Two definitions side by side:
 """
 from __future__ import annotations
 
-from .model import ModelConfig
+from minroute.core.model import ModelConfig
 
 
 def proj_macs(cfg: ModelConfig) -> int:

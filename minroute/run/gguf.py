@@ -1,6 +1,6 @@
 """GGUF (llama.cpp's file format) -> an ordinary Hugging Face checkpoint folder that `load_model` reads.
 
-    python -m minroute.gguf SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2 [--overwrite]
+    python -m minroute.run.gguf SmolLM2-135M-Instruct.Q4_1.gguf models/smollm2 [--overwrite]
 
 The folder gets config.json, model.safetensors (fp32: the dequantised values exactly), tokenizer.json,
 tokenizer_config.json (chat template, special tokens), generation_config.json (bos / eos / pad ids) and
@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .model import ModelConfig
-from .safety import ArgumentParser, MissingFile, UserError, run_cli, sha256_file
+from minroute.core.model import ModelConfig
+from minroute.run.load import config_to_dict
+from minroute.run.safety import ArgumentParser, MissingFile, UserError, run_cli, sha256_file
 
 ARCHS = ("llama", "qwen2")
 CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
@@ -173,7 +174,7 @@ def read_config(g: GGUFFile) -> ModelConfig:
 def read_tensors(g: GGUFFile, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Every tensor under its Hugging Face name, dequantised to fp32, Q/K rows back in HF's order; each shape
     checked against the config, and a tensor with no place in the decoder refused by name."""
-    from .model import CausalLM
+    from minroute.core.model import CausalLM
     with torch.device("meta"):
         expected = {n: tuple(p.shape) for n, p in CausalLM(cfg).named_parameters(remove_duplicate=False)}
     if cfg.tie_word_embeddings:
@@ -266,7 +267,7 @@ def convert(src, out_dir, overwrite: bool = False, log=print) -> Path:
 
     from safetensors.torch import save_file
 
-    from .checkpoint import file_mode, publish_folder
+    from minroute.run.checkpoint import file_mode, publish_folder
     t0 = time.time()
     out = Path(out_dir)
     if out.exists():
@@ -275,7 +276,7 @@ def convert(src, out_dir, overwrite: bool = False, log=print) -> Path:
         if any(out.iterdir()) and not overwrite:
             raise UserError(f"{out} already exists; pass --overwrite to replace it, or choose another OUT_DIR")
         if any(out.iterdir()) and not (out / "conversion.json").exists():
-            raise UserError(f"{out} holds files minroute.gguf did not write (no conversion.json); --overwrite only "
+            raise UserError(f"{out} holds files minroute.run.gguf did not write (no conversion.json); --overwrite only "
                             "replaces a folder this converter made. Choose another OUT_DIR")
     g = GGUFFile(src)
     cfg = read_config(g)
@@ -294,7 +295,7 @@ def convert(src, out_dir, overwrite: bool = False, log=print) -> Path:
     try:
         save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors", file_mode())  # safetensors writes 0600
-        (tmp / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+        (tmp / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
         tok.save(str(tmp / "tokenizer.json"))
         (tmp / "tokenizer_config.json").write_text(json.dumps(tcfg, indent=2, ensure_ascii=False))
         (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2))
@@ -302,7 +303,7 @@ def convert(src, out_dir, overwrite: bool = False, log=print) -> Path:
         for t in g.tensors.values():
             quant[t.tensor_type.name] = quant.get(t.tensor_type.name, 0) + 1
         (tmp / "conversion.json").write_text(json.dumps({
-            "converted_by": "python -m minroute.gguf", "source": g.path.name, "source_bytes": g.path.stat().st_size,
+            "converted_by": "python -m minroute.run.gguf", "source": g.path.name, "source_bytes": g.path.stat().st_size,
             "source_sha256": sha256_file(g.path), "general.name": g.get("general.name"),
             "architecture": cfg.model_type, "tensor_types": quant, "stored_dtype": "float32",
             "qk_rows_unpermuted": cfg.model_type == "llama", "tokenizer_pre": g.get("tokenizer.ggml.pre", "default"),
@@ -319,7 +320,7 @@ def convert(src, out_dir, overwrite: bool = False, log=print) -> Path:
 
 
 def main(argv=None):
-    ap = ArgumentParser(prog="python -m minroute.gguf", description=__doc__,
+    ap = ArgumentParser(prog="python -m minroute.run.gguf", description=__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("gguf", help="the .gguf file")
     ap.add_argument("out", help="checkpoint folder to write (must not exist, unless --overwrite)")

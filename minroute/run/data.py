@@ -21,8 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .loss import counted_positions
-from .safety import MissingFile, UserError, verify_files
+from minroute.fast.kernels import counted_positions
+from minroute.run.safety import MissingFile, UserError, verify_files
 
 TOOL, PLANNING = 0, 1
 
@@ -50,8 +50,8 @@ def read_manifest(data_dir, verify: bool = False) -> dict:
 
 def check_tokenizer(manifest: dict, data_dir, model_path: str):
     """Refuse data tokenised by another tokenizer than the model's (sha256 of tokenizer.json, as data_prep records)."""
-    from .load import resolve_dir
-    from .safety import sha256_file
+    from minroute.run.load import resolve_dir
+    from minroute.run.safety import sha256_file
     tok_file = resolve_dir(model_path) / "tokenizer.json"
     if manifest.get("tokenizer_sha256") and tok_file.exists() and sha256_file(tok_file) != manifest["tokenizer_sha256"]:
         raise UserError(f"{data_dir} was tokenised by {manifest['tokenizer']}: built with another tokenizer than "

@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .safety import UserError
+from minroute.run.safety import UserError
 
 DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 TOOLS_HEADER = ("\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\n"

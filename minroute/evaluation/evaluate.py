@@ -24,12 +24,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_text, trained_rows
-from .data import TOOL, DataFolder, TokenSplit
-from .flops import paper_flops, sequence_flops
-from .passes import Setting, SettingResult, run_settings
-from .safety import UserError
-from .stats import bootstrap_ci, differential_stats, length_regression, t_ci, t_quantile  # noqa: F401
+from minroute.run.checkpoint import atomic_write_text, trained_rows
+from minroute.run.data import TOOL, DataFolder, TokenSplit
+from minroute.evaluation.flops import paper_flops, sequence_flops
+from minroute.evaluation.passes import Setting, SettingResult, run_settings
+from minroute.run.safety import UserError
+from minroute.evaluation.stats import bootstrap_ci, differential_stats, length_regression, t_ci, t_quantile  # noqa: F401
 
 STEP_NAMES = {TOOL: "tool", 1: "planning"}
 
@@ -168,8 +168,8 @@ class BaseCache:
         self.dir = Path(folder) if folder else None
         if self.dir is None:
             return
-        from minroute.load import resolve_dir
-        from minroute.safety import sha256_file
+        from minroute.run.load import resolve_dir
+        from minroute.run.safety import sha256_file
         mdir = resolve_dir(run.meta["args"]["model"] if not args.model else args.model)
         weights = sorted(mdir.glob("*.safetensors"))
         ident = {"data": run.data.identity, "config": (mdir / "config.json").read_text(),
@@ -186,7 +186,7 @@ class BaseCache:
         p = self.path("pass")
         if p is None or not p.with_suffix(".npz").exists():
             return None
-        from minroute.passes import SettingResult
+        from minroute.evaluation.passes import SettingResult
         with np.load(p.with_suffix(".npz")) as z:  # plain arrays only: never unpickles
             return SettingResult(**{k: z[k] for k in z.files})
 

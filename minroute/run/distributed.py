@@ -13,7 +13,7 @@ import os
 
 import torch
 
-from .safety import UserError
+from minroute.run.safety import UserError
 
 
 def local_processes() -> tuple[int, int]:

@@ -75,8 +75,8 @@ def generate_ids(model, input_ids: torch.Tensor, max_new_tokens: int, **kwargs) 
 # ----------------------------------------------------------------------------- routed chat command
 
 def chat_main(argv=None):
-    """python -m minroute.generate --ckpt RUN_DIR [--model ID_OR_PATH] [--prompt TEXT] [--tools FILE]
-    python -m minroute.generate --model ID_OR_PATH --prompt TEXT          (the plain model: no LoRA, no routers)
+    """python -m minroute.evaluation.generate --ckpt RUN_DIR [--model ID_OR_PATH] [--prompt TEXT] [--tools FILE]
+    python -m minroute.evaluation.generate --model ID_OR_PATH --prompt TEXT          (the plain model: no LoRA, no routers)
 
     Streams the answer; after each turn prints the gate pattern (1 = block ran) and tokens/s. Without
     --prompt it is interactive (empty line or Ctrl-D quits). The chat is rendered with the model's own
@@ -89,10 +89,10 @@ def chat_main(argv=None):
     import sys
     import time
 
-    from .chat import render
-    from .checkpoint import load_layerroute
-    from .load import load_tokenizer
-    from .safety import (
+    from minroute.run.chat import render
+    from minroute.run.checkpoint import load_layerroute
+    from minroute.run.load import load_tokenizer
+    from minroute.run.safety import (
         ArgumentParser,
         UserError,
         default_device,
@@ -103,7 +103,7 @@ def chat_main(argv=None):
         positive_int,
     )
 
-    ap = ArgumentParser(prog="python -m minroute.generate", description=chat_main.__doc__,
+    ap = ArgumentParser(prog="python -m minroute.evaluation.generate", description=chat_main.__doc__,
                         formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--ckpt", help="train.py run folder or ckpt-* folder (omit it to chat with --model alone)")
     ap.add_argument("--which", choices=["latest", "best"], default="latest")
@@ -139,8 +139,8 @@ def chat_main(argv=None):
     if a.ckpt:
         route, meta = load_layerroute(a.ckpt, a.which, model=a.model, device=a.device, dtype=dtype)
     else:
-        from .load import load_model
-        from .router import LayerRoute
+        from minroute.run.load import load_model
+        from minroute.core.router import LayerRoute
         route = LayerRoute(load_model(a.model, dtype=dtype, device=a.device)).eval()
         a.all_open, meta = True, {"args": {"model": a.model}}  # untrained routers: every block runs
     tok = load_tokenizer(a.model or meta["args"]["model"])
@@ -196,7 +196,7 @@ def utf8_text(text: str, where: str) -> str:
     try:
         text.encode("utf-8")
     except UnicodeEncodeError as e:
-        from .safety import UserError
+        from minroute.run.safety import UserError
         c = ord(text[e.start])
         what = f"byte 0x{c - 0xDC00:02x}" if 0xDC80 <= c <= 0xDCFF else f"lone surrogate U+{c:04X}"
         raise UserError(f"{where}: not valid UTF-8 ({what} at character {e.start + 1}); pass UTF-8 text") from None
@@ -204,5 +204,5 @@ def utf8_text(text: str, where: str) -> str:
 
 
 if __name__ == "__main__":
-    from .safety import run_cli
+    from minroute.run.safety import run_cli
     raise SystemExit(run_cli(chat_main))

@@ -18,9 +18,9 @@ import time
 import numpy as np
 import torch
 
-from .bfcl import bfcl_check, bfcl_correct, parse_tool_calls_tolerant, standardize_string  # noqa: F401
-from .data import TOOL, TokenSplit
-from .generate import generate
+from minroute.evaluation.bfcl import bfcl_check, bfcl_correct, parse_tool_calls_tolerant, standardize_string  # noqa: F401
+from minroute.run.data import TOOL, TokenSplit
+from minroute.evaluation.generate import generate
 
 CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
@@ -135,7 +135,7 @@ def run_tasks(route, ev: TokenSplit, tok, max_new_tokens: int, device, methods: 
     batch are of similar length). Returns {"summary": {method: ...}, "samples": [...]}."""
     from contextlib import nullcontext
 
-    from .lora import lora_disabled
+    from minroute.core.lora import lora_disabled
     L = route.config.num_hidden_layers
     groups = []
     for t in ("tool_call", "planning"):
@@ -172,7 +172,7 @@ def run_tasks(route, ev: TokenSplit, tok, max_new_tokens: int, device, methods: 
 def summarize(recs: list[dict]) -> dict:
     """Per step type: % of rows (with a Wilson 95% interval) parsable / name match / exact / BFCL-correct, GSM8K
     accuracy, and the mean layers run, new tokens and seconds."""
-    from .stats import wilson_ci
+    from minroute.evaluation.stats import wilson_ci
 
     def mean(xs):
         return float(np.mean(xs)) if xs else float("nan")

@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .checkpoint import atomic_write_text
-from .data import TOOL, collate
-from .evaluate import STEP_NAMES
-from .flops import paper_flops, sequence_flops, skip_bound_speedup
-from .safety import UserError
-from .stats import length_regression, log_t_ci, t_ci_clipped
-from .timing import decode_ms_per_token, measure, prefill
+from minroute.run.checkpoint import atomic_write_text
+from minroute.run.data import TOOL, collate
+from minroute.evaluation.evaluate import STEP_NAMES
+from minroute.evaluation.flops import paper_flops, sequence_flops, skip_bound_speedup
+from minroute.run.safety import UserError
+from minroute.evaluation.stats import length_regression, log_t_ci, t_ci_clipped
+from minroute.evaluation.timing import decode_ms_per_token, measure, prefill
 
 TYPES = (TOOL, 1)
 

@@ -11,15 +11,17 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from dataclasses import asdict, fields
 from typing import NamedTuple
 
 import torch
 from safetensors import safe_open
 
-from .chat import ChatFormat
-from .model import CausalLM, ModelConfig
-from .safety import MissingFile, UserError
+from minroute.run.chat import ChatFormat
+from minroute.core.model import CausalLM, ModelConfig
+from minroute.run.safety import MissingFile, UserError
 
+ARCHITECTURES = {"qwen2": "Qwen2ForCausalLM", "llama": "LlamaForCausalLM"}
 DEFAULT_MODEL = "Qwen/Qwen2.5-0.5B-Instruct"
 # Known-good Hub revisions; a repo id not listed here (e.g. HuggingFaceTB/SmolLM2-135M-Instruct, whose commit could
 # not be verified offline) is fetched at the revision asked for (or main), and the commit downloaded is recorded.
@@ -83,7 +85,76 @@ def load_config(model_dir: Path) -> ModelConfig:
     if not path.exists():
         raise MissingFile(f"{path}: no config.json in {model_dir}; point to a Hugging Face model directory "
                                 "(config.json + model.safetensors) or a Hub repo id")
-    return ModelConfig.from_dict(read_json(path), source=str(path))
+    return config_from_dict(read_json(path), source=str(path))
+
+
+def config_from_dict(d: dict, source: str = "config.json") -> ModelConfig:
+    """Build from a Hugging Face `config.json` dict (Qwen2 or Llama), written by transformers 4.x or 5.x.
+
+    A missing optional field takes transformers' default for that architecture (e.g. tie_word_embeddings
+    false, rope_theta 10000, rms_norm_eps 1e-6)."""
+    model_type = d.get("model_type")
+    if model_type not in ARCHITECTURES:
+        raise UserError(f"{source}: field 'model_type' is {model_type!r}; minroute implements "
+                        f"{' and '.join(sorted(ARCHITECTURES))} (Qwen2 / Llama-family decoders)")
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads")
+    for name in required:
+        if name not in d:
+            raise UserError(f"{source}: required field '{name}' is missing; is this a {model_type} config.json?")
+    if d.get("hidden_act", "silu") != "silu":
+        raise UserError(f"{source}: field 'hidden_act' is {d['hidden_act']!r}; only 'silu' is supported")
+    if d.get("use_sliding_window", False):
+        raise UserError(f"{source}: field 'use_sliding_window' is true; sliding-window attention is not "
+                        "supported (Qwen2.5 checkpoints ship it false)")
+    if model_type == "llama" and d.get("sliding_window"):
+        raise UserError(f"{source}: field 'sliding_window' is {d['sliding_window']!r}; sliding-window attention "
+                        "is not supported")
+    rope = d.get("rope_parameters") or d.get("rope_scaling") or {}
+    if not isinstance(rope, dict):
+        raise UserError(f"{source}: field 'rope_parameters' / 'rope_scaling' is not an object")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type != "default":
+        raise UserError(f"{source}: field 'rope_type' is {rope_type!r}; only 'default' RoPE is supported "
+                        "(no rope scaling: llama3, linear, dynamic, yarn, longrope)")
+    if float(d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))) != 1.0:
+        raise UserError(f"{source}: field 'partial_rotary_factor' is not 1; partial RoPE is not supported")
+    theta = rope.get("rope_theta", d.get("rope_theta", 10000.0))
+    eos = d.get("eos_token_id")
+    known = {f.name for f in fields(ModelConfig)}
+    skip = ("rope_theta", "eos_token_id", "model_type", "torch_dtype")
+    kwargs = {k: v for k, v in d.items() if k in known and k not in skip}
+    kwargs.setdefault("num_key_value_heads", d["num_attention_heads"])
+    kwargs.setdefault("tie_word_embeddings", False)  # transformers' default for both architectures
+    kwargs.setdefault("rms_norm_eps", 1e-6)
+    kwargs.setdefault("max_position_embeddings", 32768 if model_type == "qwen2" else 2048)
+    if model_type == "qwen2":
+        kwargs.pop("attention_bias", None)
+        kwargs.pop("mlp_bias", None)
+    kwargs.setdefault("bos_token_id", None)
+    kwargs["torch_dtype"] = d.get("dtype") or d.get("torch_dtype") or "float32"
+    cfg = ModelConfig(**kwargs, rope_theta=float(theta), eos_token_id=eos[0] if isinstance(eos, list) else eos,
+              model_type=model_type)
+    if cfg.num_attention_heads % cfg.num_key_value_heads:
+        raise UserError(f"{source}: num_attention_heads ({cfg.num_attention_heads}) must be a multiple of "
+                        f"num_key_value_heads ({cfg.num_key_value_heads})")
+    if cfg.dim_head % 2:
+        raise UserError(f"{source}: head_dim {cfg.dim_head} is odd; RoPE rotates halves of an even head_dim")
+    return cfg
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    """The `config.json` transformers writes for this shape (official layout of its model_type)."""
+    d = asdict(cfg)
+    d.update(architectures=[ARCHITECTURES[cfg.model_type]], hidden_act="silu", attention_dropout=0.0,
+             initializer_range=0.02, use_cache=True)
+    if cfg.model_type == "qwen2":
+        del d["attention_bias"], d["mlp_bias"]
+        d.update(use_sliding_window=False, sliding_window=cfg.max_position_embeddings,
+                 max_window_layers=cfg.num_hidden_layers)
+    else:
+        d.update(rope_scaling=None, pretraining_tp=1)
+    if d["head_dim"] is None:
+        del d["head_dim"]
+    return d
 
 
 def safetensors_files(model_dir: Path) -> list[Path]:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from .safety import MissingFile, UserError, WriteError, file_records, os_cause, verify_files
+from minroute.run.safety import MissingFile, UserError, WriteError, file_records, os_cause, verify_files
 
 
 def _fsync_dir(path: Path):
@@ -257,6 +257,25 @@ def trained_rows(d: Path) -> set[str] | None:
     return set(path.read_text().split()) if path.exists() else None
 
 
+def optimizer_tensors(opt, names: dict) -> dict[str, torch.Tensor]:
+    """AdamW's moments keyed by parameter name (names: param -> name), for a safetensors file."""
+    out = {}
+    for p, s in opt.state.items():
+        out[f"m.{names[p]}"], out[f"v.{names[p]}"] = s["m"], s["v"]
+    return out
+
+
+def restore_optimizer(opt, tensors: dict[str, torch.Tensor], names: dict, t: int):
+    """Load AdamW's moments (optimizer_tensors' keys) and its update count t."""
+    for p, s in opt.state.items():
+        for k in ("m", "v"):
+            key = f"{k}.{names[p]}"
+            if key not in tensors or tensors[key].shape != p.shape:
+                raise ValueError(f"optimizer state '{key}' missing or misshapen in the checkpoint")
+            s[k].copy_(tensors[key])
+    opt.t = t
+
+
 def rng_state_tensors() -> dict[str, torch.Tensor]:
     out = {"rng.torch_cpu": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -279,11 +298,13 @@ def adapter_tensors(route) -> dict[str, torch.Tensor]:
 
 
 def build_layerroute(model_path, lora: dict, pool: str = "mask", init: str = "band", device="cpu", dtype=None):
-    """Frozen Qwen2 from model_path + LoRA(r, alpha, dropout) on q/k/v/o + routers."""
-    from .load import load_model
-    from .lora import add_lora
-    from .router import LayerRoute
-    base = load_model(model_path, dtype=dtype, device=device)
+    """Frozen decoder from model_path + LoRA(r, alpha, dropout) on q/k/v/o + routers; its MLPs take the fused
+    SwiGLU backward (fast/kernels.py: the same values, less memory)."""
+    from minroute.core.lora import add_lora
+    from minroute.core.router import LayerRoute
+    from minroute.fast.kernels import fuse_swiglu
+    from minroute.run.load import load_model
+    base = fuse_swiglu(load_model(model_path, dtype=dtype, device=device))
     add_lora(base, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"])
     return LayerRoute(base, pool=pool, init=init)
 

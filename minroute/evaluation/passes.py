@@ -24,10 +24,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .data import TokenSplit, collate
-from .lora import lora_disabled
-from .loss import TokenCE
-from .router import pool_mean
+from minroute.run.data import TokenSplit, collate
+from minroute.core.lora import lora_disabled
+from minroute.fast.kernels import TokenCE
+from minroute.core.router import pool_mean
 
 
 @dataclass(frozen=True)
@@ -189,8 +189,8 @@ def floor_seconds(route, split: TokenSplit, pad_id: int, settings: list[Setting]
     over every `every`-th length-ordered batch and scaled to all rows by their real tokens. {name: seconds}."""
     import time
 
-    from .loss import lm_loss_per_sample
-    from .timing import _sync
+    from minroute.fast.kernels import lm_loss_per_sample
+    from minroute.evaluation.timing import _sync
     route.eval()
     batches = length_order(split, batch_size, pad_to)[::every]
     lengths = split.lengths()

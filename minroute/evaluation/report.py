@@ -30,8 +30,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .checkpoint import atomic_write_text
-from .stats import bootstrap_ci, log_t_ci, t_ci, t_ci_clipped
+from minroute.run.checkpoint import atomic_write_text
+from minroute.evaluation.stats import bootstrap_ci, log_t_ci, t_ci, t_ci_clipped
 
 VARIANTS = ("paper", "author", "noreg", "uniform-init", "bce")
 PAPER = {"skip_tool": 15.25, "skip_planning": 2.34, "diff": 12.91,

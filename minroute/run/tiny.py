@@ -8,7 +8,7 @@ Tokenizer: a copy of a real Qwen tokenizer.json when one is given (then vocab_si
 real model); otherwise a small byte-level BPE trained with `tokenizers` on the bundled text, carrying
 Qwen's special tokens <|endoftext|>, <|im_start|>, <|im_end|> and its added <tool_call>, </tool_call>.
 
-    python -m minroute.tiny OUT_DIR [--tokenizer path/to/tokenizer.json] [--layers 4]
+    python -m minroute.run.tiny OUT_DIR [--tokenizer path/to/tokenizer.json] [--layers 4]
 """
 from __future__ import annotations
 
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import save_file
 
-from .model import CausalLM, ModelConfig, init_weights
+from minroute.core.model import CausalLM, ModelConfig, init_weights
+from minroute.run.load import config_to_dict
 
 CORPUS = Path(__file__).with_name("assets") / "tiny_corpus.txt"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]  # special in Qwen: never split, skipped on decode
@@ -94,7 +95,7 @@ def write_tiny_checkpoint(out_dir, *, hidden_size: int = 64, num_hidden_layers: 
     if tie_word_embeddings:
         tensors.pop("lm_head.weight")  # tied: not stored, as in the official 0.5B file
     save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
-    (out / "config.json").write_text(json.dumps(cfg.to_dict(), indent=2))
+    (out / "config.json").write_text(json.dumps(config_to_dict(cfg), indent=2))
     (out / "generation_config.json").write_text(json.dumps({
         "bos_token_id": endoftext, "eos_token_id": [im_end, endoftext], "pad_token_id": endoftext,
         "do_sample": True, "temperature": 0.7, "top_p": 0.8, "top_k": 20, "repetition_penalty": 1.1}, indent=2))

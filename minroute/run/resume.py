@@ -20,7 +20,7 @@ import sys
 import time
 from pathlib import Path
 
-from .checkpoint import (
+from minroute.run.checkpoint import (
     CKPT_NAME,
     atomic_write_text,
     checkpoints,
@@ -31,8 +31,8 @@ from .checkpoint import (
     read_meta,
     run_dir_of,
 )
-from .runs import PRESETS, resolve
-from .safety import MissingFile, UserError
+from minroute.run.settings import PRESETS, resolve
+from minroute.run.safety import MissingFile, UserError
 
 # what a resumed run may be given again with a new value
 RESUME_MAY_CHANGE = {"steps", "device", "resume", "out", "deterministic", "ddp_backend"}
