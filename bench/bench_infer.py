@@ -8,7 +8,7 @@ k = 0 on the same code path (LayerRoute with imposed gates, real skipping):
 - prefill of one --prefill-len prompt (the LM head on the last position, as generation does), bound
   L / (L - k): compute-bound blocks;
 - KV-cache decode at batch 1 after a --decode-prompt prompt, ms/token over --new-tokens steps, bound
-  = weight bytes read per token with and without the k blocks (lm_head included), REFERENCE.md §5.
+  = weight bytes read per token with and without the k blocks (lm_head included), docs/reference.md §5.
 The goal is a measured speedup of at least 90% of the bound. Then decode at batch 1 next to transformers'
 `generate` (greedy, its own KV cache) on the same weights, and on CUDA next to the bandwidth floor
 (weight bytes / measured device-to-device copy bandwidth).

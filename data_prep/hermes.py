@@ -3,7 +3,7 @@
 A row: {"id", "conversations": [{"from": "system"|"human"|"gpt"|"tool", "value": str}], "category", ...}.
 - system: Hermes' instructions with the tool list inside <tools>...</tools> as a Python repr (or JSON) of a
   list of {"type": "function", "function": {...}}. The tools become the chat's `tools`; Hermes' prose is
-  dropped because Qwen's template writes its own tool instructions around them (REFERENCE.md §7).
+  dropped because Qwen's template writes its own tool instructions around them (docs/reference.md §7).
 - gpt: text and/or <tool_call>\\n{'arguments': {...}, 'name': '...'}\\n</tool_call> blocks (reprs) ->
   an assistant message with structured tool_calls.
 - tool: <tool_response>\\n{...}\\n</tool_response> blocks -> tool messages.

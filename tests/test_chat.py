@@ -61,7 +61,7 @@ def test_token_ids_equal_apply_chat_template(hf_tokenizer, real_tokenizer_path, 
 
 
 def test_render_without_transformers_known_text():
-    """A golden string (REFERENCE.md §7), independent of transformers."""
+    """A golden string (docs/reference.md §7), independent of transformers."""
     text = render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": "", "tool_calls": [
         {"name": "f", "arguments": {"x": 1}}]}], tools=[{"name": "f"}])
     assert text == ("<|im_start|>system\n" + DEFAULT_SYSTEM + "\n\n# Tools\n\nYou may call one or more functions to "

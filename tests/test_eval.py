@@ -280,3 +280,19 @@ def test_eval_numbers_are_checked_up_front(demo_run, capsys, flag, value):
         eval_script.main(["--ckpt", str(demo_run), flag, value])
     err = capsys.readouterr().err
     assert e.value.code == 2 and err.startswith(f"error: {flag}: ") and err.count("\n") == 1
+
+
+def test_eval_skip_and_differential_are_core_definition():
+    """eval.py's numpy skip% (PassResult) and differential equal core.router.skip_percent, the definition the
+    training log and validation call, on random gates of 30 layers (where float rounding could differ)."""
+    from minroute.core.router import skip_percent
+    from minroute.evaluation.evaluate import PassResult
+    rng = np.random.default_rng(0)
+    for n in (7, 60, 101):
+        hard = rng.random((n, 30)) < rng.random((n, 1))
+        step = (rng.random(n) < 0.5).astype(np.int64)
+        step[:2] = [0, 1]
+        r = PassResult(step, np.full(n, 10), np.zeros(n), np.ones(n, np.int64), np.zeros((n, 30)), hard)
+        tool, plan = skip_percent(torch.from_numpy(hard), torch.from_numpy(step == 0))
+        assert abs(r.skip_pct(0) - tool) <= 1e-9 and abs(r.skip_pct(1) - plan) <= 1e-9
+        assert abs(r.differential()["diff"] - (tool - plan)) <= 1e-9

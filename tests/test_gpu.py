@@ -9,7 +9,7 @@
 - a full optimizer update as train.py runs it (4 x 4 sequences of the paper's lengths): its time, tokens/s, the
   host syncs CUDA counts (set_sync_debug_mode; at most one per block per micro-batch and one per update), and in
   deterministic mode the same update twice gives bitwise-equal gradients;
-- skipping and decoding against their bounds (REFERENCE.md §5): prefill with 9 blocks closed reaches 85% of
+- skipping and decoding against their bounds (docs/reference.md §5): prefill with 9 blocks closed reaches 85% of
   L / (L - 9), decode of 90% of the weight-bytes bound.
 TF32 is off (conftest). Figures are printed (-s) for the closing note.
 """
@@ -106,7 +106,7 @@ def layerroute_vs_peft(ckpt, device, dtype, open_gates: list[bool], adapter: Pat
         loss = lm_loss(h, route.lm_head.weight, labels)
     loss.backward()
     ours = {n: m for n, m in lora_layers(route.base).items()}
-    save_peft_adapter(route.base, adapter)  # the same LoRA A and B for PEFT
+    save_peft_adapter(route.base, adapter, str(ckpt))  # the same LoRA A and B for PEFT
     ours_grads = {n: (m.lora_A.grad, m.lora_B.grad) for n, m in ours.items()}
     ours_logits = ours_logits.detach()
     del route, ours, h, loss

@@ -144,7 +144,7 @@ def test_peft_loads_our_adapter(tmp_path, tiny_dir):
     hf, ours = _hf_and_ours(tiny_dir)
     add_lora(ours, r=8, alpha=16, dropout=0.05)
     randomise_B(ours, seed=3)  # B != 0, so a wrong mapping or scaling shows
-    save_peft_adapter(ours, tmp_path / "adapter")
+    save_peft_adapter(ours, tmp_path / "adapter", str(tiny_dir))
     peft_model = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter").eval()
     ours.eval()
     ids = torch.randint(0, ours.config.vocab_size, (2, 17))
@@ -178,6 +178,6 @@ def test_load_peft_adapter_errors(tmp_path, tiny_dir):
     with pytest.raises(FileNotFoundError, match="adapter_config.json: missing"):
         load_peft_adapter(m, tmp_path)
     other = add_lora(load_model(tiny_dir), r=8, alpha=16)
-    save_peft_adapter(other, tmp_path / "a")
+    save_peft_adapter(other, tmp_path / "a", str(tiny_dir))
     with pytest.raises(ValueError, match=r"r=8, alpha=16.0, but the model's LoRA has r=4"):
         load_peft_adapter(m, tmp_path / "a")

@@ -100,7 +100,7 @@ def test_fp32_parity_long_sequence(tmp_path):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_bf16_parity(tmp_path, name):
-    """bf16 weights and activations on both sides, same kernel (SDPA). REFERENCE.md §4: bitwise is reachable."""
+    """bf16 weights and activations on both sides, same kernel (SDPA). docs/reference.md §4: bitwise is reachable."""
     d = hf_checkpoint(tmp_path, name, "nested")
     ours = load_model(d, dtype=torch.bfloat16)
     ids, mask = inputs(ours.config.vocab_size, pad="right")

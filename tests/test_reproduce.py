@@ -44,7 +44,7 @@ def test_demo_study_writes_every_section_and_figure(study):
         assert png.exists() and png.read_bytes()[:4] == b"\x89PNG" and f"figures/{f}.png" in report
     for name in ("claim", "table2", "table5", "controls", "length_confound", "gates", "seeds"):
         assert (out / "tables" / f"{name}.csv").exists()
-    assert "authors' code, 10 seeds (quoted from REFERENCE.md" in report and "-5.71 (8.37)" in report
+    assert "authors' code, 10 seeds (quoted from docs/reference.md" in report and "-5.71 (8.37)" in report
     assert "train.py --out" in report and "eval.py --ckpt" in report, "the commands are in the report"
 
 

@@ -4,7 +4,7 @@
 summed CE and counted tokens (all counted tokens, and the assistant-output tokens alone), the soft gates p
 (L,) and the hard gates (L,, True = block ran). `run_pass` is one setting alone (passes.run_settings does
 several at once, sharing their common prefixes). PPL is exp(token-mean CE) and nothing else; the paper's
-definition is computed beside it only to show the artefact (REFERENCE.md §2, defect 1): the authors averaged
+definition is computed beside it only to show the artefact (docs/reference.md §2, defect 1): the authors averaged
 exp(CE_i + lambda * R_i) over samples, R_i a sample's mean soft gate.
 
 Controls at *exactly* matched compute (`static_masks`, `random_masks`): the learned routing runs a mean of
@@ -59,6 +59,7 @@ class PassResult:
         return self.hard.sum(1)
 
     def skip_pct(self, t: int | None = None) -> float:
+        """skip% of step type t (all rows: None); core.router.skip_percent's definition, in numpy (tested equal)."""
         h = self.hard if t is None else self.hard[self.sel(t)]
         return 100.0 * float(1 - h.mean()) if h.size else float("nan")
 

@@ -3,7 +3,7 @@
 Two definitions side by side:
 - `paper_flops`: the authors' blocks-only formula at a fixed T: per block the Q, K, V, O projections, a
   full (non-causal) QK^T and the three MLP matmuls; no A.V, no lm_head. 377,688,686,592 for 24 layers at
-  T = 512 (REFERENCE.md §2).
+  T = 512 (docs/reference.md §2).
 - `sequence_flops`: what a forward really costs at the sequence's real length: projections, causal QK^T
   and A.V, MLP for the layers that ran, the routers, and the lm_head on the positions it is applied to.
 """
@@ -73,7 +73,7 @@ def router_params(cfg: ModelConfig) -> int:
 
 def skip_bound_speedup(cfg: ModelConfig, k: float) -> tuple[float, float]:
     """Best speedup from skipping k blocks: (decode, bandwidth-bound: weight bytes read per token;
-    prefill, compute-bound on the blocks only). REFERENCE.md §5."""
+    prefill, compute-bound on the blocks only). docs/reference.md §5."""
     per_block = proj_macs(cfg) + mlp_macs(cfg)  # parameters of one block's matmuls
     total = cfg.num_hidden_layers * per_block + cfg.vocab_size * cfg.hidden_size
     decode = total / (total - k * per_block)

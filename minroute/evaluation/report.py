@@ -4,7 +4,7 @@ A study folder (what reproduce.sh writes) holds `runs/<variant>-s<seed>/` (a tra
 and `commands.log`. `write_report(study)` reads only those files (no model is loaded), so the report's numbers
 are exactly the runs' eval.json numbers: per variant the mean over seeds with a Student-t 95% CI of the mean
 (n - 1 degrees of freedom; a percentile bootstrap beside it in study.json, too narrow for a few seeds), beside
-the paper's single-seed claim and the authors' own 10-seed rerun (quoted from REFERENCE.md).
+the paper's single-seed claim and the authors' own 10-seed rerun (quoted from docs/reference.md).
 
 Outputs (names are stable):
   REPORT.md                 the report
@@ -35,9 +35,9 @@ from minroute.evaluation.stats import bootstrap_ci, log_t_ci, t_ci, t_ci_clipped
 
 VARIANTS = ("paper", "author", "noreg", "uniform-init", "bce")
 PAPER = {"skip_tool": 15.25, "skip_planning": 2.34, "diff": 12.91,
-         "ppl": {"tool": (4.747, 3.454), "planning": (4.928, 3.631)}}  # REFERENCE.md §1, Tables 2 and 5
+         "ppl": {"tool": (4.747, 3.454), "planning": (4.928, 3.631)}}  # docs/reference.md §1, Tables 2 and 5
 AUTHORS_RERUN = {"skip_tool": (4.27, 3.16), "skip_planning": (9.98, 5.79), "diff": (-5.71, 8.37),
-                 "positive": "2 of 10"}  # REFERENCE.md §2: mean (sd) over the authors' 10 seeds
+                 "positive": "2 of 10"}  # docs/reference.md §2: mean (sd) over the authors' 10 seeds
 METRICS = {  # study.json metric -> where it sits in a run's eval.json
     "skip_tool": ("skip_pct", "tool"), "skip_planning": ("skip_pct", "planning"), "diff": ("skip_diff",),
     "tf_diff": ("teacher_forced", "skip_diff"),
@@ -293,7 +293,7 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
     rows = [["paper (single seed)", PAPER["skip_tool"], PAPER["skip_planning"], PAPER["diff"],
              f"{PAPER['ppl']['tool'][0]} → {PAPER['ppl']['tool'][1]}",
              f"{PAPER['ppl']['planning'][0]} → {PAPER['ppl']['planning'][1]}"],
-            ["authors' code, 10 seeds (quoted from REFERENCE.md §2; mean (sd))",
+            ["authors' code, 10 seeds (quoted from docs/reference.md §2; mean (sd))",
              "{} ({})".format(*AUTHORS_RERUN["skip_tool"]), "{} ({})".format(*AUTHORS_RERUN["skip_planning"]),
              "{} ({}); > 0 in {}".format(*AUTHORS_RERUN["diff"], AUTHORS_RERUN["positive"]), "n/a", "n/a"]]
     for v in variants:
@@ -304,7 +304,7 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
     md += ["## The claim, side by side", "",
            _md_table(["source", "skip% tool", "skip% planning", "differential (tool − planning)",
                       "PPL tool full → gated", "PPL planning full → gated"], rows), "",
-           "The paper's PPL is exp(CE + λ·mean soft gate) (REFERENCE.md §2, defect 1); minroute's is exp(CE) alone, "
+           "The paper's PPL is exp(CE + λ·mean soft gate) (docs/reference.md §2, defect 1); minroute's is exp(CE) alone, "
            "with the paper's definition beside it in Table 5.", ""]
     rows = [[f"`{v}`", fmt(S[v]["skip_tool"]), fmt(S[v]["skip_planning"]), fmt(S[v]["diff"]), S[v]["positive"],
              fmt(S[v]["tf_diff"]), fmt(S[v]["flops_red_tool_paper"]), fmt(S[v]["flops_red_tool_whole"])]

@@ -5,7 +5,7 @@ Messages are dicts: {"role": "system"|"user"|"assistant"|"tool", "content": str}
 carry "tool_calls": [{"name": str, "arguments": dict}]. Tools are JSON schemas, usually
 {"type": "function", "function": {"name", "description", "parameters"}}. The output is character for
 character what `tokenizer.apply_chat_template(messages, tools=tools)` gives with the template in Qwen's
-tokenizer_config.json (REFERENCE.md §7; tests/test_chat.py checks it):
+tokenizer_config.json (docs/reference.md §7; tests/test_chat.py checks it):
 
 - system turn: the first message's content if it is a system message, else the model's default system
   prompt (`ChatFormat.default_system`, read from its own chat template; Qwen2.5: DEFAULT_SYSTEM); with tools,

@@ -19,8 +19,9 @@ from minroute.core.lora import TARGETS, add_lora, lora_layers
 PEFT_PREFIX = "base_model.model."
 
 
-def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str = "Qwen/Qwen2.5-0.5B-Instruct"):
-    """Write adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads."""
+def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str):
+    """Write adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads onto
+    `base_model` (a Hub id or a local folder: the model the adapter was trained on)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_peft_adapter: the model has no LoRA layers (call add_lora first)")
