@@ -10,10 +10,10 @@ BEFORE and AFTER are folders written by the same commands on the two versions of
 
 Every file is paired by its path relative to the folder:
 - checkpoint tensors (`ckpt-*/*.safetensors`): bitwise equal, tensor by tensor;
-- `eval.json`, `study.json`: equal value by value (floats exactly), after replacing each folder's own absolute
-  path by `<root>`, and leaving out what measures wall-clock (`timing`, any key holding `seconds` or ending in
-  `_ms` or `ms_per_token`) and what hashes the bytes of a manifest that records absolute paths
-  (`*manifest_sha256`).
+- `eval.json`, `study.json`: equal value by value (floats exactly), after replacing each folder's
+  own absolute path by `<root>`, and leaving out what measures wall-clock (`timing`, any key holding
+  `seconds` or ending in `_ms` or `ms_per_token`) and what hashes the bytes of a manifest that
+  records absolute paths (`*manifest_sha256`).
 
 Prints every difference and exits 1 if there is one, 0 if all compared files agree.
 """
@@ -27,8 +27,13 @@ from pathlib import Path
 
 from safetensors.torch import load_file
 
+
 def volatile(key: str) -> bool:
-    return "seconds" in key or key == "timing" or key.endswith(("_ms", "ms_per_token", "manifest_sha256"))
+    return (
+        "seconds" in key
+        or key == "timing"
+        or key.endswith(("_ms", "ms_per_token", "manifest_sha256"))
+    )
 
 
 def normalise(x, roots: tuple[str, ...]):
@@ -81,12 +86,19 @@ def compare(before: Path, after: Path) -> tuple[int, list[str]]:
             x, y = load_file(str(fb)), load_file(str(fa))
             if x.keys() != y.keys():
                 problems.append(f"{rel}: tensor names differ ({sorted(set(x) ^ set(y))[:4]})")
-            problems += [f"{rel}: {k} differs" for k in x if k in y and not (x[k].shape == y[k].shape
-                                                                                and x[k].eq(y[k]).all())]
+            problems += [
+                f"{rel}: {k} differs"
+                for k in x
+                if k in y and not (x[k].shape == y[k].shape and x[k].eq(y[k]).all())
+            ]
         else:
             out: list[str] = []
-            diff(normalise(json.loads(fb.read_text()), roots_of(before)),
-                 normalise(json.loads(fa.read_text()), roots_of(after)), str(rel), out)
+            diff(
+                normalise(json.loads(fb.read_text()), roots_of(before)),
+                normalise(json.loads(fa.read_text()), roots_of(after)),
+                str(rel),
+                out,
+            )
             problems += out
     return n, problems
 
@@ -100,7 +112,10 @@ def main(argv=None) -> int:
     n, problems = compare(before, after)
     for p in problems:
         print(p)
-    print(f"{n} files compared ({before} vs {after}): " + ("all equal" if not problems else f"{len(problems)} differ"))
+    print(
+        f"{n} files compared ({before} vs {after}): "
+        + ("all equal" if not problems else f"{len(problems)} differ")
+    )
     return 1 if problems or n == 0 else 0
 
 

@@ -1,14 +1,15 @@
-"""glaiveai/glaive-function-calling-v2 (Apache-2.0): a `system` string with the function definitions and a
-`chat` string of USER / ASSISTANT / FUNCTION RESPONSE turns.
+"""glaiveai/glaive-function-calling-v2 (Apache-2.0): a `system` string with the function definitions
+and a `chat` string of USER / ASSISTANT / FUNCTION RESPONSE turns.
 
-- system: "SYSTEM: You are a helpful assistant with access to the following functions. Use them if required -"
-  followed by zero or more 4-space-indented JSON objects, one after another. Each becomes a tool
-  {"type": "function", "function": {...}} (the authors' loader dropped them).
-- chat: turns separated by blank lines, each starting with its marker. Assistant turns end with the literal
-  " <|endoftext|>" (token 151643 in Qwen), which is removed. A call is
-  `<functioncall> {"name": "...", "arguments": '{...}'}` whose arguments are a single-quoted JSON string, so
-  the call as a whole is a Python literal, not JSON: it becomes a structured tool call.
+- system: "SYSTEM: You are a helpful assistant with access to the following functions. Use them if
+  required -" followed by zero or more 4-space-indented JSON objects, one after another. Each
+  becomes a tool {"type": "function", "function": {...}} (the authors' loader dropped them).
+- chat: turns separated by blank lines, each starting with its marker. Assistant turns end with the
+  literal " <|endoftext|>" (token 151643 in Qwen), which is removed. A call is `<functioncall>
+  {"name": "...", "arguments": '{...}'}` whose arguments are a single-quoted JSON string, so the
+  call as a whole is a Python literal, not JSON: it becomes a structured tool call.
 """
+
 from __future__ import annotations
 
 import json
@@ -72,7 +73,9 @@ def to_sample(record, row: int, source: str = "glaive") -> Sample:
             messages.append({"role": "tool", "content": content})
         elif "<functioncall>" in content:
             before, _, call = content.partition("<functioncall>")
-            messages.append({"role": "assistant", "content": before.strip(), "tool_calls": [parse_call(call)]})
+            messages.append(
+                {"role": "assistant", "content": before.strip(), "tool_calls": [parse_call(call)]}
+            )
         else:
             messages.append({"role": "assistant", "content": content})
     if messages[0]["role"] != "user":

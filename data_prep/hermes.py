@@ -1,14 +1,18 @@
-"""NousResearch/hermes-function-calling-v1 (Apache-2.0): ShareGPT-style rows with tools as Python reprs.
+"""NousResearch/hermes-function-calling-v1 (Apache-2.0): ShareGPT-style rows with tools as Python
+reprs.
 
-A row: {"id", "conversations": [{"from": "system"|"human"|"gpt"|"tool", "value": str}], "category", ...}.
-- system: Hermes' instructions with the tool list inside <tools>...</tools> as a Python repr (or JSON) of a
-  list of {"type": "function", "function": {...}}. The tools become the chat's `tools`; Hermes' prose is
-  dropped because Qwen's template writes its own tool instructions around them (docs/reference.md §7).
-- gpt: text and/or <tool_call>\\n{'arguments': {...}, 'name': '...'}\\n</tool_call> blocks (reprs) ->
-  an assistant message with structured tool_calls.
-- tool: <tool_response>\\n{...}\\n</tool_response> blocks -> tool messages.
-Singleturn rows (the default config, func-calling-singleturn.json) end at the gpt tool call.
+A row: {"id", "conversations": [{"from": "system"|"human"|"gpt"|"tool", "value": str}], "category",
+...}.
+- system: Hermes' instructions with the tool list inside <tools>...</tools> as a Python repr (or
+  JSON) of a list of {"type": "function", "function": {...}}. The tools become the chat's `tools`;
+  Hermes' prose is dropped because Qwen's template writes its own tool instructions around them
+  (docs/reference.md §7).
+- gpt: text and/or <tool_call>\\n{'arguments': {...}, 'name': '...'}\\n</tool_call> blocks (reprs)
+  -> an assistant message with structured tool_calls.
+- tool: <tool_response>\\n{...}\\n</tool_response> blocks -> tool messages. Singleturn rows (the
+  default config, func-calling-singleturn.json) end at the gpt tool call.
 """
+
 from __future__ import annotations
 
 import re
@@ -83,14 +87,25 @@ def to_sample(record, row: int, source: str = "hermes") -> Sample:
         raise Malformed("bad_turn_order", "does not start with a human turn")
     if not any(m["role"] == "assistant" for m in messages):
         raise Malformed("no_assistant_turn")
-    meta = {k: record.get(k) for k in ("id", "category", "subcategory", "task") if isinstance(record.get(k), str)}
+    meta = {
+        k: record.get(k)
+        for k in ("id", "category", "subcategory", "task")
+        if isinstance(record.get(k), str)
+    }
     return Sample(messages, tools, TOOL, source, row, meta)
 
 
 def first_call_prefix(sample: Sample) -> Sample:
-    """The prompt up to and including the first assistant turn that calls a tool (for held-out eval)."""
+    """The prompt up to and including the first assistant turn that calls a tool (for held-out
+    eval)."""
     for i, m in enumerate(sample.messages):
         if m["role"] == "assistant" and m.get("tool_calls"):
-            return Sample(sample.messages[: i + 1], sample.tools, sample.step_type, sample.source, sample.row,
-                          sample.meta)
+            return Sample(
+                sample.messages[: i + 1],
+                sample.tools,
+                sample.step_type,
+                sample.source,
+                sample.row,
+                sample.meta,
+            )
     raise Malformed("no_tool_call")

@@ -1,4 +1,6 @@
-"""What every source parser shares: the sample type, the malformed-record error, tolerant JSON readers."""
+"""What every source parser shares: the sample type, the malformed-record error, tolerant JSON
+readers."""
+
 from __future__ import annotations
 
 import ast
@@ -30,33 +32,43 @@ class Sample:
     meta: dict = field(default_factory=dict)
 
     def content_hash(self) -> str:
-        """sha256 of the conversation (messages + tools), the identity used to keep eval out of training."""
+        """sha256 of the conversation (messages + tools), the identity used to keep eval out of
+        training."""
         blob = json.dumps([self.messages, self.tools], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode("utf-8")).hexdigest()
 
     def prompt_hash(self) -> str:
-        """sha256 of the first user message: the same question is the same prompt, whatever answer or tools
-        come with it (held-out rows are refused by this, not only by the whole conversation)."""
+        """sha256 of the first user message: the same question is the same prompt, whatever answer
+        or tools come with it (held-out rows are refused by this, not only by the whole
+        conversation)."""
         first = next((m["content"] for m in self.messages if m["role"] == "user"), "")
         return hashlib.sha256(first.encode("utf-8", errors="surrogatepass")).hexdigest()
 
 
 def first_response(sample: Sample) -> Sample:
-    """The row cut after its routed response, so that one routing decision covers one response: a tool row
-    ends at its first assistant turn that calls a tool (a row without a call at its first assistant turn).
-    Returns the sample itself when nothing follows that turn."""
+    """The row cut after its routed response, so that one routing decision covers one response: a
+    tool row ends at its first assistant turn that calls a tool (a row without a call at its first
+    assistant turn). Returns the sample itself when nothing follows that turn."""
     turns = [i for i, m in enumerate(sample.messages) if m["role"] == "assistant"]
     calls = [i for i in turns if sample.messages[i].get("tool_calls")]
     end = (calls or turns or [len(sample.messages) - 1])[0] + 1
     if end >= len(sample.messages):
         return sample
-    return Sample(sample.messages[:end], sample.tools, sample.step_type, sample.source, sample.row,
-                  {**sample.meta, "cut_at_first_response": True})
+    return Sample(
+        sample.messages[:end],
+        sample.tools,
+        sample.step_type,
+        sample.source,
+        sample.row,
+        {**sample.meta, "cut_at_first_response": True},
+    )
 
 
 def json_like(x, depth: int = 0) -> bool:
-    """True if x is made of what JSON holds (dict with str keys, list, str, int, float, bool, None), at most
-    64 levels deep: a Python literal may also hold sets, tuples, bytes or complex numbers, which no chat can."""
+    """True if x is made of what JSON holds (dict with str keys, list, str, int, float, bool, None),
+    at most 64 levels deep: a Python literal may also hold sets, tuples, bytes or complex numbers,
+    which no chat can.
+    """
     if depth > 64:
         return False
     if isinstance(x, dict):
@@ -67,8 +79,9 @@ def json_like(x, depth: int = 0) -> bool:
 
 
 def parse_literal(text: str):
-    """JSON first, then a Python literal (Hermes writes reprs: single quotes, True/None). Never eval. What
-    parses to something JSON cannot hold (a set, bytes, nesting past 64 levels) is `bad_literal`."""
+    """JSON first, then a Python literal (Hermes writes reprs: single quotes, True/None). Never
+    eval. What parses to something JSON cannot hold (a set, bytes, nesting past 64 levels) is
+    `bad_literal`."""
     try:
         value = json.loads(text)
     except (json.JSONDecodeError, RecursionError):
@@ -93,13 +106,16 @@ def has_bad_utf8(x) -> bool:
 
 
 def read_json_records(path: Path, source: str) -> list:
-    """A JSON array or JSON lines. Returns a list whose items are records, or Malformed for a bad line.
+    """A JSON array or JSON lines. Returns a list whose items are records, or Malformed for a bad
+    line.
 
     Invalid UTF-8 is decoded with surrogate escapes so one bad record does not sink the file; such
     records are reported as `invalid_utf8`. A file that is neither is an error naming the source.
     """
     try:
-        text = Path(path).read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")  # a BOM
+        text = (
+            Path(path).read_bytes().decode("utf-8", errors="surrogateescape").removeprefix("\ufeff")
+        )  # a BOM
     except OSError as e:
         raise MissingFile(f"{source}: cannot read {path} ({e.strerror})") from e
     stripped = text.lstrip()
@@ -107,7 +123,10 @@ def read_json_records(path: Path, source: str) -> list:
         try:
             rows = json.loads(stripped)
         except (json.JSONDecodeError, RecursionError) as e:
-            raise UserError(f"{source}: {path} starts like a JSON array but does not parse ({e}); re-download it") from e
+            raise UserError(
+                f"{source}: {path} starts like a JSON array but does not parse ({e});"
+                " re-download it"
+            ) from e
         if not isinstance(rows, list):
             raise UserError(f"{source}: {path} is not a JSON array of records; re-download it")
     else:
@@ -120,7 +139,9 @@ def read_json_records(path: Path, source: str) -> list:
             except (json.JSONDecodeError, RecursionError):
                 rows.append(Malformed("not_json", line[:80]))
         if rows and all(isinstance(r, Malformed) for r in rows):
-            raise UserError(f"{source}: {path} is neither a JSON array nor JSON lines; re-download it")
+            raise UserError(
+                f"{source}: {path} is neither a JSON array nor JSON lines; re-download it"
+            )
     return [Malformed("invalid_utf8") if has_bad_utf8(r) else r for r in rows]
 
 
@@ -137,7 +158,8 @@ def require(record, name: str, kind: type):
 
 
 def tool_call(obj) -> dict:
-    """A parsed call {'name': str, 'arguments': dict}; string arguments are parsed as JSON / literal."""
+    """A parsed call {'name': str, 'arguments': dict}; string arguments are parsed as JSON /
+    literal."""
     if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
         raise Malformed("bad_tool_call", "no name")
     args = obj.get("arguments", {})

@@ -1,8 +1,10 @@
-"""minroute: a from-scratch, parity-tested reference implementation of LayerRoute (input-conditioned layer skipping).
+"""minroute: a from-scratch, parity-tested reference implementation of LayerRoute (input-conditioned
+layer skipping).
 
-The method is in minroute/core (read it in order: model, lora, router, update); minroute/fast holds faster forms of
-some of its computations, each tested equal; minroute/run the machinery of a run; minroute/evaluation the tables.
-What a script of your own needs is importable from here, and stays here when the package is reorganised:
+The method is in minroute/core (read it in order: model, lora, router, update); minroute/fast holds
+faster forms of some of its computations, each tested equal; minroute/run the machinery of a run;
+minroute/evaluation the tables. What a script of your own needs is importable from here, and stays
+here when the package is reorganised:
 
     from minroute import load_model, load_tokenizer, add_lora, LayerRoute
     model = add_lora(load_model("Qwen/Qwen2.5-0.5B-Instruct"))
@@ -14,7 +16,14 @@ What a script of your own needs is importable from here, and stays here when the
 from minroute.core.lora import add_lora, lora_disabled, merge_lora, unmerge_lora
 from minroute.core.model import CausalLM, KVCache, ModelConfig
 from minroute.core.router import LayerRoute, middle_band, skip_percent, straight_through
-from minroute.core.update import AdamW, bce_gate_loss, gate_regulariser, get_lr, lm_loss_per_sample, micro_batch_loss
+from minroute.core.update import (
+    AdamW,
+    bce_gate_loss,
+    gate_regulariser,
+    get_lr,
+    lm_loss_per_sample,
+    micro_batch_loss,
+)
 from minroute.evaluation.bfcl import bfcl_check, bfcl_correct
 from minroute.evaluation.generate import generate, generate_ids
 from minroute.fast.packing import train_forward

@@ -1,4 +1,6 @@
-"""Helpers shared by the router tests (tests/test_router.py: the spec) and the fast-path tests (tests/test_fast.py)."""
+"""Helpers shared by the router tests (tests/test_router.py: the spec) and the fast-path tests
+(tests/test_fast.py)."""
+
 import pytest
 import torch
 
@@ -33,7 +35,7 @@ def batch(vocab, B=6, T=20, seed=0, pad=True):
     mask = torch.ones(B, T, dtype=torch.long)
     if pad:
         for b in range(1, B, 2):
-            mask[b, T - 3 * b:] = 0  # right padding of different lengths
+            mask[b, T - 3 * b :] = 0  # right padding of different lengths
     return ids, mask
 
 
@@ -44,7 +46,9 @@ def mixed_routers(model, ids, mask, tries=50):
         model.gated_hidden(ids, mask)
         hard = model.last.hard
         mixed = [(0 < c < hard.shape[0]) for c in hard.sum(0).tolist()]
-        if sum(mixed) >= 3 and (~hard).all(0).any():  # mixed layers, and one layer closed for every row
+        if (
+            sum(mixed) >= 3 and (~hard).all(0).any()
+        ):  # mixed layers, and one layer closed for every row
             return hard
     pytest.fail("no router seed gave mixed gates")
 

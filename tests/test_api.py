@@ -1,4 +1,5 @@
-"""The public API (minroute/__init__.py) a user's own script imports, used as the README shows it."""
+"""The public API (minroute/__init__.py) a user's own script imports, used as the README does."""
+
 import torch
 
 import minroute
@@ -17,8 +18,18 @@ def test_readme_api_example_runs(tmp_path):
     ids = torch.tensor([tok.tokenizer.encode("hello world, how are you").ids])
     mask = torch.ones_like(ids)
     h, soft, hard = route.gated_hidden(ids, mask)
-    assert h.shape == (1, ids.shape[1], route.config.hidden_size) and soft.shape == hard.shape == (1, 6)
-    assert hard[0].tolist() == [True, True, False, False, True, True], "band 2..3 of 6 starts closed"
+    assert h.shape == (1, ids.shape[1], route.config.hidden_size) and soft.shape == hard.shape == (
+        1,
+        6,
+    )
+    assert hard[0].tolist() == [
+        True,
+        True,
+        False,
+        False,
+        True,
+        True,
+    ], "band 2..3 of 6 starts closed"
     with torch.no_grad():
         logits = route(ids, mask)
     assert logits.shape == (1, ids.shape[1], route.config.vocab_size)

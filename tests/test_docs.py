@@ -1,4 +1,5 @@
 """The README's real-study table says what the committed study (docs/smollm2-study) measured."""
+
 import csv
 import math
 import re
@@ -13,26 +14,41 @@ STUDY = ROOT / "docs" / "smollm2-study"
 def shown_equal(text: str, value: float) -> bool:
     """A figure as printed ('12.89', '−0.41', '119') is value rounded to the digits shown."""
     decimals = len(text.split(".")[1]) if "." in text else 0
-    return abs(float(text.replace("−", "-")) - value) <= 0.5 * 10 ** -decimals + 1e-9
+    return abs(float(text.replace("−", "-")) - value) <= 0.5 * 10**-decimals + 1e-9
 
 
 def readme_row(label: str) -> list[list[str]]:
     """The numbers of each cell of the README table row starting with label."""
     for line in (ROOT / "README.md").read_text().splitlines():
         if line.startswith(f"| {label} |"):
-            return [re.findall(r"[−-]?\d+(?:\.\d+)?", cell) for cell in line.strip("|").split("|")[1:]]
+            return [
+                re.findall(r"[−-]?\d+(?:\.\d+)?", cell) for cell in line.strip("|").split("|")[1:]
+            ]
     pytest.fail(f"README has no table row '{label}'")
 
 
-@pytest.mark.parametrize("variant,label", [("paper", "minroute `paper`, 3 seeds"), ("noreg", "minroute `noreg`, 1 seed")])
+@pytest.mark.parametrize(
+    "variant,label", [("paper", "minroute `paper`, 3 seeds"), ("noreg", "minroute `noreg`, 1 seed")]
+)
 def test_readme_study_table_is_the_committed_study(variant, label):
-    claim = {r["source"]: r for r in csv.DictReader(open(STUDY / "tables" / "claim.csv"))}[f"minroute {variant}"]
-    ppl = {(r["variant"], r["step_type"]): r for r in csv.DictReader(open(STUDY / "tables" / "table5.csv"))}
+    claim = {r["source"]: r for r in csv.DictReader(open(STUDY / "tables" / "claim.csv"))}[
+        f"minroute {variant}"
+    ]
+    ppl = {
+        (r["variant"], r["step_type"]): r
+        for r in csv.DictReader(open(STUDY / "tables" / "table5.csv"))
+    }
     cells = readme_row(label)
     for cell, key in zip(cells[:3], ("skip_tool", "skip_planning", "diff")):
-        assert shown_equal(cell[0], float(claim[key])), f"{label}: README {key} {cell[0]} vs study {claim[key]}"
+        assert shown_equal(cell[0], float(claim[key])), (
+            f"{label}: README {key} {cell[0]} vs study {claim[key]}"
+        )
     if not math.isnan(float(claim["diff_ci_low"])):
-        assert shown_equal(cells[2][1], float(claim["diff_ci_low"])) and shown_equal(cells[2][2], float(claim["diff_ci_high"]))
+        assert shown_equal(cells[2][1], float(claim["diff_ci_low"])) and shown_equal(
+            cells[2][2], float(claim["diff_ci_high"])
+        )
     full, gated = cells[3][0], cells[3][1]
     tool = ppl[(variant, "tool")]
-    assert shown_equal(full, float(tool["ppl_full"])) and shown_equal(gated, float(tool["ppl_gated"])), cells[3]
+    assert shown_equal(full, float(tool["ppl_full"])) and shown_equal(
+        gated, float(tool["ppl_gated"])
+    ), cells[3]

@@ -1,5 +1,8 @@
-"""python -m minroute.export: a run's LoRA as a PEFT adapter that transformers + PEFT load onto the run's own base
-model with minroute's logits (every gate open), its routers as safetensors + JSON; bad input is one error line."""
+"""python -m minroute.export: a run's LoRA as a PEFT adapter that transformers + PEFT load onto the
+run's own base model with minroute's logits (every gate open), its routers as safetensors + JSON;
+bad input is one error line.
+"""
+
 import json
 import subprocess
 import sys
@@ -26,20 +29,31 @@ def test_export_round_trip_through_peft(tmp_path, demo_run):
     note = json.loads((out / "routers.json").read_text())
     routers = load_file(str(out / "routers.safetensors"))
     L = route.config.num_hidden_layers
-    assert note["layers"] == L and sorted(routers) == sorted(f"routers.{i}.{k}" for i in range(L)
-                                                             for k in ("weight", "bias"))
-    assert all(torch.equal(routers[f"routers.{i}.bias"], route.routers[i].bias.detach()) for i in range(L))
-    hf = transformers.AutoModelForCausalLM.from_pretrained(cfg["base_model_name_or_path"], dtype=torch.float32,
-                                                           attn_implementation="sdpa")
+    assert note["layers"] == L and sorted(routers) == sorted(
+        f"routers.{i}.{k}" for i in range(L) for k in ("weight", "bias")
+    )
+    assert all(
+        torch.equal(routers[f"routers.{i}.bias"], route.routers[i].bias.detach()) for i in range(L)
+    )
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        cfg["base_model_name_or_path"], dtype=torch.float32, attn_implementation="sdpa"
+    )
     peft_model = peft.PeftModel.from_pretrained(hf, out).eval()
-    ids = torch.randint(0, route.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(
+        0, route.config.vocab_size, (2, 17), generator=torch.Generator().manual_seed(0)
+    )
     with torch.no_grad(), route.forcing(torch.ones(L, dtype=torch.bool)):
         ours = route(ids)
         theirs = peft_model(input_ids=ids).logits.float()
     diff = (ours - theirs).abs().max().item()
-    print(f"export round trip: max |dlogit| minroute (all gates open) vs transformers + PEFT = {diff:.3g}")
+    print(
+        "export round trip: max |dlogit| minroute (all gates open) vs transformers + PEFT ="
+        f" {diff:.3g}"
+    )
     assert diff <= 1e-5, f"exported adapter: max |dlogit| = {diff:.3g}"
-    lora_b = [k for k in load_file(str(out / "adapter_model.safetensors")) if k.endswith("lora_B.weight")]
+    lora_b = [
+        k for k in load_file(str(out / "adapter_model.safetensors")) if k.endswith("lora_B.weight")
+    ]
     assert lora_b, "the adapter holds the LoRA B matrices"
 
 
@@ -50,8 +64,12 @@ def test_export_refuses_bad_input_in_one_line(tmp_path, demo_run):
         ([str(demo_run), "--out", str(demo_run / "train_log.csv")], "not an empty folder"),
     ]
     for argv, expect in cases:
-        r = subprocess.run([sys.executable, "-m", "minroute.export", *argv], capture_output=True, text=True,
-                           cwd=ROOT)
+        r = subprocess.run(
+            [sys.executable, "-m", "minroute.export", *argv],
+            capture_output=True,
+            text=True,
+            cwd=ROOT,
+        )
         assert r.returncode == 2, r.stderr
         lines = r.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and expect in lines[0], r.stderr

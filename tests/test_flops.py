@@ -1,11 +1,21 @@
 """FLOPs: the paper's blocks-only number, and the full count against a brute-force matmul count."""
+
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from minroute import load_model
-from minroute.evaluation.flops import (attention_flops, block_flops, lm_head_flops, lora_params, paper_flops, router_flops,
-                            router_params, sequence_flops, skip_bound_speedup)
 from minroute.core.model import ModelConfig
+from minroute.evaluation.flops import (
+    attention_flops,
+    block_flops,
+    lm_head_flops,
+    lora_params,
+    paper_flops,
+    router_flops,
+    router_params,
+    sequence_flops,
+    skip_bound_speedup,
+)
 
 
 def test_paper_formula():
@@ -32,10 +42,13 @@ def test_full_formula_matches_brute_force_matmul_count(tiny_dir):
     ids = torch.randint(0, cfg.vocab_size, (1, T))
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         m(ids)
-    counted = fc.get_total_flops()  # the CPU SDPA kernel is not counted by FlopCounterMode: linear layers only
+    counted = (
+        fc.get_total_flops()
+    )  # the CPU SDPA kernel is not counted by FlopCounterMode: linear layers only
     L = cfg.num_hidden_layers
     assert counted == L * (block_flops(cfg, T) - attention_flops(cfg, T)) + lm_head_flops(cfg, T)
-    # attention: eager QK^T and A.V are counted as full T x T products; causal keeps, per query t, t+1 keys
+    # attention: eager QK^T and A.V are counted as full T x T products; causal keeps, per query t,
+    # t+1 keys
     H, D = cfg.num_attention_heads, cfg.dim_head
     q, k, v = (torch.randn(1, H, T, D) for _ in range(3))
     with FlopCounterMode(display=False) as fc:
@@ -43,7 +56,9 @@ def test_full_formula_matches_brute_force_matmul_count(tiny_dir):
     assert fc.get_total_flops() == attention_flops(cfg, T, causal=False)
     brute_causal = sum(2 * 2 * H * D * (t + 1) for t in range(T))
     assert attention_flops(cfg, T) == brute_causal
-    assert sequence_flops(cfg, T, L, routers=False) == L * block_flops(cfg, T) + lm_head_flops(cfg, T)
+    assert sequence_flops(cfg, T, L, routers=False) == L * block_flops(cfg, T) + lm_head_flops(
+        cfg, T
+    )
 
 
 def test_sequence_flops_scale_with_layers_and_routers():

@@ -1,4 +1,5 @@
 """LoRA: identity at init, exact merge/unmerge, and PEFT round trips both ways."""
+
 import math
 
 import pytest
@@ -6,10 +7,17 @@ import torch
 from torch import nn
 
 from minroute import load_model
-from minroute.core.lora import (LoRADropout, LoRALinear, add_lora, lora_layers, lora_state_dict, merge_lora,
-                                unmerge_lora)
-from minroute.run.peft import load_peft_adapter, save_peft_adapter
+from minroute.core.lora import (
+    LoRADropout,
+    LoRALinear,
+    add_lora,
+    lora_layers,
+    lora_state_dict,
+    merge_lora,
+    unmerge_lora,
+)
 from minroute.core.model import init_weights
+from minroute.run.peft import load_peft_adapter, save_peft_adapter
 
 
 def randomise_B(model, seed=0, std=0.05):
@@ -59,7 +67,9 @@ def test_add_lora_trainable_set_and_state_dict(tiny_dir):
     assert trainable == set(lora_state_dict(m))
     L = m.config.num_hidden_layers
     assert len(trainable) == L * 4 * 2
-    assert all(n.startswith("model.layers.") and n.endswith((".lora_A", ".lora_B")) for n in trainable)
+    assert all(
+        n.startswith("model.layers.") and n.endswith((".lora_A", ".lora_B")) for n in trainable
+    )
     assert "model.layers.0.self_attn.q_proj.weight" in dict(m.named_parameters())  # HF names kept
 
 
@@ -74,9 +84,9 @@ def test_dropout_only_in_train_mode(tiny_dir):
 
 
 def test_dropout_mask_is_bernoulli_and_the_training_forward_is_the_formula():
-    """LoRADropout keeps each element with probability 1 - p (independently: two draws differ, the kept fraction is
-    within 5 standard errors of 1 - p), and LoRALinear's training forward is W x + b + (alpha / r) B A (m * x) /
-    (1 - p) with that mask m, its gradients those of the formula."""
+    """LoRADropout keeps each element with probability 1 - p (independently: two draws differ, the
+    kept fraction is within 5 standard errors of 1 - p), and LoRALinear's training forward is W x +
+    b + (alpha / r) B A (m * x) / (1 - p) with that mask m, its gradients those of the formula."""
     p, n = 0.05, 1_000_000
     drop = LoRADropout(p).train()
     x = torch.ones(n)
@@ -86,11 +96,15 @@ def test_dropout_mask_is_bernoulli_and_the_training_forward_is_the_formula():
     for m in (a, b):
         assert abs(m.float().mean().item() - (1 - p)) < 5 * se
     assert not torch.equal(a, b)
-    assert abs((a & b).float().mean().item() - (1 - p) ** 2) < 5 * se, "two masks must be independent"
+    assert abs((a & b).float().mean().item() - (1 - p) ** 2) < 5 * se, (
+        "two masks must be independent"
+    )
     torch.manual_seed(1)
     y = drop(x)
     torch.manual_seed(1)
-    assert torch.equal(y, torch.where(drop.keep(x), x / (1 - p), 0.0)), "forward = mask * x / (1 - p)"
+    assert torch.equal(y, torch.where(drop.keep(x), x / (1 - p), 0.0)), (
+        "forward = mask * x / (1 - p)"
+    )
     drop.eval()
     assert drop(x) is x
 
@@ -156,7 +170,12 @@ def test_peft_loads_our_adapter(tmp_path, tiny_dir):
 def test_we_load_a_peft_adapter(tmp_path, tiny_dir):
     peft = pytest.importorskip("peft")
     hf, ours = _hf_and_ours(tiny_dir)
-    cfg = peft.LoraConfig(r=8, lora_alpha=16, lora_dropout=0.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    cfg = peft.LoraConfig(
+        r=8,
+        lora_alpha=16,
+        lora_dropout=0.0,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj"],
+    )
     peft_model = peft.get_peft_model(hf, cfg)
     g = torch.Generator().manual_seed(9)
     with torch.no_grad():

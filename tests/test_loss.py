@@ -1,5 +1,6 @@
-"""fast/kernels.py's chunked, gradient-in-forward cross-entropy equals F.cross_entropy on full logits and core's
-plain lm_loss_per_sample, value and gradient."""
+"""fast/kernels.py's chunked, gradient-in-forward cross-entropy equals F.cross_entropy on full
+logits and core's plain lm_loss_per_sample, value and gradient."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -20,7 +21,9 @@ def test_matches_full_logits_cross_entropy(chunk):
     loss = lm_loss(h, W, labels, chunk=chunk)
     loss.backward()
     h2 = h.detach().clone().requires_grad_(True)
-    ref = F.cross_entropy((h2 @ W.T)[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100)
+    ref = F.cross_entropy(
+        (h2 @ W.T)[:, :-1].reshape(-1, V), labels[:, 1:].reshape(-1), ignore_index=-100
+    )
     ref.backward()
     assert abs(loss.item() - ref.item()) < 1e-6
     diff = (h.grad - h2.grad).abs().max().item()
@@ -71,17 +74,20 @@ def test_refuses_a_trainable_head():
 
 
 def index_add_sums(h, W, labels):
-    """The per-sequence sums as minroute computed them before (index_add of each token's CE: CUDA adds in atomic
-    order, so not deterministic there)."""
+    """The per-sequence sums as minroute computed them before (index_add of each token's CE: CUDA
+    adds in atomic order, so not deterministic there)."""
     valid = labels[:, 1:] != -100
     ce = F.cross_entropy(h[:, :-1][valid] @ W.T, labels[:, 1:][valid], reduction="none")
     return torch.zeros(h.shape[0]).index_add(0, valid.nonzero()[:, 0], ce)
 
 
 def test_counted_positions_from_the_host_give_the_same_loss_without_index_add(monkeypatch):
-    """Precomputed counted positions (collate does it on the CPU) give bitwise the same sums and gradients as
-    positions found here; the sums equal index_add's to fp32 rounding; no index_add (nondeterministic on CUDA)."""
+    """Precomputed counted positions (collate does it on the CPU) give bitwise the same sums and
+    gradients as positions found here; the sums equal index_add's to fp32 rounding; no index_add
+    (nondeterministic on CUDA).
+    """
     from minroute.fast.kernels import counted_positions
+
     torch.manual_seed(2)
     B, T, d, V = 4, 23, 16, 40
     W = torch.randn(V, d)
@@ -93,6 +99,7 @@ def test_counted_positions_from_the_host_give_the_same_loss_without_index_add(mo
 
     def boom(*a, **k):
         raise AssertionError("index_add: nondeterministic on CUDA")
+
     monkeypatch.setattr(torch.Tensor, "index_add", boom)
     monkeypatch.setattr(torch.Tensor, "index_add_", boom)
     sums, counts = lm_loss_per_sample(h, W, labels, chunk=5)
@@ -111,9 +118,11 @@ def test_counted_positions_from_the_host_give_the_same_loss_without_index_add(mo
 
 
 def test_collate_precomputes_what_the_step_needs(demo_run):
-    """collate: counted positions (those of its labels), padded, real tokens and row lengths known on the host."""
-    from minroute.run.data import TokenSplit, collate
+    """collate: counted positions (those of its labels), padded, real tokens and row lengths known
+    on the host."""
     from minroute.fast.kernels import counted_positions
+    from minroute.run.data import TokenSplit, collate
+
     split = TokenSplit(demo_run / "demo-data", "train")
     lens = split.lengths()
     rows = [int(i) for i in lens.argsort()[:3]] + [int(lens.argmax())]
@@ -121,10 +130,16 @@ def test_collate_precomputes_what_the_step_needs(demo_run):
     index, target = counted_positions(b["labels"])
     assert torch.equal(b["loss_index"], index) and torch.equal(b["loss_target"], target)
     assert b.padded and b.real_tokens == int(b["attention_mask"].sum()) == int(lens[rows].sum())
-    assert b.lengths == b["attention_mask"].sum(1).tolist() == [int(lens[r]) for r in rows]  # the packing's lengths
-    assert all(b["attention_mask"][i, :n].all() for i, n in enumerate(b.lengths)), "right padding: a prefix each"
+    assert (
+        b.lengths == b["attention_mask"].sum(1).tolist() == [int(lens[r]) for r in rows]
+    )  # the packing's lengths
+    assert all(b["attention_mask"][i, :n].all() for i, n in enumerate(b.lengths)), (
+        "right padding: a prefix each"
+    )
     assert collate(split, rows, 0, side="left").lengths is None, "left padding is never packed"
-    assert not (b["route_mask"].bool() & ~b["attention_mask"].bool()).any(), "the routed prompt is real tokens"
+    assert not (b["route_mask"].bool() & ~b["attention_mask"].bool()).any(), (
+        "the routed prompt is real tokens"
+    )
     same = collate(split, [rows[-1]] * 2, 0)
     assert not same.padded and same.real_tokens == 2 * int(lens[rows[-1]])
     moved = {k: v.to("cpu") for k, v in b.items()}  # what eval and passes do still works

@@ -1,17 +1,19 @@
-"""Parity of minroute's decoder with transformers' Qwen2ForCausalLM and LlamaForCausalLM (test-time references only).
+"""Parity of minroute's decoder with transformers' Qwen2ForCausalLM and LlamaForCausalLM (test-time
+references only).
 
-Every parameter is re-randomised (biases and norm weights included: HF's init leaves them at 0 and 1,
-which would hide a missing bias or a misplaced norm weight), TF32 is off (conftest), fp32 throughout
-unless stated. Max |logit difference| is printed in every assert message.
+Every parameter is re-randomised (biases and norm weights included: HF's init leaves them at 0 and
+1, which would hide a missing bias or a misplaced norm weight), TF32 is off (conftest), fp32
+throughout unless stated. Max |logit difference| is printed in every assert message.
 """
+
 import json
 
 import pytest
 import torch
 
 from minroute import load_model
-from minroute.evaluation.generate import generate_ids
 from minroute.core.model import ModelConfig, count_params_meta, init_weights
+from minroute.evaluation.generate import generate_ids
 from minroute.run.load import config_from_dict
 from minroute.run.tiny import write_tiny_checkpoint
 
@@ -19,26 +21,46 @@ transformers = pytest.importorskip("transformers")
 
 # name: (our tiny-writer kwargs); GQA ratios 2, 1 and 7, tied and untied, several thetas
 CONFIGS = {
-    "tied-gqa2": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True,
-                      rope_theta=1_000_000.0),
-    "untied-mha": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=4, tie_word_embeddings=False,
-                       rope_theta=10_000.0),
-    "tied-gqa7": dict(hidden_size=112, num_attention_heads=7, num_key_value_heads=1, tie_word_embeddings=True,
-                      rope_theta=500_000.0),
+    "tied-gqa2": dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+        rope_theta=1_000_000.0,
+    ),
+    "untied-mha": dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+        rope_theta=10_000.0,
+    ),
+    "tied-gqa7": dict(
+        hidden_size=112,
+        num_attention_heads=7,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+        rope_theta=500_000.0,
+    ),
 }
 
 
 def hf_checkpoint(tmp_path, name, rope_style, seed=0):
-    """A checkpoint folder for config `name` whose config.json carries rope theta top-level ('top', written by
-    minroute's tiny writer, transformers-4.43 layout) or inside rope_parameters ('nested', written by
-    transformers' own save_pretrained after re-randomising every HF parameter)."""
+    """A checkpoint folder for config `name` whose config.json carries rope theta top-level ('top',
+    written by minroute's tiny writer, transformers-4.43 layout) or inside rope_parameters
+    ('nested', written by transformers' own save_pretrained after re-randomising every HF
+    parameter)."""
     kw = CONFIGS[name]
-    d = write_tiny_checkpoint(tmp_path / f"{name}-top", num_hidden_layers=3, intermediate_size=96, seed=seed, **kw)
+    d = write_tiny_checkpoint(
+        tmp_path / f"{name}-top", num_hidden_layers=3, intermediate_size=96, seed=seed, **kw
+    )
     if rope_style == "top":
         assert "rope_theta" in json.loads((d / "config.json").read_text())
         return d
     hf = transformers.Qwen2ForCausalLM.from_pretrained(d, dtype=torch.float32)
-    init_weights(hf, seed=seed + 1, std=0.1)  # re-randomise every HF parameter, at a larger logit scale
+    init_weights(
+        hf, seed=seed + 1, std=0.1
+    )  # re-randomise every HF parameter, at a larger logit scale
     out = tmp_path / f"{name}-nested"
     hf.save_pretrained(out)
     cfg = json.loads((out / "config.json").read_text())
@@ -47,7 +69,9 @@ def hf_checkpoint(tmp_path, name, rope_style, seed=0):
 
 
 def hf_model(d, attn, dtype=torch.float32):
-    m = transformers.Qwen2ForCausalLM.from_pretrained(d, attn_implementation=attn, dtype=dtype).eval()
+    m = transformers.Qwen2ForCausalLM.from_pretrained(
+        d, attn_implementation=attn, dtype=dtype
+    ).eval()
     return m
 
 
@@ -83,7 +107,9 @@ def test_fp32_parity(tmp_path, name, rope_style, pad):
             ref = hf_model(d, attn)(ids, attention_mask=mask).logits
             diff = max_diff(got, ref, mask)
             print(f"{name} rope={rope_style} pad={pad} vs HF {attn}: max|dlogit| = {diff:.3g}")
-            assert diff <= tol, f"{name}/{rope_style}/{pad}: max |dlogit| vs HF {attn} = {diff:.3g} > {tol}"
+            assert diff <= tol, (
+                f"{name}/{rope_style}/{pad}: max |dlogit| vs HF {attn} = {diff:.3g} > {tol}"
+            )
 
 
 def test_fp32_parity_long_sequence(tmp_path):
@@ -100,7 +126,8 @@ def test_fp32_parity_long_sequence(tmp_path):
 
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_bf16_parity(tmp_path, name):
-    """bf16 weights and activations on both sides, same kernel (SDPA). docs/reference.md §4: bitwise is reachable."""
+    """bf16 weights and activations on both sides, same kernel (SDPA). docs/reference.md §4: bitwise
+    is reachable."""
     d = hf_checkpoint(tmp_path, name, "nested")
     ours = load_model(d, dtype=torch.bfloat16)
     ids, mask = inputs(ours.config.vocab_size, pad="right")
@@ -110,7 +137,9 @@ def test_bf16_parity(tmp_path, name):
     diff = max_diff(got, ref, mask)
     scale = ref.float().abs().max().item()
     print(f"{name} bf16 vs HF sdpa bf16: max|dlogit| = {diff:.3g} at logit scale {scale:.3g}")
-    assert diff <= 1e-6 * max(scale, 1.0), f"{name}: bf16 max |dlogit| = {diff:.3g} (logit scale {scale:.3g})"
+    assert diff <= 1e-6 * max(scale, 1.0), (
+        f"{name}: bf16 max |dlogit| = {diff:.3g} (logit scale {scale:.3g})"
+    )
 
 
 def test_kv_cache_decode_equals_full_forward(tiny_dir):
@@ -121,7 +150,7 @@ def test_kv_cache_decode_equals_full_forward(tiny_dir):
         cache = m.new_cache(30)
         steps = [m(ids[:, :17], cache=cache)]  # a prefill of 17, then one token at a time
         for t in range(17, 30):
-            steps.append(m(ids[:, t:t + 1], cache=cache))
+            steps.append(m(ids[:, t : t + 1], cache=cache))
     inc = torch.cat(steps, dim=1)
     diff = (inc - full).abs().max().item()
     assert diff <= 1e-5, f"KV-cache decoding vs full forward: max |dlogit| = {diff:.3g}"
@@ -146,8 +175,13 @@ def test_greedy_generate_equals_hf(tmp_path):
     ours = load_model(d)
     hf = hf_model(d, "sdpa")
     ids, _ = inputs(ours.config.vocab_size, B=1, T=12, seed=5)
-    plain = transformers.GenerationConfig(do_sample=False, max_new_tokens=24, min_new_tokens=24, pad_token_id=0,
-                                          repetition_penalty=1.0)  # not the checkpoint's sampling defaults
+    plain = transformers.GenerationConfig(
+        do_sample=False,
+        max_new_tokens=24,
+        min_new_tokens=24,
+        pad_token_id=0,
+        repetition_penalty=1.0,
+    )  # not the checkpoint's sampling defaults
     ref = hf.generate(ids, generation_config=plain)[:, 12:]
     got = generate_ids(ours, ids, 24)
     assert torch.equal(got, ref), f"greedy tokens differ:\nours {got.tolist()}\nHF   {ref.tolist()}"
@@ -174,7 +208,7 @@ def test_generate_stops_on_any_eos_and_samples_reproducibly(tiny_dir):
     stop = int(free[0, 3])
     stopped = generate_ids(m, ids, 12, eos_ids=[10**6, stop])
     first = (free[0] == stop).nonzero()[0].item()
-    assert stopped.shape[1] == first + 1 and torch.equal(stopped[0], free[0, :first + 1])
+    assert stopped.shape[1] == first + 1 and torch.equal(stopped[0], free[0, : first + 1])
     kw = dict(temperature=0.8, top_k=20, top_p=0.9)
     a = generate_ids(m, ids, 12, generator=torch.Generator().manual_seed(1), **kw)
     b = generate_ids(m, ids, 12, generator=torch.Generator().manual_seed(1), **kw)
@@ -183,6 +217,7 @@ def test_generate_stops_on_any_eos_and_samples_reproducibly(tiny_dir):
 
 def test_sampling_filters():
     from minroute.evaluation.generate import sample_next
+
     logits = torch.tensor([[0.0, 1.0, 2.0, 3.0, 4.0]])
     g = torch.Generator().manual_seed(0)
     draws = {int(sample_next(logits, 1.0, top_k=2, generator=g)) for _ in range(200)}
@@ -197,27 +232,53 @@ def test_real_shape_parameter_count():
     assert count_params_meta(ModelConfig()) == 494_032_768
 
 
-# ----------------------------------------------------------------------------- Llama-family checkpoints
+# ----------------------------------------------------------------------------- Llama-family
+# checkpoints
 
-# name: transformers LlamaConfig kwargs; SmolLM2-like (tied, GQA 3, no biases), TinyLlama-like (untied, GQA 4),
-# and one with every bias on and an explicit head_dim that differs from hidden / heads
+# name: transformers LlamaConfig kwargs; SmolLM2-like (tied, GQA 3, no biases), TinyLlama-like
+# (untied, GQA 4), and one with every bias on and an explicit head_dim that differs from hidden /
+# heads
 LLAMA_CONFIGS = {
-    "smollm2-like": dict(hidden_size=48, num_attention_heads=3, num_key_value_heads=1, intermediate_size=80,
-                         tie_word_embeddings=True, rope_theta=100_000.0, rms_norm_eps=1e-5),
-    "tinyllama-like": dict(hidden_size=64, num_attention_heads=8, num_key_value_heads=2, intermediate_size=96,
-                           tie_word_embeddings=False, rope_theta=10_000.0, rms_norm_eps=1e-5),
-    "biases-head_dim": dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=96,
-                            head_dim=24, attention_bias=True, mlp_bias=True, tie_word_embeddings=False,
-                            rope_theta=500_000.0),
+    "smollm2-like": dict(
+        hidden_size=48,
+        num_attention_heads=3,
+        num_key_value_heads=1,
+        intermediate_size=80,
+        tie_word_embeddings=True,
+        rope_theta=100_000.0,
+        rms_norm_eps=1e-5,
+    ),
+    "tinyllama-like": dict(
+        hidden_size=64,
+        num_attention_heads=8,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        tie_word_embeddings=False,
+        rope_theta=10_000.0,
+        rms_norm_eps=1e-5,
+    ),
+    "biases-head_dim": dict(
+        hidden_size=64,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=96,
+        head_dim=24,
+        attention_bias=True,
+        mlp_bias=True,
+        tie_word_embeddings=False,
+        rope_theta=500_000.0,
+    ),
 }
 
 
 def llama_checkpoint(tmp_path, name, seed=0):
-    """transformers' own LlamaForCausalLM, every parameter re-randomised (norms and biases included), saved by
-    save_pretrained (safetensors, transformers-5 config layout)."""
+    """transformers' own LlamaForCausalLM, every parameter re-randomised (norms and biases
+    included), saved by save_pretrained (safetensors, transformers-5 config layout)."""
     kw = {**LLAMA_CONFIGS[name]}
     kw["rope_parameters"] = {"rope_type": "default", "rope_theta": kw.pop("rope_theta")}
-    cfg = transformers.LlamaConfig(vocab_size=300, num_hidden_layers=3, max_position_embeddings=512, **kw)
+    cfg = transformers.LlamaConfig(
+        vocab_size=300, num_hidden_layers=3, max_position_embeddings=512, **kw
+    )
     torch.manual_seed(seed)
     hf = transformers.LlamaForCausalLM(cfg)
     init_weights(hf, seed=seed + 1, std=0.1)
@@ -232,7 +293,9 @@ def test_llama_fp32_parity(tmp_path, name, pad):
     d = llama_checkpoint(tmp_path, name)
     ours = load_model(d)
     hf_names = set(transformers.LlamaForCausalLM.from_pretrained(d).state_dict())
-    assert set(ours.state_dict()) == hf_names, "minroute's tensors are not exactly the checkpoint's (no zero biases)"
+    assert set(ours.state_dict()) == hf_names, (
+        "minroute's tensors are not exactly the checkpoint's (no zero biases)"
+    )
     ids, mask = inputs(ours.config.vocab_size, pad=pad)
     with torch.no_grad():
         got = ours(ids, attention_mask=mask)
@@ -240,7 +303,9 @@ def test_llama_fp32_parity(tmp_path, name, pad):
             ref = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation=attn).eval()
             diff = max_diff(got, ref(ids, attention_mask=mask).logits, mask)
             print(f"llama {name} pad={pad} vs HF {attn}: max|dlogit| = {diff:.3g}")
-            assert diff <= tol, f"llama {name}/{pad}: max |dlogit| vs HF {attn} = {diff:.3g} > {tol}"
+            assert diff <= tol, (
+                f"llama {name}/{pad}: max |dlogit| vs HF {attn} = {diff:.3g} > {tol}"
+            )
 
 
 def test_llama_bf16_parity(tmp_path):
@@ -249,17 +314,29 @@ def test_llama_bf16_parity(tmp_path):
     ids, mask = inputs(ours.config.vocab_size, pad="right")
     with torch.no_grad():
         got = ours(ids, attention_mask=mask)
-        ref = transformers.LlamaForCausalLM.from_pretrained(d, attn_implementation="sdpa", dtype=torch.bfloat16)
+        ref = transformers.LlamaForCausalLM.from_pretrained(
+            d, attn_implementation="sdpa", dtype=torch.bfloat16
+        )
         ref = ref.eval()(ids, attention_mask=mask).logits
     diff = max_diff(got, ref, mask)
     print(f"llama bf16 vs HF sdpa bf16: max|dlogit| = {diff:.3g}")
-    assert diff <= 1e-6 * max(ref.float().abs().max().item(), 1.0), f"llama bf16: max |dlogit| = {diff:.3g}"
+    assert diff <= 1e-6 * max(ref.float().abs().max().item(), 1.0), (
+        f"llama bf16: max |dlogit| = {diff:.3g}"
+    )
 
 
 def test_tiny_llama_writer_loads_in_transformers(tmp_path):
-    """minroute.run.tiny writes Llama checkpoints in the official layout too: transformers reads them as they are."""
-    d = write_tiny_checkpoint(tmp_path / "tl", model_type="llama", attention_bias=True, head_dim=24,
-                              tie_word_embeddings=False, num_hidden_layers=2, seed=3)
+    """minroute.run.tiny writes Llama checkpoints in the official layout too: transformers reads
+    them as they are."""
+    d = write_tiny_checkpoint(
+        tmp_path / "tl",
+        model_type="llama",
+        attention_bias=True,
+        head_dim=24,
+        tie_word_embeddings=False,
+        num_hidden_layers=2,
+        seed=3,
+    )
     ours = load_model(d)
     ref = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
     assert type(ref).__name__ == "LlamaForCausalLM"
@@ -269,30 +346,66 @@ def test_tiny_llama_writer_loads_in_transformers(tmp_path):
     assert diff <= 1e-5, f"tiny llama vs HF: max |dlogit| = {diff:.3g}"
 
 
-@pytest.mark.parametrize("change,field", [
-    ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_type"),
-    ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type"),
-    ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type"),
-    ({"sliding_window": 4096}, "sliding_window"),
-    ({"hidden_act": "gelu"}, "hidden_act"),
-    ({"model_type": "mistral"}, "model_type"),
-    ({"model_type": None}, "model_type"),
-    ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
-])
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"rope_scaling": {"rope_type": "llama3", "factor": 8.0}}, "rope_type"),
+        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4}}, "rope_type"),
+        ({"rope_scaling": {"type": "linear", "factor": 2.0}}, "rope_type"),
+        ({"sliding_window": 4096}, "sliding_window"),
+        ({"hidden_act": "gelu"}, "hidden_act"),
+        ({"model_type": "mistral"}, "model_type"),
+        ({"model_type": None}, "model_type"),
+        ({"partial_rotary_factor": 0.5}, "partial_rotary_factor"),
+    ],
+)
 def test_unsupported_configs_refused_by_name(change, field):
     from minroute.run.safety import UserError
-    base = {"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
-            "num_hidden_layers": 2, "num_attention_heads": 4}
+
+    base = {
+        "model_type": "llama",
+        "vocab_size": 100,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
     with pytest.raises(UserError, match=field):
         config_from_dict({**base, **change}, source="x/config.json")
 
 
 def test_llama_config_defaults_are_transformers():
-    cfg = config_from_dict({"model_type": "llama", "vocab_size": 100, "hidden_size": 32, "intermediate_size": 64,
-                                 "num_hidden_layers": 2, "num_attention_heads": 4})
-    ref = transformers.LlamaConfig(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                   num_attention_heads=4)
-    assert (cfg.tie_word_embeddings, cfg.rms_norm_eps, cfg.num_key_value_heads, cfg.dim_head, cfg.rope_theta,
-            cfg.attention_bias, cfg.mlp_bias) == (ref.tie_word_embeddings, ref.rms_norm_eps, ref.num_key_value_heads,
-                                                  ref.head_dim, ref.rope_parameters["rope_theta"], ref.attention_bias,
-                                                  ref.mlp_bias)
+    cfg = config_from_dict(
+        {
+            "model_type": "llama",
+            "vocab_size": 100,
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+        }
+    )
+    ref = transformers.LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+    )
+    assert (
+        cfg.tie_word_embeddings,
+        cfg.rms_norm_eps,
+        cfg.num_key_value_heads,
+        cfg.dim_head,
+        cfg.rope_theta,
+        cfg.attention_bias,
+        cfg.mlp_bias,
+    ) == (
+        ref.tie_word_embeddings,
+        ref.rms_norm_eps,
+        ref.num_key_value_heads,
+        ref.head_dim,
+        ref.rope_parameters["rope_theta"],
+        ref.attention_bias,
+        ref.mlp_bias,
+    )

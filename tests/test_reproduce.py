@@ -1,4 +1,6 @@
-"""reproduce.sh: the demo study end to end (a smaller slice), its report, its figures, and resuming it."""
+"""reproduce.sh: the demo study end to end (a smaller slice), its report, its figures, and resuming
+it."""
+
 import json
 import os
 import re
@@ -9,19 +11,44 @@ import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-SECTIONS = ("## The claim, side by side", "## Table 2: skipping by variant", "## Table 5: perplexity",
-            "## Controls at matched compute", "## The length confound", "## Wall-clock against its bound",
-            "## Task accuracy", "## What these numbers can and cannot support", "## Figures", "## How it was made")
+SECTIONS = (
+    "## The claim, side by side",
+    "## Table 2: skipping by variant",
+    "## Table 5: perplexity",
+    "## Controls at matched compute",
+    "## The length confound",
+    "## Wall-clock against its bound",
+    "## Task accuracy",
+    "## What these numbers can and cannot support",
+    "## Figures",
+    "## How it was made",
+)
 FIGURES = ("gates_heatmap", "training_curves", "differential_forest", "skip_vs_length")
 
 
 def study_cmd(out):
-    return ["bash", str(ROOT / "reproduce.sh"), "--demo", "--out", str(out), "--seeds", "1 2", "--variants",
-            "paper noreg", "--steps", "8"]
+    return [
+        "bash",
+        str(ROOT / "reproduce.sh"),
+        "--demo",
+        "--out",
+        str(out),
+        "--seeds",
+        "1 2",
+        "--variants",
+        "paper noreg",
+        "--steps",
+        "8",
+    ]
 
 
 def env():
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT), "PYTHON": os.environ.get("PYTHON", "python")}
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONPATH": str(ROOT),
+        "PYTHON": os.environ.get("PYTHON", "python"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +62,10 @@ def study(tmp_path_factory):
 
 def test_demo_study_writes_every_section_and_figure(study):
     out, stdout = study
-    assert re.search(r"\[4/4\] noreg\s+seed 2\s+done in", stdout) and f"report: {out}/REPORT.md" in stdout
+    assert (
+        re.search(r"\[4/4\] noreg\s+seed 2\s+done in", stdout)
+        and f"report: {out}/REPORT.md" in stdout
+    )
     report = (out / "REPORT.md").read_text()
     for section in SECTIONS:
         assert section in report, f"REPORT.md lacks '{section}'"
@@ -44,8 +74,13 @@ def test_demo_study_writes_every_section_and_figure(study):
         assert png.exists() and png.read_bytes()[:4] == b"\x89PNG" and f"figures/{f}.png" in report
     for name in ("claim", "table2", "table5", "controls", "length_confound", "gates", "seeds"):
         assert (out / "tables" / f"{name}.csv").exists()
-    assert "authors' code, 10 seeds (quoted from docs/reference.md" in report and "-5.71 (8.37)" in report
-    assert "train.py --out" in report and "eval.py --ckpt" in report, "the commands are in the report"
+    assert (
+        "authors' code, 10 seeds (quoted from docs/reference.md" in report
+        and "-5.71 (8.37)" in report
+    )
+    assert "train.py --out" in report and "eval.py --ckpt" in report, (
+        "the commands are in the report"
+    )
 
 
 def test_report_numbers_are_the_runs_eval_json_numbers(study):
@@ -60,7 +95,9 @@ def test_report_numbers_are_the_runs_eval_json_numbers(study):
         tool = np.mean([e["skip_pct"]["tool"] for e in evals])
         row = next(line for line in report.splitlines() if line.startswith(f"| minroute `{v}`"))
         cells = [c.strip() for c in row.split("|")[1:-1]]
-        assert cells[1].startswith(f"{tool:.2f} [") and cells[3].startswith(f"{np.mean(diffs):.2f} [")
+        assert cells[1].startswith(f"{tool:.2f} [") and cells[3].startswith(
+            f"{np.mean(diffs):.2f} ["
+        )
         ppl = np.mean([e["ppl"]["tool"]["gated"] for e in evals])
         assert f"→ {ppl:.3f} [" in cells[4]
 
@@ -73,20 +110,41 @@ def test_rerun_resumes_and_skips_finished_work(study, tmp_path):
     res = subprocess.run(study_cmd(out), env=env(), capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     after = {p: p.stat().st_mtime for p in (out / "runs").rglob("eval.json")}
-    assert set(after) == set(before) and all(after[p] == before[p] for p in before if p != one), \
+    assert set(after) == set(before) and all(after[p] == before[p] for p in before if p != one), (
         "finished evaluations must be kept"
-    steps = [json.loads((out / "runs" / f"{v}-s{s}" / "latest.json").read_text())["step"]
-             for v in ("paper", "noreg") for s in (1, 2)]
+    )
+    steps = [
+        json.loads((out / "runs" / f"{v}-s{s}" / "latest.json").read_text())["step"]
+        for v in ("paper", "noreg")
+        for s in (1, 2)
+    ]
     assert steps == [8] * 4
-    bad = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "--demo", "--out", str(tmp_path / "x"), "--variants",
-                          "paper nope"], env=env(), capture_output=True, text=True, cwd=ROOT)
-    assert bad.returncode == 2 and bad.stderr.startswith("error: --variants: unknown variant 'nope'")
+    bad = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "reproduce.sh"),
+            "--demo",
+            "--out",
+            str(tmp_path / "x"),
+            "--variants",
+            "paper nope",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith(
+        "error: --variants: unknown variant 'nope'"
+    )
 
 
 def test_a_failing_run_is_named_and_the_rest_go_on(study):
     out, _ = study
     bad = out / "runs" / "noreg-s2"
-    for ckpt in bad.glob("ckpt-*"):  # a damaged checkpoint: the resume refuses it, so training fails
+    for ckpt in bad.glob(
+        "ckpt-*"
+    ):  # a damaged checkpoint: the resume refuses it, so training fails
         (ckpt / "adapter.safetensors").write_bytes(b"damaged")
     # its old eval.json stays: the report must not count a run that failed to resume from it
     res = subprocess.run(study_cmd(out), env=env(), capture_output=True, text=True, cwd=ROOT)
@@ -99,15 +157,32 @@ def test_a_failing_run_is_named_and_the_rest_go_on(study):
 
 
 def test_real_cpu_quick_study(tmp_path):
-    """bash reproduce.sh --real-cpu --quick on the real SmolLM2 GGUF and real BFCL + GSM8K (skipped without them):
-    every section is there, and the report's numbers are the runs' eval.json numbers."""
+    """bash reproduce.sh --real-cpu --quick on the real SmolLM2 GGUF and real BFCL + GSM8K (skipped
+    without them): every section is there, and the report's numbers are the runs' eval.json numbers.
+    """
     gguf, data = os.environ.get("MINROUTE_GGUF"), os.environ.get("MINROUTE_DATA")
     if not gguf or not Path(gguf).is_file() or not data or not (Path(data) / "bfcl-v4").is_dir():
         pytest.skip("real model or data not available (set MINROUTE_GGUF and MINROUTE_DATA)")
     pytest.importorskip("matplotlib")
     out = tmp_path / "quick"
-    res = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "--real-cpu", "--quick", "--out", str(out),
-                          "--variants", "paper", "--steps", "1"], env=env(), capture_output=True, text=True, cwd=ROOT)
+    res = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "reproduce.sh"),
+            "--real-cpu",
+            "--quick",
+            "--out",
+            str(out),
+            "--variants",
+            "paper",
+            "--steps",
+            "1",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     report = (out / "REPORT.md").read_text()
     for section in SECTIONS + ("## What the evaluation cost",):
@@ -118,18 +193,25 @@ def test_real_cpu_quick_study(tmp_path):
     ev = json.loads((out / "runs" / "paper-s1" / "eval.json").read_text())
     row = next(line for line in report.splitlines() if line.startswith("| minroute `paper`"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
-    assert cells[1] == f"{ev['skip_pct']['tool']:.2f} (1 seed)" and cells[3].startswith(f"{ev['skip_diff']:.2f} (1 seed)")
+    assert cells[1] == f"{ev['skip_pct']['tool']:.2f} (1 seed)" and cells[3].startswith(
+        f"{ev['skip_diff']:.2f} (1 seed)"
+    )
     s = ev["tasks"]["summary"]
     assert set(s) == {"base", "full", "gated"} and "bfcl" in s["gated"]["tool"]
     assert f"| `paper` | gated | {s['gated']['tool']['bfcl']:.1f} (1 seed)" in report
     assert ev["seconds"]["passes"] > 0 and ev["seconds"]["floor"] > 0
-    assert json.loads((out / "study.json").read_text())["runs"][0]["eval"].endswith("paper-s1/eval.json")
+    assert json.loads((out / "study.json").read_text())["runs"][0]["eval"].endswith(
+        "paper-s1/eval.json"
+    )
 
 
-# ----------------------------------------------------------------------------- a study under a hostile user (issue 23)
+# ----------------------------------------------------------------------------- a study under a
+# hostile user (issue 23)
+
 
 def rerun(out, *extra):
-    """A study of two runs (paper, seeds 1 and 2): each case below needs one run to damage and one to compare."""
+    """A study of two runs (paper, seeds 1 and 2): each case below needs one run to damage and one
+    to compare."""
     cmd = study_cmd(out)
     cmd[cmd.index("--variants") + 1] = "paper"
     return subprocess.run(cmd + list(extra), env=env(), capture_output=True, text=True, cwd=ROOT)
@@ -138,6 +220,7 @@ def rerun(out, *extra):
 def test_study_numbers_survive_a_hostile_user(tmp_path):
     """Each BAD case of the black-box probe, as a user types it, on a study of its own."""
     import shutil
+
     out = tmp_path / "s"
     res = rerun(out)
     assert res.returncode == 0, res.stderr[-2000:]
@@ -147,48 +230,102 @@ def test_study_numbers_survive_a_hostile_user(tmp_path):
     # 7: a damaged eval.json is redone, never skipped
     (runs / "paper-s2" / "eval.json").write_text('{"skip_diff": 1.0, "trunc')
     # 8: an ad-hoc evaluation into a study run (another checkpoint choice) is not the study's number
-    adhoc = subprocess.run([os.environ.get("PYTHON", "python"), str(ROOT / "eval.py"), "--ckpt",
-                            str(runs / "paper-s1"), "--which", "best", "--no-timing", "--floor-every", "0"],
-                           env=env(), capture_output=True, text=True, cwd=ROOT)
+    adhoc = subprocess.run(
+        [
+            os.environ.get("PYTHON", "python"),
+            str(ROOT / "eval.py"),
+            "--ckpt",
+            str(runs / "paper-s1"),
+            "--which",
+            "best",
+            "--no-timing",
+            "--floor-every",
+            "0",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert adhoc.returncode == 0, adhoc.stderr[-2000:]
     assert json.loads((runs / "paper-s1" / "eval.json").read_text())["settings"]["which"] == "best"
     res = rerun(out)
     assert res.returncode == 0, res.stderr[-2000:]
     s = json.loads((out / "study.json").read_text())
     assert sorted(Path(r["run"]).name for r in s["runs"]) == ["paper-s1", "paper-s2"]
-    assert [Path(x["run"]).name for x in s["left_out"]] == ["paper-s1.bak"] and "counted once" in s["left_out"][0]["why"]
-    assert json.loads((runs / "paper-s2" / "eval.json").read_text())["settings"]["which"] == "latest"
-    assert json.loads((runs / "paper-s1" / "eval.json").read_text())["settings"]["which"] == "latest", \
-        "the study re-evaluated the run its own way"
+    assert [Path(x["run"]).name for x in s["left_out"]] == ["paper-s1.bak"] and "counted once" in s[
+        "left_out"
+    ][0]["why"]
+    assert (
+        json.loads((runs / "paper-s2" / "eval.json").read_text())["settings"]["which"] == "latest"
+    )
+    assert (
+        json.loads((runs / "paper-s1" / "eval.json").read_text())["settings"]["which"] == "latest"
+    ), "the study re-evaluated the run its own way"
     shutil.rmtree(runs / "paper-s1.bak")
-    # 6 and 10: asked for more steps, the runs are extended and re-evaluated; the report follows them
+    # 6 and 10: asked for more steps, the runs are extended and re-evaluated; the report follows
+    # them
     res = rerun(out, "--steps", "10")
     assert res.returncode == 0, res.stderr[-2000:]
     for r in json.loads((out / "study.json").read_text())["runs"]:
         ev = json.loads(Path(r["eval"]).read_text())
-        assert ev["step"] == 10 and json.loads((Path(r["run"]) / "latest.json").read_text())["step"] == 10
+        assert (
+            ev["step"] == 10
+            and json.loads((Path(r["run"]) / "latest.json").read_text())["step"] == 10
+        )
     # 10: a run whose eval.json is older than its checkpoint is left out by the report, named
     adapter = runs / "paper-s2" / json.loads((runs / "paper-s2" / "latest.json").read_text())["dir"]
     ev = json.loads((runs / "paper-s2" / "eval.json").read_text())
     ev["checkpoint"] = str(adapter.parent / "ckpt-000008")
     (runs / "paper-s2" / "eval.json").write_text(json.dumps(ev))
-    report = subprocess.run([os.environ.get("PYTHON", "python"), str(ROOT / "eval.py"), "--report", str(out)],
-                            env=env(), capture_output=True, text=True, cwd=ROOT)
+    report = subprocess.run(
+        [os.environ.get("PYTHON", "python"), str(ROOT / "eval.py"), "--report", str(out)],
+        env=env(),
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert report.returncode == 0
     left = json.loads((out / "study.json").read_text())["left_out"]
-    assert [Path(x["run"]).name for x in left] == ["paper-s2"] and "re-evaluate it" in left[0]["why"]
+    assert [Path(x["run"]).name for x in left] == ["paper-s2"] and "re-evaluate it" in left[0][
+        "why"
+    ]
 
 
 def test_study_paths_and_interrupts(tmp_path):
     """A relative --out is the user's folder; a study folder cannot be a data folder or a run."""
-    rel = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "--demo", "--out", "mine", "--variants", "noreg",
-                          "--seeds", "1", "--steps", "1"], env=env(), capture_output=True, text=True, cwd=tmp_path)
+    rel = subprocess.run(
+        [
+            "bash",
+            str(ROOT / "reproduce.sh"),
+            "--demo",
+            "--out",
+            "mine",
+            "--variants",
+            "noreg",
+            "--seeds",
+            "1",
+            "--steps",
+            "1",
+        ],
+        env=env(),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert rel.returncode == 0, rel.stderr[-2000:]
     assert (tmp_path / "mine" / "REPORT.md").exists() and not (ROOT / "mine").exists()
     (tmp_path / "data").mkdir()
     (tmp_path / "data" / "manifest.json").write_text("{}")
-    bad = subprocess.run(["bash", str(ROOT / "reproduce.sh"), "--demo", "--out", "data"], env=env(),
-                         capture_output=True, text=True, cwd=tmp_path)
+    bad = subprocess.run(
+        ["bash", str(ROOT / "reproduce.sh"), "--demo", "--out", "data"],
+        env=env(),
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
     assert bad.returncode == 2 and "data folder or a run" in bad.stderr
     script = (ROOT / "reproduce.sh").read_text()
-    assert "trap " in script and "INT" in script, "Ctrl-C must stop the study, not go on with the next run"
+    assert "trap " in script and "INT" in script, (
+        "Ctrl-C must stop the study, not go on with the next run"
+    )

@@ -1,7 +1,7 @@
-"""LayerRoute: STE gates, the analytic router gradient, real skipping, KV cache, pooling, bias init."""
+"""LayerRoute: STE gates, the analytic router gradient, real skipping, KV cache, pooling, init."""
+
 import pytest
 import torch
-
 from routing import batch, mixed_routers, routed, set_routers
 
 from minroute import load_model
@@ -14,23 +14,35 @@ from minroute.run.tiny import write_tiny_checkpoint
 
 
 def test_straight_through_forward_exact_and_backward_soft():
-    """Forward: exactly Block(h) where z, exactly h where not. Backward: dL/dp = <dL/dh_out, Block(h) - h>, so
-    d/ds = sigmoid'(s) times that; no gradient reaches Block(h) of a closed row. Also in bf16."""
+    """Forward: exactly Block(h) where z, exactly h where not. Backward: dL/dp = <dL/dh_out,
+    Block(h) - h>, so d/ds = sigmoid'(s) times that; no gradient reaches Block(h) of a closed row.
+    Also in bf16."""
     g = torch.Generator().manual_seed(0)
     for dtype in (torch.float32, torch.bfloat16):
         s = torch.tensor([-2.0, -0.1, 0.0, 0.3, 4.0], requires_grad=True)
         p = torch.sigmoid(s)
         z = p > 0.5
-        assert z.tolist() == [False, False, False, True, True], "strict 1[p > 0.5]: p = 0.5 is closed"
+        assert z.tolist() == [
+            False,
+            False,
+            False,
+            True,
+            True,
+        ], "strict 1[p > 0.5]: p = 0.5 is closed"
         h = torch.randn(5, 3, 4, generator=g).to(dtype)
         out = torch.randn(5, 3, 4, generator=g).to(dtype).requires_grad_()
         y = straight_through(h, out, p[:, None, None], z[:, None, None])
-        assert torch.equal(y[z], out[z].detach()) and torch.equal(y[~z], h[~z]), "the forward is an exact select"
+        assert torch.equal(y[z], out[z].detach()) and torch.equal(y[~z], h[~z]), (
+            "the forward is an exact select"
+        )
         w = torch.randn(5, 3, 4, generator=g).to(dtype)
         (y * w).sum().backward()
         inner = (w.float() * (out - h).detach().float()).sum((1, 2))
-        assert torch.allclose(s.grad, p.detach() * (1 - p.detach()) * inner, rtol=1e-2 if dtype != torch.float32
-                              else 1e-6)
+        assert torch.allclose(
+            s.grad,
+            p.detach() * (1 - p.detach()) * inner,
+            rtol=1e-2 if dtype != torch.float32 else 1e-6,
+        )
         assert out.grad[~z].abs().max() == 0 and torch.equal(out.grad[z], w[z])
 
 
@@ -48,8 +60,13 @@ def test_bias_init_band():
 
 
 def test_bias_init_closes_middle_band_at_step0(tmp_path):
-    cfg = dict(num_hidden_layers=24, hidden_size=32, num_attention_heads=4, num_key_value_heads=2,
-               intermediate_size=64)
+    cfg = dict(
+        num_hidden_layers=24,
+        hidden_size=32,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=64,
+    )
     d = write_tiny_checkpoint(tmp_path / "t24", **cfg)
     m = routed(d, lora=False)
     ids, mask = batch(m.config.vocab_size, B=4, T=12)
@@ -69,7 +86,9 @@ def test_closed_gate_leaves_h_bitwise_and_all_open_is_plain_model(deep_dir):
     with torch.no_grad():
         plain = m.base(ids, mask)
         with m.forcing(torch.ones(L, dtype=torch.bool)):
-            assert torch.equal(m(ids, mask), plain), "all gates open (inference) must equal the plain model bitwise"
+            assert torch.equal(m(ids, mask), plain), (
+                "all gates open (inference) must equal the plain model bitwise"
+            )
         # all closed: the residual stream is the embedding, untouched, in both paths
         with m.forcing(torch.zeros(L, dtype=torch.bool)):
             emb = m.base.model.norm(m.base.model.embed_tokens(ids))
@@ -103,8 +122,10 @@ def test_block_calls_are_really_skipped(deep_dir):
     ids, mask = batch(m.config.vocab_size)
     hard = mixed_routers(m, ids, mask)
     seen = []
-    hooks = [blk.register_forward_pre_hook(lambda mod, args, i=i: seen.append((i, args[0].shape[0])))
-             for i, blk in enumerate(m.base.layers)]
+    hooks = [
+        blk.register_forward_pre_hook(lambda mod, args, i=i: seen.append((i, args[0].shape[0])))
+        for i, blk in enumerate(m.base.layers)
+    ]
     with torch.no_grad():
         m.hidden(ids, mask)
     for h in hooks:
@@ -128,13 +149,17 @@ def test_router_gradient_equals_analytic(deep_dir):
             if args[0].requires_grad:  # the embedding output (block 0 input) is frozen
                 args[0].retain_grad()
             captured[i] = args[0]
+
         return hook
+
     blocks = list(m.base.layers)
     hooks = [b.register_forward_pre_hook(grab(i)) for i, b in enumerate(blocks)]
     hooks.append(m.base.model.norm.register_forward_pre_hook(grab(L)))
     outs = {}
-    hooks += [b.register_forward_hook(lambda mod, a, out, i=i: outs.__setitem__(i, out.detach()))
-              for i, b in enumerate(blocks)]
+    hooks += [
+        b.register_forward_hook(lambda mod, a, out, i=i: outs.__setitem__(i, out.detach()))
+        for i, b in enumerate(blocks)
+    ]
     h, soft, hard = m.gated_hidden(ids, mask)  # every row through every block: hooks see all rows
     target = torch.randn_like(h)
     loss = (h * target).sum() + lam * gate_regulariser(soft)
@@ -142,13 +167,17 @@ def test_router_gradient_equals_analytic(deep_dir):
     for hk in hooks:
         hk.remove()
     for i in range(L):
-        h_in, g_out = captured[i].detach(), captured[i + 1].grad  # h_out of block i = input of block i+1
+        h_in, g_out = (
+            captured[i].detach(),
+            captured[i + 1].grad,
+        )  # h_out of block i = input of block i+1
         p = soft[:, i].detach()
-        inner = ((g_out * (outs[i] - h_in)).sum(dim=(1, 2)) + lam / (L * B))
+        inner = (g_out * (outs[i] - h_in)).sum(dim=(1, 2)) + lam / (L * B)
         analytic = (p * (1 - p) * inner).sum()
         got = m.routers[i].bias.grad.item()
-        assert abs(got - analytic.item()) <= 1e-4 * max(1.0, abs(analytic.item())), \
+        assert abs(got - analytic.item()) <= 1e-4 * max(1.0, abs(analytic.item())), (
             f"layer {i}: autograd {got:.6g} vs analytic {analytic.item():.6g}"
+        )
 
 
 @pytest.mark.parametrize("pool", ["mask"])
@@ -171,7 +200,9 @@ def test_mask_aware_pooling_ignores_padding(deep_dir, pool):
     m_all = routed(deep_dir, pool="all")
     m_all.load_state_dict(m.state_dict())
     m_all.hidden(right, rmask)
-    assert not torch.allclose(m_all.last.soft, alone, atol=1e-4), "pool='all' should see the padding"
+    assert not torch.allclose(m_all.last.soft, alone, atol=1e-4), (
+        "pool='all' should see the padding"
+    )
 
 
 def test_kv_cache_routed_decode_equals_full_gated_forward(deep_dir):
@@ -184,21 +215,26 @@ def test_kv_cache_routed_decode_equals_full_gated_forward(deep_dir):
         steps = [m(prompt, cache=cache)]
         gates = cache.gates.clone()
         for t in range(16, 24):
-            steps.append(m(ids[:, t:t + 1], cache=cache))
+            steps.append(m(ids[:, t : t + 1], cache=cache))
         inc = torch.cat(steps, 1)
-        # the reference: training-style forward over the whole sequence with the prefill's gates imposed
+        # the reference: training-style forward over the whole sequence with the prefill's gates
+        # imposed
         with m.forcing(gates):
             h, _, _ = m.gated_hidden(ids)
             ref = m.lm_head(h).float()
     assert torch.equal(gates, hard)
     diff = (inc - ref).abs().max().item()
-    assert diff <= 1e-5, f"routed KV-cache decoding vs full gated forward: max |dlogit| = {diff:.3g}"
+    assert diff <= 1e-5, (
+        f"routed KV-cache decoding vs full gated forward: max |dlogit| = {diff:.3g}"
+    )
     for i in range(m.config.num_hidden_layers):
         n_open = int(gates[:, i].sum())
         if n_open == 0:
             assert cache.k[i] is None and cache.v[i] is None, f"skipped layer {i} allocated a cache"
         else:
-            assert cache.k[i].shape[0] == n_open, f"layer {i} caches {cache.k[i].shape[0]} rows, {n_open} ran it"
+            assert cache.k[i].shape[0] == n_open, (
+                f"layer {i} caches {cache.k[i].shape[0]} rows, {n_open} ran it"
+            )
 
 
 def test_routed_generate_runs_and_matches_forced_generation(deep_dir):
@@ -209,8 +245,8 @@ def test_routed_generate_runs_and_matches_forced_generation(deep_dir):
     gates = m.last.hard.clone()
     for b in range(3):  # each row alone, with its own gates imposed, gives the same tokens
         with m.forcing(gates[b]):
-            alone = generate_ids(m, ids[b:b + 1], 6)
-        assert torch.equal(alone[0], out[b, :alone.shape[1]])
+            alone = generate_ids(m, ids[b : b + 1], 6)
+        assert torch.equal(alone[0], out[b, : alone.shape[1]])
 
 
 def test_regularisers():
@@ -218,6 +254,7 @@ def test_regularisers():
     assert gate_regulariser(soft).item() == pytest.approx(0.5)
     is_tool = torch.tensor([1, 0])
     import math
+
     open_ = -(math.log(0.2) + math.log(0.8) + math.log(0.4) + math.log(0.6)) / 4
     assert bce_gate_loss(soft, is_tool, "open").item() == pytest.approx(open_, rel=1e-5)
     skip = -(math.log(0.8) + math.log(0.2) + math.log(0.6) + math.log(0.4)) / 4
@@ -226,6 +263,7 @@ def test_regularisers():
 
 def test_real_shape_trainable_counts():
     from minroute.core.model import CausalLM
+
     with torch.device("meta"):
         base = add_lora(CausalLM(ModelConfig()))
         m = LayerRoute(base)
@@ -236,7 +274,8 @@ def test_real_shape_trainable_counts():
 
 
 def test_bf16_training_forward_is_inference_forward(deep_dir):
-    """Under CPU bf16 autocast a closed gate gives exactly h and an open one exactly Block(h), as inference does."""
+    """Under CPU bf16 autocast a closed gate gives exactly h and an open one exactly Block(h), as
+    inference does."""
     m = routed(deep_dir)
     ids, mask = batch(m.config.vocab_size)
     mixed_routers(m, ids, mask)
@@ -245,13 +284,16 @@ def test_bf16_training_forward_is_inference_forward(deep_dir):
         h_inf = m.hidden(ids, mask)
     assert torch.equal(m.last.hard, hard)
     real = mask.bool()
-    assert torch.equal(h_train[real], h_inf[real]), \
-        f"bf16 training vs inference path: max diff {(h_train - h_inf)[real].abs().max().item():.3g}"
+    assert torch.equal(h_train[real], h_inf[real]), (
+        "bf16 training vs inference path: max diff "
+        f"{(h_train - h_inf)[real].abs().max().item():.3g}"
+    )
 
 
 def authors_forward(m, ids):
-    """The authors' released forward, written out: causal attention without a padding mask, the router on the
-    mean over all T positions (padding included), g = z + p - sg(p), h = g Block(h) + (1 - g) h."""
+    """The authors' released forward, written out: causal attention without a padding mask, the
+    router on the mean over all T positions (padding included), g = z + p - sg(p), h = g Block(h) +
+    (1 - g) h."""
     base = m.base
     h, cos, sin, _ = base.prepare(ids, None)
     softs = []
@@ -272,18 +314,25 @@ def test_pool_all_is_the_authors_forward(deep_dir):
         h_ref, soft_ref = authors_forward(m, ids)
         h_inf = m.hidden(ids, mask)
     assert (soft - soft_ref).abs().max().item() <= 1e-5
-    assert (h - h_ref).abs().max().item() <= 1e-5, "pool='all' must be the authors' forward at every position"
+    assert (h - h_ref).abs().max().item() <= 1e-5, (
+        "pool='all' must be the authors' forward at every position"
+    )
     assert torch.equal(m.last.hard, (soft > 0.5)), "eval passes of pool='all' use the same forward"
     assert (h_inf - h)[mask.bool()].abs().max().item() <= 1e-5
     masked = routed(deep_dir, pool="mask")
     masked.load_state_dict(m.state_dict())
     with torch.no_grad():
-        masked.gated_hidden(ids, mask, route_mask=torch.ones_like(mask))  # pooled over all T, pads masked in attention
-    assert not torch.allclose(masked.last.soft, soft, atol=1e-4), "pads attending everything must change the pool"
+        masked.gated_hidden(
+            ids, mask, route_mask=torch.ones_like(mask)
+        )  # pooled over all T, pads masked in attention
+    assert not torch.allclose(masked.last.soft, soft, atol=1e-4), (
+        "pads attending everything must change the pool"
+    )
 
 
 def test_prompt_routed_training_gates_equal_generate_prefill_gates(deep_dir):
-    """Routing on the prompt: the training forward over prompt + answer takes generate's prefill gates exactly."""
+    """Routing on the prompt: the training forward over prompt + answer takes generate's prefill
+    gates exactly."""
     m = routed(deep_dir)
     B, T = 5, 22
     ids, _ = batch(m.config.vocab_size, B=B, T=T, pad=False)
@@ -294,21 +343,28 @@ def test_prompt_routed_training_gates_equal_generate_prefill_gates(deep_dir):
     mixed_routers(m, ids[:, :6], None)
     with torch.no_grad():
         m.gated_hidden(ids, mask, route_mask=route_mask)
-        train_soft, train_hard = m.last.soft.clone(), m.last.hard.clone()
+        train_hard = m.last.hard.clone()
         m.gated_hidden(ids, mask)
         seq_hard = m.last.hard.clone()
     for b in range(B):
-        generate_ids(m, ids[b:b + 1, :prompt_len[b]], 2)
-        assert torch.equal(m.last.hard[0], train_hard[b]), f"row {b}: prefill gates differ from training gates"
-    assert not torch.equal(seq_hard, train_hard), "routing on the answer too should change some gate here"
+        generate_ids(m, ids[b : b + 1, : prompt_len[b]], 2)
+        assert torch.equal(m.last.hard[0], train_hard[b]), (
+            f"row {b}: prefill gates differ from training gates"
+        )
+    assert not torch.equal(seq_hard, train_hard), (
+        "routing on the answer too should change some gate here"
+    )
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.05])
 def test_training_mode_gates_and_lora_dropout(deep_dir, dropout):
-    """In training mode LoRA dropout perturbs the states the routers pool, so a gate near 0.5 can differ from the
-    eval-mode prefill gate: with --lora-dropout 0 the training gates are the prefill gates exactly; with 0.05
-    (the paper's and authors' value) they may differ, and the README says so. Counted here, asserted for 0."""
+    """In training mode LoRA dropout perturbs the states the routers pool, so a gate near 0.5 can
+    differ from the eval-mode prefill gate: with --lora-dropout 0 the training gates are the prefill
+    gates exactly; with 0.05 (the paper's and authors' value) they may differ, and the README says
+    so. Counted here, asserted for 0.
+    """
     from minroute.core.lora import lora_layers
+
     base = add_lora(load_model(deep_dir), dropout=dropout)
     for layer in lora_layers(base).values():
         with torch.no_grad():
@@ -327,8 +383,9 @@ def test_training_mode_gates_and_lora_dropout(deep_dir, dropout):
     with torch.no_grad():
         m.hidden(ids, mask)
     flips = int((m.last.hard != train_hard).sum())
-    print(f"lora dropout {dropout}: {flips} of {train_hard.numel()} training-mode gates differ from eval-mode ones")
+    print(
+        f"lora dropout {dropout}: {flips} of {train_hard.numel()} training-mode gates differ from"
+        " eval-mode ones"
+    )
     if dropout == 0.0:
         assert flips == 0
-
-

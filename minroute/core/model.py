@@ -1,24 +1,28 @@
-"""The decoder LayerRoute routes: Qwen2 and Llama-family causal LMs (Qwen2.5, SmolLM2, TinyLlama, Llama 3 with
-default RoPE), in plain PyTorch, with a static KV cache.
+"""The decoder LayerRoute routes: Qwen2 and Llama-family causal LMs (Qwen2.5, SmolLM2, TinyLlama,
+Llama 3 with default RoPE), in plain PyTorch, with a static KV cache.
 
-Both architectures are one network: pre-norm blocks of RMSNorm, grouped-query attention with RoPE and a SwiGLU
-MLP. They differ only in which linear layers carry a bias (Qwen2: q/k/v yes, o and MLP no; Llama: attention
-per `attention_bias`, MLP per `mlp_bias`). Parameter names are Hugging Face's (`model.embed_tokens`,
-`model.layers.N.self_attn.q_proj`, `model.layers.N.mlp.gate_proj`, `model.norm`, `lm_head`), so loading the
-official safetensors is an identity mapping plus tying (run/load.py). The numerics are transformers'
-`modeling_qwen2.py` / `modeling_llama.py` (docs/reference.md §4), line for line:
+Both architectures are one network: pre-norm blocks of RMSNorm, grouped-query attention with RoPE
+and a SwiGLU MLP. They differ only in which linear layers carry a bias (Qwen2: q/k/v yes, o and MLP
+no; Llama: attention per `attention_bias`, MLP per `mlp_bias`). Parameter names are Hugging Face's
+(`model.embed_tokens`, `model.layers.N.self_attn.q_proj`, `model.layers.N.mlp.gate_proj`,
+`model.norm`, `lm_head`), so loading the official safetensors is an identity mapping plus tying
+(run/load.py). The numerics are transformers' `modeling_qwen2.py` / `modeling_llama.py`
+(docs/reference.md §4), line for line:
 
-- RoPE: inv_freq = 1 / theta^(arange(0, D, 2) / D) in fp32, freqs = position * inv_freq in fp32,
-  emb = cat(freqs, freqs) (halves, not interleaved), cos/sin cast to the activation dtype, and the
+- RoPE: inv_freq = 1 / theta^(arange(0, D, 2) / D) in fp32, freqs = position * inv_freq in fp32, emb
+  = cat(freqs, freqs) (halves, not interleaved), cos/sin cast to the activation dtype, and the
   rotation x*cos + rotate_half(x)*sin done in the activation dtype.
 - RMSNorm: upcast to fp32, x * rsqrt(mean(x^2) + eps), cast back, *then* multiply by the weight.
-- GQA by repeating each kv head in place; head_dim may differ from hidden / heads when the config says so.
+- GQA by repeating each kv head in place; head_dim may differ from hidden / heads when the config
+  says so.
 - Attention through SDPA: causal always, padded keys masked, softmax scale head_dim^-1/2.
-- MLP down(silu(gate(x)) * up(x)); final norm; lm_head tied to embed_tokens when `tie_word_embeddings`.
+- MLP down(silu(gate(x)) * up(x)); final norm; lm_head tied to embed_tokens when
+  `tie_word_embeddings`.
 
-With the same attention kernel this matches transformers bitwise in fp32 and bf16 (tests/test_model.py).
-`CausalLM` splits its forward into `prepare` (embeddings, RoPE, mask), the blocks and the final norm, so that
-LayerRoute (router.py) runs the same pieces with a gate between blocks.
+With the same attention kernel this matches transformers bitwise in fp32 and bf16
+(tests/test_model.py). `CausalLM` splits its forward into `prepare` (embeddings, RoPE, mask), the
+blocks and the final norm, so that LayerRoute (router.py) runs the same pieces with a gate between
+blocks.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from torch import nn
 
 @dataclass
 class ModelConfig:
-    """Model shape and numerics; the defaults are Qwen2.5-0.5B-Instruct's (run/load.py reads config.json)."""
+    """Model shape and numerics; the defaults are Qwen2.5-0.5B-Instruct's (run/load.py reads
+    config.json)."""
 
     vocab_size: int = 151936
     hidden_size: int = 896
@@ -69,14 +74,16 @@ class ModelConfig:
 
 
 def rope_inv_freq(head_dim: int, theta: float) -> torch.Tensor:
-    """(D/2,) fp32 1 / theta^(2i/D), computed on the CPU as HF does at init (a GPU pow may round differently)."""
+    """(D/2,) fp32 1 / theta^(2i/D), computed on the CPU as HF does at init (a GPU pow may round
+    differently)."""
     return 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
 
 
 def rope_cos_sin(position_ids, head_dim: int, theta: float, dtype: torch.dtype, inv_freq=None):
     """cos, sin of shape (B, T, D) for integer positions (B, T); matches HF's default RoPE bitwise.
 
-    inv_freq: rope_inv_freq(head_dim, theta) already on the positions' device (else computed here)."""
+    inv_freq: rope_inv_freq(head_dim, theta) already on the positions' device (else computed here).
+    """
     if inv_freq is None:
         inv_freq = rope_inv_freq(head_dim, theta).to(position_ids.device)
     freqs = position_ids[..., None].float() * inv_freq  # (B, T, D/2), fp32
@@ -97,7 +104,7 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(B, Hkv, T, D) -> (B, Hkv * n_rep, T, D); each kv head repeated n_rep times in place (GQA)."""
+    """(B, Hkv, T, D) -> (B, Hkv * n_rep, T, D): each kv head repeated n_rep times in place."""
     if n_rep == 1:
         return x
     b, h, t, d = x.shape
@@ -105,12 +112,13 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def attention_mask_4d(key_mask, q_len: int, past: int, device, padded: bool | None = None):
-    """Boolean (B, 1, T, past + T) mask, True = may attend: causal, and padded keys (key_mask 0) hidden.
+    """Boolean (B, 1, T, past + T) mask, True = may attend: causal, and padded keys (key_mask 0)
+    hidden.
 
-    Returns None when plain causal attention is exact (no padding, and no cache or a single query), so SDPA
-    can take its fused causal path. A padded query row would see no key at all (a NaN row in SDPA); it is
-    allowed its own position, which only touches outputs at padded positions. padded: whether key_mask holds a
-    0, when the caller knows it on the host; None reads it from the device.
+    Returns None when plain causal attention is exact (no padding, and no cache or a single query),
+    so SDPA can take its fused causal path. A padded query row would see no key at all (a NaN row in
+    SDPA); it is allowed its own position, which only touches outputs at padded positions. padded:
+    whether key_mask holds a 0, when the caller knows it on the host; None reads it from the device.
     """
     if key_mask is not None and (not padded if padded is not None else bool(key_mask.all())):
         key_mask = None
@@ -132,10 +140,11 @@ def attention_mask_4d(key_mask, q_len: int, past: int, device, padded: bool | No
 class KVCache:
     """Static key/value buffers for incremental decoding, one slot per layer.
 
-    A layer's slot is allocated on its first write with room for `max_len` positions, for the rows of the batch
-    that actually ran it (all rows for the plain model). A layer that no row ran keeps None: a skipped block
-    stores nothing. `length` counts the positions written so far (shared by all layers); `gates` holds
-    LayerRoute's per-sequence decisions and `rows` the rows each layer's slot holds, both fixed at prefill.
+    A layer's slot is allocated on its first write with room for `max_len` positions, for the rows
+    of the batch that actually ran it (all rows for the plain model). A layer that no row ran keeps
+    None: a skipped block stores nothing. `length` counts the positions written so far (shared by
+    all layers); `gates` holds LayerRoute's per-sequence decisions and `rows` the rows each layer's
+    slot holds, both fixed at prefill.
     """
 
     def __init__(self, n_layers: int, max_len: int):
@@ -144,10 +153,13 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
         self.gates: torch.Tensor | None = None  # (B, L) bool, set by a routed prefill
-        self.rows: list[torch.Tensor | None] = [None] * n_layers  # batch rows held by each layer's slot
+        self.rows: list[torch.Tensor | None] = [
+            None
+        ] * n_layers  # batch rows held by each layer's slot
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (b, Hkv, T, D) at positions [length, length + T); return all keys/values so far."""
+        """Write k, v (b, Hkv, T, D) at positions [length, length + T); return all keys/values so
+        far."""
         b, h, t, d = k.shape
         end = self.length + t
         if end > self.max_len:
@@ -180,13 +192,17 @@ class RMSNorm(nn.Module):
 
 
 class Attention(nn.Module):
-    """Grouped-query attention with RoPE. `mask` is None (causal), a boolean (B, 1, T, K) mask, or a layout object
-    with its own `attend(q, k, v)` (fast/packing.py's rows packed end to end)."""
+    """Grouped-query attention with RoPE. `mask` is None (causal), a boolean (B, 1, T, K) mask, or a
+    layout object with its own `attend(q, k, v)` (fast/packing.py's rows packed end to end)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.layer_idx = layer_idx
-        self.n_head, self.n_kv, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.dim_head
+        self.n_head, self.n_kv, self.head_dim = (
+            cfg.num_attention_heads,
+            cfg.num_key_value_heads,
+            cfg.dim_head,
+        )
         self.q_proj = nn.Linear(cfg.hidden_size, self.n_head * self.head_dim, bias=cfg.qkv_bias)
         self.k_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
         self.v_proj = nn.Linear(cfg.hidden_size, self.n_kv * self.head_dim, bias=cfg.qkv_bias)
@@ -204,15 +220,24 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer_idx, k, v)  # (B, Hkv, past + T, D)
         if hasattr(mask, "attend"):  # a training-forward layout (no cache) with its own attention
             if cache is not None:
-                raise ValueError(f"{type(mask).__name__} takes no KV cache: it is a training-forward layout")
+                raise ValueError(
+                    f"{type(mask).__name__} takes no KV cache: it is a training-forward layout"
+                )
             y = mask.attend(q, k, v)
         elif mask is None:  # fused causal path; GQA handled inside SDPA
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=past == 0 and T > 1, enable_gqa=True)
-        elif x.device.type == "cpu":  # CPU kernels take GQA with a mask: no repeated k/v kept for backward
+            y = F.scaled_dot_product_attention(
+                q, k, v, is_causal=past == 0 and T > 1, enable_gqa=True
+            )
+        elif (
+            x.device.type == "cpu"
+        ):  # CPU kernels take GQA with a mask: no repeated k/v kept for backward
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
-        else:  # CUDA's fused kernels refuse GQA with a mask (math fallback): repeat the kv heads instead
+        # CUDA's fused kernels refuse GQA with a mask (math fallback): repeat the kv heads instead
+        else:
             n_rep = self.n_head // self.n_kv
-            y = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
+            y = F.scaled_dot_product_attention(
+                q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask
+            )
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, H*D)
         return self.o_proj(y)
 
@@ -244,7 +269,8 @@ class Block(nn.Module):
 
 
 class CausalLM(nn.Module):
-    """Qwen2ForCausalLM / LlamaForCausalLM. `model(input_ids, attention_mask)` returns fp32 logits (B, T, vocab)."""
+    """Qwen2ForCausalLM / LlamaForCausalLM. `model(input_ids, attention_mask)` returns fp32 logits
+    (B, T, vocab)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -259,7 +285,9 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._inv_freq: dict[torch.device, torch.Tensor] = {}  # RoPE inverse frequencies per device, built once
+        self._inv_freq: dict[
+            torch.device, torch.Tensor
+        ] = {}  # RoPE inverse frequencies per device, built once
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -268,8 +296,8 @@ class CausalLM(nn.Module):
     def prepare(self, input_ids, attention_mask=None, position_ids=None, cache=None, padded=None):
         """Embeddings h (B, T, d), RoPE (cos, sin) and the 4-d attention mask for this call.
 
-        attention_mask (B, past + T) marks real tokens with 1 (HF's convention). position_ids default to
-        past + arange(T), as HF's forward does. padded: see attention_mask_4d.
+        attention_mask (B, past + T) marks real tokens with 1 (HF's convention). position_ids
+        default to past + arange(T), as HF's forward does. padded: see attention_mask_4d.
         """
         B, T = input_ids.shape
         past = cache.length if cache is not None else 0
@@ -278,15 +306,21 @@ class CausalLM(nn.Module):
             position_ids = torch.arange(past, past + T, device=device).expand(B, T)
         h = self.model.embed_tokens(input_ids)  # (B, T, d)
         if device not in self._inv_freq:
-            self._inv_freq[device] = rope_inv_freq(self.config.dim_head, self.config.rope_theta).to(device)
+            self._inv_freq[device] = rope_inv_freq(self.config.dim_head, self.config.rope_theta).to(
+                device
+            )
         theta, inv_freq = self.config.rope_theta, self._inv_freq[device]
         cos, sin = rope_cos_sin(position_ids, self.config.dim_head, theta, h.dtype, inv_freq)
         if attention_mask is not None and attention_mask.shape != (B, past + T):
-            raise ValueError(f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}")
+            raise ValueError(
+                f"attention_mask has shape {tuple(attention_mask.shape)}, expected {(B, past + T)}"
+            )
         mask = attention_mask_4d(attention_mask, T, past, device, padded)
         return h, cos, sin, mask
 
-    def hidden(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def hidden(
+        self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None
+    ):
         """Final-norm hidden states (B, T, d) of the plain model (every block runs)."""
         h, cos, sin, mask = self.prepare(input_ids, attention_mask, position_ids, cache)
         for block in self.layers:
@@ -295,7 +329,9 @@ class CausalLM(nn.Module):
             cache.length += input_ids.shape[1]
         return self.model.norm(h)
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None):
+    def forward(
+        self, input_ids, attention_mask=None, position_ids=None, cache: KVCache | None = None
+    ):
         return self.lm_head(self.hidden(input_ids, attention_mask, position_ids, cache)).float()
 
     def new_cache(self, max_len: int) -> KVCache:
@@ -307,10 +343,12 @@ class CausalLM(nn.Module):
 
 
 def init_weights(model: CausalLM, seed: int = 0, std: float = 0.02) -> CausalLM:
-    """Random weights for tiny test and demo models: every tensor random, biases and norm weights included.
+    """Random weights for tiny test and demo models: every tensor random, biases and norm weights
+    included.
 
-    Linear and embedding weights ~ N(0, std); biases ~ N(0, std); norm weights ~ 1 + N(0, 0.1). A default
-    initialised model (zero biases, unit norms) would hide a missing bias or norm in a parity test.
+    Linear and embedding weights ~ N(0, std); biases ~ N(0, std); norm weights ~ 1 + N(0, 0.1). A
+    default initialised model (zero biases, unit norms) would hide a missing bias or norm in a
+    parity test.
     """
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():

@@ -1,12 +1,14 @@
 """FLOPs and parameter counts (2 FLOPs per multiply-add; matmuls only, as is customary).
 
 Two definitions side by side:
-- `paper_flops`: the authors' blocks-only formula at a fixed T: per block the Q, K, V, O projections, a
-  full (non-causal) QK^T and the three MLP matmuls; no A.V, no lm_head. 377,688,686,592 for 24 layers at
-  T = 512 (docs/reference.md §2).
-- `sequence_flops`: what a forward really costs at the sequence's real length: projections, causal QK^T
-  and A.V, MLP for the layers that ran, the routers, and the lm_head on the positions it is applied to.
+- `paper_flops`: the authors' blocks-only formula at a fixed T: per block the Q, K, V, O
+  projections, a full (non-causal) QK^T and the three MLP matmuls; no A.V, no lm_head.
+  377,688,686,592 for 24 layers at T = 512 (docs/reference.md §2).
+- `sequence_flops`: what a forward really costs at the sequence's real length: projections, causal
+  QK^T and A.V, MLP for the layers that ran, the routers, and the lm_head on the positions it is
+  applied to.
 """
+
 from __future__ import annotations
 
 from minroute.core.model import ModelConfig
@@ -14,7 +16,11 @@ from minroute.core.model import ModelConfig
 
 def proj_macs(cfg: ModelConfig) -> int:
     """Multiply-adds per token of q, k, v, o projections."""
-    d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.dim_head, cfg.num_key_value_heads * cfg.dim_head
+    d, q, kv = (
+        cfg.hidden_size,
+        cfg.num_attention_heads * cfg.dim_head,
+        cfg.num_key_value_heads * cfg.dim_head,
+    )
     return d * q + 2 * d * kv + q * d
 
 
@@ -23,7 +29,7 @@ def mlp_macs(cfg: ModelConfig) -> int:
 
 
 def attention_flops(cfg: ModelConfig, T: int, past: int = 0, causal: bool = True) -> int:
-    """QK^T and A.V for T queries over past + T keys; causal counts only the keys each query sees."""
+    """QK^T and A.V for T queries over past + T keys; causal: only the keys each query sees."""
     qd = cfg.num_attention_heads * cfg.dim_head
     keys = T * past + (T * (T + 1) // 2 if causal else T * T)  # sum over queries of visible keys
     return 2 * 2 * qd * keys  # two matmuls, 2 FLOPs per MAC
@@ -43,11 +49,19 @@ def lm_head_flops(cfg: ModelConfig, positions: int) -> int:
     return 2 * positions * cfg.hidden_size * cfg.vocab_size
 
 
-def sequence_flops(cfg: ModelConfig, T: int, layers_run: float, lm_head_positions: int | None = None,
-                   routers: bool = True, past: int = 0) -> float:
-    """Forward FLOPs of one sequence of T tokens that ran `layers_run` blocks (may be fractional: a mean).
+def sequence_flops(
+    cfg: ModelConfig,
+    T: int,
+    layers_run: float,
+    lm_head_positions: int | None = None,
+    routers: bool = True,
+    past: int = 0,
+) -> float:
+    """Forward FLOPs of one sequence of T tokens that ran `layers_run` blocks (may be fractional: a
+    mean).
 
-    lm_head_positions defaults to T (scoring every position, as for perplexity); use 1 for generation.
+    lm_head_positions defaults to T (scoring every position, as for perplexity); use 1 for
+    generation.
     """
     n_routers = cfg.num_hidden_layers if routers else 0
     head = lm_head_flops(cfg, T if lm_head_positions is None else lm_head_positions)
@@ -55,14 +69,24 @@ def sequence_flops(cfg: ModelConfig, T: int, layers_run: float, lm_head_position
 
 
 def paper_flops(cfg: ModelConfig, T: int = 512, layers_run: float | None = None) -> float:
-    """The authors' per-sequence FLOPs: (projections + MLP + full QK^T) x T x layers; no A.V, no lm_head."""
+    """The authors' per-sequence FLOPs: (projections + MLP + full QK^T) x T x layers; no A.V, no
+    lm_head."""
     layers_run = cfg.num_hidden_layers if layers_run is None else layers_run
-    per_block = 2 * T * (proj_macs(cfg) + mlp_macs(cfg)) + 2 * T * T * cfg.num_attention_heads * cfg.dim_head
+    per_block = (
+        2 * T * (proj_macs(cfg) + mlp_macs(cfg))
+        + 2 * T * T * cfg.num_attention_heads * cfg.dim_head
+    )
     return layers_run * per_block
 
 
-def lora_params(cfg: ModelConfig, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj")) -> int:
-    d, q, kv = cfg.hidden_size, cfg.num_attention_heads * cfg.dim_head, cfg.num_key_value_heads * cfg.dim_head
+def lora_params(
+    cfg: ModelConfig, r: int = 8, targets=("q_proj", "k_proj", "v_proj", "o_proj")
+) -> int:
+    d, q, kv = (
+        cfg.hidden_size,
+        cfg.num_attention_heads * cfg.dim_head,
+        cfg.num_key_value_heads * cfg.dim_head,
+    )
     shapes = {"q_proj": (d, q), "k_proj": (d, kv), "v_proj": (d, kv), "o_proj": (q, d)}
     return cfg.num_hidden_layers * sum(r * (i + o) for i, o in (shapes[t] for t in targets))
 

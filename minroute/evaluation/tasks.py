@@ -1,14 +1,16 @@
 """Does skipping cost answers? Tool-call and GSM8K scoring of greedy generations, per method.
 
-Tool calls: the output's `<tool_call>` blocks are parsed as JSON ({"name", "arguments"}). A sample is
-*parsable* if it has at least one block and every block parses to an object with a string name; *name
-match* if the list of called names equals the reference's; *exact* if the list of (name, arguments) equals
-the reference's, arguments compared as parsed JSON (key order and spacing do not matter).
-GSM8K: the number after '####' if the output has the marker, else the last number in the output
-(`how` says which); correct if it equals the reference final answer as a number.
+Tool calls: the output's `<tool_call>` blocks are parsed as JSON ({"name", "arguments"}). A sample
+is *parsable* if it has at least one block and every block parses to an object with a string name;
+*name match* if the list of called names equals the reference's; *exact* if the list of (name,
+arguments) equals the reference's, arguments compared as parsed JSON (key order and spacing do not
+matter). GSM8K: the number after '####' if the output has the marker, else the last number in the
+output (`how` says which); correct if it equals the reference final answer as a number.
 
-BFCL tool-call scoring (`bfcl_check` / `bfcl_correct`, the field's abstract-syntax match) lives in bfcl.py.
+BFCL tool-call scoring (`bfcl_check` / `bfcl_correct`, the field's abstract-syntax match) lives in
+bfcl.py.
 """
+
 from __future__ import annotations
 
 import json
@@ -18,16 +20,22 @@ import time
 import numpy as np
 import torch
 
-from minroute.evaluation.bfcl import bfcl_check, bfcl_correct, parse_tool_calls_tolerant, standardize_string  # noqa: F401
-from minroute.run.data import TOOL, TokenSplit
+from minroute.evaluation.bfcl import (
+    bfcl_check,
+    bfcl_correct,
+    parse_tool_calls_tolerant,
+    standardize_string,
+)  # noqa: F401
 from minroute.evaluation.generate import generate
+from minroute.run.data import TOOL, TokenSplit
 
 CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
 def parse_tool_calls(text: str) -> list[dict] | None:
-    """The calls in a model output; None if there is none or any block is not a JSON object with a name."""
+    """The calls in a model output; None if there is none or any block is not a JSON object with a
+    name."""
     blocks = CALL_RE.findall(text)
     if not blocks:
         return None
@@ -60,6 +68,7 @@ def score_tool_call(output: str, reference: list[dict]) -> dict:
 
 # ---- BFCL AST scoring (rules in the module docstring) ----
 
+
 def to_number(s: str) -> float | None:
     try:
         return float(s.replace(",", "").rstrip("."))
@@ -79,7 +88,10 @@ def gsm8k_prediction(output: str) -> tuple[float | None, str]:
 def score_gsm8k(output: str, reference: str) -> dict:
     value, how = gsm8k_prediction(output)
     ref = to_number(reference)
-    return {"correct": value is not None and ref is not None and abs(value - ref) < 1e-6, "how": how}
+    return {
+        "correct": value is not None and ref is not None and abs(value - ref) < 1e-6,
+        "how": how,
+    }
 
 
 def reference_of(row: dict):
@@ -91,34 +103,51 @@ def reference_of(row: dict):
 
 
 @torch.no_grad()
-def generate_batch(route, prompts: list[np.ndarray], max_new_tokens: int, eos_ids, pad_id, device,
-                   gates: torch.Tensor | None = None) -> list[tuple[list[int], int]]:
-    """Greedy outputs of several prompts at once (left-padded, KV cache; a left-padded row decodes as it would
-    alone). gates (B, L) imposes each row's gates; None lets the routers decide at prefill. Returns per row
-    (new token ids without the stop token, new tokens generated), and the layers each row ran in route.last."""
+def generate_batch(
+    route,
+    prompts: list[np.ndarray],
+    max_new_tokens: int,
+    eos_ids,
+    pad_id,
+    device,
+    gates: torch.Tensor | None = None,
+) -> list[tuple[list[int], int]]:
+    """Greedy outputs of several prompts at once (left-padded, KV cache; a left-padded row decodes
+    as it would alone). gates (B, L) imposes each row's gates; None lets the routers decide at
+    prefill. Returns per row (new token ids without the stop token, new tokens generated), and the
+    layers each row ran in route.last.
+    """
     T = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), T), pad_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, p in enumerate(prompts):
-        ids[b, T - len(p):] = torch.as_tensor(np.asarray(p, dtype=np.int64))
-        mask[b, T - len(p):] = 1
+        ids[b, T - len(p) :] = torch.as_tensor(np.asarray(p, dtype=np.int64))
+        mask[b, T - len(p) :] = 1
     steps = []
     with route.forcing(gates):
-        for nxt in generate(route, ids.to(device), max_new_tokens, attention_mask=mask.to(device), eos_ids=eos_ids,
-                            pad_id=pad_id):
+        for nxt in generate(
+            route,
+            ids.to(device),
+            max_new_tokens,
+            attention_mask=mask.to(device),
+            eos_ids=eos_ids,
+            pad_id=pad_id,
+        ):
             steps.append(nxt.cpu())
     out = torch.stack(steps, 1).tolist() if steps else [[] for _ in prompts]
     eos = set(eos_ids)
     results = []
     for row in out:
         stop = next((k for k, t in enumerate(row) if t in eos), None)
-        results.append((row[:stop] if stop is not None else row, stop + 1 if stop is not None else len(row)))
+        results.append(
+            (row[:stop] if stop is not None else row, stop + 1 if stop is not None else len(row))
+        )
     return results
 
 
 def score_row(text: str, row: dict) -> dict:
-    """Every score a generation gets: tool rows the strict JSON match (and BFCL's AST match when the row carries a
-    BFCL ground truth), planning rows GSM8K's final number."""
+    """Every score a generation gets: tool rows the strict JSON match (and BFCL's AST match when the
+    row carries a BFCL ground truth), planning rows GSM8K's final number."""
     if row["step_type"] != "tool_call":
         return score_gsm8k(text, reference_of(row) or "")
     out = score_tool_call(text, reference_of(row))
@@ -129,19 +158,23 @@ def score_row(text: str, row: dict) -> dict:
     return out
 
 
-def run_tasks(route, ev: TokenSplit, tok, max_new_tokens: int, device, methods: dict, batch_size: int = 16):
-    """Generate for every eval prompt under each method and score it. methods: {name: (gates, lora)} with gates
-    None (the routers), (L,) or (N, L) bool. Prompts are batched by step type and length (the outputs of one
-    batch are of similar length). Returns {"summary": {method: ...}, "samples": [...]}."""
+def run_tasks(
+    route, ev: TokenSplit, tok, max_new_tokens: int, device, methods: dict, batch_size: int = 16
+):
+    """Generate for every eval prompt under each method and score it. methods: {name: (gates, lora)}
+    with gates None (the routers), (L,) or (N, L) bool. Prompts are batched by step type and length
+    (the outputs of one batch are of similar length). Returns {"summary": {method: ...}, "samples":
+    [...]}."""
     from contextlib import nullcontext
 
     from minroute.core.lora import lora_disabled
+
     L = route.config.num_hidden_layers
     groups = []
     for t in ("tool_call", "planning"):
         rows = [i for i, r in enumerate(ev.rows) if r["step_type"] == t]
         rows.sort(key=lambda i: int(ev.prompt_len[i]))
-        groups += [rows[a:a + batch_size] for a in range(0, len(rows), batch_size)]
+        groups += [rows[a : a + batch_size] for a in range(0, len(rows), batch_size)]
     results, samples = {}, []
     for name, (gates, lora) in methods.items():
         recs, t0 = {}, time.perf_counter()
@@ -153,13 +186,23 @@ def run_tasks(route, ev: TokenSplit, tok, max_new_tokens: int, device, methods: 
                 g = g.expand(len(rows), L) if g.dim() == 1 else g[torch.as_tensor(rows)]
             tb = time.perf_counter()
             with nullcontext() if lora else lora_disabled(route.base):
-                outs = generate_batch(route, prompts, max_new_tokens, tok.eos_ids, tok.pad_id, device, g)
+                outs = generate_batch(
+                    route, prompts, max_new_tokens, tok.eos_ids, tok.pad_id, device, g
+                )
             layers = route.last.hard.sum(1).tolist() if route.last is not None else [L] * len(rows)
             dt = (time.perf_counter() - tb) / len(rows)
             for i, (ids, n_new), k in zip(rows, outs, layers):
                 text = tok.tokenizer.decode(ids, skip_special_tokens=False)
-                rec = {"method": name, "sample": i, "step_type": ev.rows[i]["step_type"], "layers_run": int(k),
-                       "new_tokens": n_new, "hit_cap": n_new >= max_new_tokens, "seconds": dt, "output": text[:2000]}
+                rec = {
+                    "method": name,
+                    "sample": i,
+                    "step_type": ev.rows[i]["step_type"],
+                    "layers_run": int(k),
+                    "new_tokens": n_new,
+                    "hit_cap": n_new >= max_new_tokens,
+                    "seconds": dt,
+                    "output": text[:2000],
+                }
                 rec.update(score_row(text, ev.rows[i]))
                 recs[i] = rec
         recs = [recs[i] for i in sorted(recs)]
@@ -170,8 +213,8 @@ def run_tasks(route, ev: TokenSplit, tok, max_new_tokens: int, device, methods: 
 
 
 def summarize(recs: list[dict]) -> dict:
-    """Per step type: % of rows (with a Wilson 95% interval) parsable / name match / exact / BFCL-correct, GSM8K
-    accuracy, and the mean layers run, new tokens and seconds."""
+    """Per step type: % of rows (with a Wilson 95% interval) parsable / name match / exact /
+    BFCL-correct, GSM8K accuracy, and the mean layers run, new tokens and seconds."""
     from minroute.evaluation.stats import wilson_ci
 
     def mean(xs):
@@ -180,15 +223,24 @@ def summarize(recs: list[dict]) -> dict:
     def pct(rs, key):
         k = sum(bool(r[key]) for r in rs)
         lo, hi = wilson_ci(k, len(rs))
-        return {"pct": 100 * k / len(rs) if rs else float("nan"), "ci95": [100 * lo, 100 * hi], "n": len(rs)}
+        return {
+            "pct": 100 * k / len(rs) if rs else float("nan"),
+            "ci95": [100 * lo, 100 * hi],
+            "n": len(rs),
+        }
+
     tool = [r for r in recs if r["step_type"] == "tool_call"]
     plan = [r for r in recs if r["step_type"] != "tool_call"]
     bfcl = [r for r in tool if "bfcl" in r]
-    out = {"tool": {k: 100 * mean([r[k] for r in tool]) for k in ("parsable", "name_match", "exact")},
-           "planning": {"accuracy": 100 * mean([r["correct"] for r in plan]),
-                        "no_marker": sum(r["how"] != "marker" for r in plan)},
-           "hit_cap": 100 * mean([r["hit_cap"] for r in recs]),
-           "ci95": {"tool_exact": pct(tool, "exact")["ci95"], "gsm8k": pct(plan, "correct")["ci95"]}}
+    out = {
+        "tool": {k: 100 * mean([r[k] for r in tool]) for k in ("parsable", "name_match", "exact")},
+        "planning": {
+            "accuracy": 100 * mean([r["correct"] for r in plan]),
+            "no_marker": sum(r["how"] != "marker" for r in plan),
+        },
+        "hit_cap": 100 * mean([r["hit_cap"] for r in recs]),
+        "ci95": {"tool_exact": pct(tool, "exact")["ci95"], "gsm8k": pct(plan, "correct")["ci95"]},
+    }
     if bfcl:
         out["tool"]["bfcl"] = pct(bfcl, "bfcl")["pct"]
         out["ci95"]["bfcl"] = pct(bfcl, "bfcl")["ci95"]
@@ -198,10 +250,24 @@ def summarize(recs: list[dict]) -> dict:
                 reasons[r["bfcl_reason"]] = reasons.get(r["bfcl_reason"], 0) + 1
         out["tool"]["bfcl_fail_reasons"] = reasons
     for key, rs in (("tool", tool), ("planning", plan)):
-        out[key].update(layers_run=mean([r["layers_run"] for r in rs]), new_tokens=mean([r["new_tokens"] for r in rs]),
-                        seconds=mean([r["seconds"] for r in rs]))
+        out[key].update(
+            layers_run=mean([r["layers_run"] for r in rs]),
+            new_tokens=mean([r["new_tokens"] for r in rs]),
+            seconds=mean([r["seconds"] for r in rs]),
+        )
     return out
 
 
-__all__ = ["parse_tool_calls", "score_tool_call", "parse_tool_calls_tolerant", "standardize_string",
-           "bfcl_check", "bfcl_correct", "gsm8k_prediction", "score_gsm8k", "run_tasks", "generate_batch", "TOOL"]
+__all__ = [
+    "parse_tool_calls",
+    "score_tool_call",
+    "parse_tool_calls_tolerant",
+    "standardize_string",
+    "bfcl_check",
+    "bfcl_correct",
+    "gsm8k_prediction",
+    "score_gsm8k",
+    "run_tasks",
+    "generate_batch",
+    "TOOL",
+]

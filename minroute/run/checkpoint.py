@@ -1,18 +1,20 @@
 """Checkpoints: adapters (LoRA + routers) and optimizer state in safetensors, meta in JSON; atomic.
 
-A run folder holds complete checkpoint folders `ckpt-<step>/` (adapter.safetensors, optimizer.safetensors,
-trained_rows.txt, meta.json) and two pointer files, `latest.json` and `best.json`. A checkpoint folder is
-written under a temporary name, fsynced and renamed; only then is the pointer replaced (write temp, fsync,
-rename). A crash at any moment leaves the pointers naming complete checkpoints. meta.json records each
-file's size and sha256, checked on load, so a corrupt or missing file is named; `trained_rows.txt` lists the
-content hashes of the rows the run trained and selected on, so eval.py can prove its rows are held out.
-Files get the permissions of the run folder's other files (umask). Nothing here is pickled.
+A run folder holds complete checkpoint folders `ckpt-<step>/` (adapter.safetensors,
+optimizer.safetensors, trained_rows.txt, meta.json) and two pointer files, `latest.json` and
+`best.json`. A checkpoint folder is written under a temporary name, fsynced and renamed; only then
+is the pointer replaced (write temp, fsync, rename). A crash at any moment leaves the pointers
+naming complete checkpoints. meta.json records each file's size and sha256, checked on load, so a
+corrupt or missing file is named; `trained_rows.txt` lists the content hashes of the rows the run
+trained and selected on, so eval.py can prove its rows are held out. Files get the permissions of
+the run folder's other files (umask). Nothing here is pickled.
 
-A write the operating system refuses (full disk, read-only folder) removes the half-written `ckpt-*.tmp`
-and ends in a `WriteError` naming the path and the cause; the run's earlier checkpoints and pointers are
-untouched. `checkpoints(run)` lists a run's complete checkpoints by update, so a resume can take the newest
-one whichever pointer (latest or best) names it, or none.
+A write the operating system refuses (full disk, read-only folder) removes the half-written
+`ckpt-*.tmp` and ends in a `WriteError` naming the path and the cause; the run's earlier checkpoints
+and pointers are untouched. `checkpoints(run)` lists a run's complete checkpoints by update, so a
+resume can take the newest one whichever pointer (latest or best) names it, or none.
 """
+
 from __future__ import annotations
 
 import json
@@ -24,7 +26,14 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from minroute.run.safety import MissingFile, UserError, WriteError, file_records, os_cause, verify_files
+from minroute.run.safety import (
+    MissingFile,
+    UserError,
+    WriteError,
+    file_records,
+    os_cause,
+    verify_files,
+)
 
 
 def _fsync_dir(path: Path):
@@ -45,8 +54,10 @@ def fsync_tree(root: Path):
 
 
 def publish_folder(tmp: Path, final: Path):
-    """Make a fully written folder `tmp` be `final`: fsync it, then rename it into place. An old `final` is moved
-    aside first and deleted only after the rename, so a crash at any moment leaves one complete folder."""
+    """Make a fully written folder `tmp` be `final`: fsync it, then rename it into place. An old
+    `final` is moved aside first and deleted only after the rename, so a crash at any moment leaves
+    one complete folder.
+    """
     fsync_tree(tmp)
     if final.exists():
         old = final.parent / f".{final.name}.replaced-{os.getpid()}"
@@ -97,8 +108,10 @@ def _write_text(path: Path, text: str):
 
 
 def trained_row_hashes(data) -> list[str]:
-    """Content and prompt hashes of every row a run on `data` (a DataFolder) can learn from or select on (train
-    and val), as trained_rows.txt lists them: eval.py refuses held-out rows whose conversation or whose prompt (first user message) is among them."""
+    """Content and prompt hashes of every row a run on `data` (a DataFolder) can learn from or
+    select on (train and val), as trained_rows.txt lists them: eval.py refuses held-out rows whose
+    conversation or whose prompt (first user message) is among them.
+    """
     contents, prompts = data.trained_hashes()
     return sorted(contents | {f"prompt:{h}" for h in prompts})
 
@@ -107,13 +120,21 @@ def trained_rows_text(hashes) -> str:
     return "".join(f"{h}\n" for h in hashes)
 
 
-def save_checkpoint(run_dir, step: int, adapter: dict, optimizer: dict, meta: dict, pointers=("latest",),
-                    extra: dict[str, str] | None = None) -> Path:
-    """Write ckpt-<step>/ atomically and point `pointers` (latest and/or best) at it; prune unreferenced ones.
+def save_checkpoint(
+    run_dir,
+    step: int,
+    adapter: dict,
+    optimizer: dict,
+    meta: dict,
+    pointers=("latest",),
+    extra: dict[str, str] | None = None,
+) -> Path:
+    """Write ckpt-<step>/ atomically and point `pointers` (latest and/or best) at it; prune
+    unreferenced ones.
 
-    `extra` maps file names to text files written beside the tensors (trained_rows.txt). An OSError (full
-    disk, read-only folder) removes the half-written folder and becomes a WriteError naming the path; what
-    the run had before is untouched."""
+    `extra` maps file names to text files written beside the tensors (trained_rows.txt). An OSError
+    (full disk, read-only folder) removes the half-written folder and becomes a WriteError naming
+    the path; what the run had before is untouched."""
     run = Path(run_dir)
     tmp = run / f"ckpt-{step:06d}.tmp"
     try:
@@ -124,12 +145,16 @@ def save_checkpoint(run_dir, step: int, adapter: dict, optimizer: dict, meta: di
             (run / f"{p}.json.tmp").unlink(missing_ok=True)
         where = e.filename or tmp
         have = ", ".join(f"{n.name} (update {k})" for k, n in checkpoints(run)) or "none yet"
-        raise WriteError(f"{where}: cannot write the checkpoint of update {step} ({os_cause(e)}); the run's "
-                         f"checkpoints on disk are untouched ({have}). Free space (or make {run} writable), "
-                         f"then continue the run: python train.py --resume {run}") from None
+        raise WriteError(
+            f"{where}: cannot write the checkpoint of update {step} ({os_cause(e)}); the run's "
+            f"checkpoints on disk are untouched ({have}). Free space (or make {run} writable), "
+            f"then continue the run: python train.py --resume {run}"
+        ) from None
 
 
-def _save_checkpoint(run: Path, step: int, adapter: dict, optimizer: dict, meta: dict, pointers, extra) -> Path:
+def _save_checkpoint(
+    run: Path, step: int, adapter: dict, optimizer: dict, meta: dict, pointers, extra
+) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:06d}"
     final, tmp = run / name, run / (name + ".tmp")
@@ -139,7 +164,9 @@ def _save_checkpoint(run: Path, step: int, adapter: dict, optimizer: dict, meta:
     _save_tensors(optimizer, tmp / "optimizer.safetensors")
     for fname, text in (extra or {}).items():
         _write_text(tmp / fname, text)
-    files = file_records(tmp, ["adapter.safetensors", "optimizer.safetensors", *sorted(extra or {})])
+    files = file_records(
+        tmp, ["adapter.safetensors", "optimizer.safetensors", *sorted(extra or {})]
+    )
     _write_text(tmp / "meta.json", json.dumps({**meta, "step": step, "files": files}, indent=2))
     _fsync_dir(tmp)
     if final.exists():
@@ -148,7 +175,9 @@ def _save_checkpoint(run: Path, step: int, adapter: dict, optimizer: dict, meta:
     _fsync_dir(run)
     for p in pointers:
         atomic_write_text(run / f"{p}.json", json.dumps({"dir": name, "step": step}))
-    keep = {pointer_target(run, p) for p in ("latest", "best")} | {name}  # an unreadable pointer keeps nothing
+    keep = {pointer_target(run, p) for p in ("latest", "best")} | {
+        name
+    }  # an unreadable pointer keeps nothing
     for old in run.glob("ckpt-*"):
         if old.name not in keep and not old.name.endswith(".tmp"):
             shutil.rmtree(old, ignore_errors=True)
@@ -163,8 +192,10 @@ CKPT_NAME = re.compile(r"ckpt-(\d+)")
 
 
 def checkpoints(run) -> list[tuple[int, Path]]:
-    """The complete checkpoints of a run folder, (update, folder), oldest first. A ckpt-<step> folder is
-    complete by construction (written as .tmp, renamed when whole), whichever pointer names it, if any."""
+    """The complete checkpoints of a run folder, (update, folder), oldest first. A ckpt-<step>
+    folder is complete by construction (written as .tmp, renamed when whole), whichever pointer
+    names it, if any.
+    """
     found = []
     for d in Path(run).glob("ckpt-*"):
         m = CKPT_NAME.fullmatch(d.name)
@@ -187,8 +218,10 @@ def run_dir_of(path) -> Path:
     if not p.exists():
         if p.name.startswith("ckpt-") and p.parent.is_dir():
             have = ", ".join(str(d) for _, d in checkpoints(p.parent)) or "none"
-            raise MissingFile(f"{p}: no such checkpoint (the checkpoints of {p.parent}: {have}); pass one of them, or "
-                              f"the run folder {p.parent} for its newest")
+            raise MissingFile(
+                f"{p}: no such checkpoint (the checkpoints of {p.parent}: {have}); pass one of"
+                f" them, or the run folder {p.parent} for its newest"
+            )
         raise MissingFile(f"{p}: no such run folder")
     return p.parent if is_checkpoint_dir(p) else p
 
@@ -197,22 +230,31 @@ def resolve_checkpoint(path, which: str = "latest") -> Path:
     """A run folder (follow latest.json / best.json) or a ckpt-* folder itself."""
     p = Path(path)
     if not p.exists():
-        raise MissingFile(f"{p}: no such folder; pass a train.py --out folder or one of its ckpt-* folders")
+        raise MissingFile(
+            f"{p}: no such folder; pass a train.py --out folder or one of its ckpt-* folders"
+        )
     if (p / "meta.json").exists():
         return p
     pointer = p / f"{which}.json"
     if not pointer.exists():
-        raise MissingFile(f"{p}: no {which}.json and no checkpoint files; pass a train.py --out folder "
-                          "or one of its ckpt-* folders")
+        raise MissingFile(
+            f"{p}: no {which}.json and no checkpoint files; pass a train.py --out folder "
+            "or one of its ckpt-* folders"
+        )
     try:
         d = p / json.loads(pointer.read_text())["dir"]
     except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as e:
-        raise UserError(f"{pointer}: unreadable ({type(e).__name__}); point it at a ckpt-* folder or pass one "
-                        "directly") from None
+        raise UserError(
+            f"{pointer}: unreadable ({type(e).__name__}); point it at a ckpt-* folder or pass one "
+            "directly"
+        ) from None
     if not d.is_dir():
         others = [str(c) for _, c in checkpoints(p)][::-1]
-        fix = f"pass one of its checkpoints instead ({', '.join(others[:3])})" if others else \
-            "the run has no other checkpoint; restore the folder from a copy"
+        fix = (
+            f"pass one of its checkpoints instead ({', '.join(others[:3])})"
+            if others
+            else "the run has no other checkpoint; restore the folder from a copy"
+        )
         raise MissingFile(f"{pointer} names {d.name}, which is missing; {fix}")
     return d
 
@@ -228,31 +270,48 @@ def read_meta(d: Path) -> dict:
 
 
 def load_checkpoint(path, which: str = "latest", fix: str | None = None) -> tuple[dict, dict, dict]:
-    """(adapter tensors, optimizer tensors, meta) of a checkpoint folder or a run folder's pointer; every file
-    is checked against the size and sha256 that meta.json records (`fix`: what the message advises then)."""
+    """(adapter tensors, optimizer tensors, meta) of a checkpoint folder or a run folder's pointer;
+    every file is checked against the size and sha256 that meta.json records (`fix`: what the
+    message advises then).
+    """
     d = resolve_checkpoint(path, which)
     meta = read_meta(d)
     if "files" in meta:
-        verify_files(d, meta["files"], f"checkpoint {d}", fix or "restore it from a copy, or use another "
-                     "checkpoint (a ckpt-* folder, or --which best)")
+        verify_files(
+            d,
+            meta["files"],
+            f"checkpoint {d}",
+            fix
+            or "restore it from a copy, or use another checkpoint (a ckpt-* folder, or --which "
+            "best)",
+        )
     elif not (d / "adapter.safetensors").exists():
         raise MissingFile(f"{d / 'adapter.safetensors'}: missing; the checkpoint is incomplete")
     try:
         adapter = load_file(str(d / "adapter.safetensors"))
-        opt = load_file(str(d / "optimizer.safetensors")) if (d / "optimizer.safetensors").exists() else {}
+        opt = (
+            load_file(str(d / "optimizer.safetensors"))
+            if (d / "optimizer.safetensors").exists()
+            else {}
+        )
     except Exception as e:  # safetensors raises its own error type for corrupt headers and data
-        raise UserError(f"{d}: cannot read the checkpoint's tensors ({e}); it is corrupt"
-                        + (f"; {fix}" if fix else "")) from None
+        raise UserError(
+            f"{d}: cannot read the checkpoint's tensors ({e}); it is corrupt"
+            + (f"; {fix}" if fix else "")
+        ) from None
     return adapter, opt, meta
 
 
 def nonfinite_tensors(tensors: dict) -> list[str]:
     """Names of the floating-point tensors holding a NaN or an infinity."""
-    return [k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    return [
+        k for k, v in tensors.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())
+    ]
 
 
 def trained_rows(d: Path) -> set[str] | None:
-    """Content hashes of the rows a checkpoint's run trained and selected on (None for older checkpoints)."""
+    """Content hashes of the rows a checkpoint's run trained and selected on (None for older
+    checkpoints)."""
     path = Path(d) / "trained_rows.txt"
     return set(path.read_text().split()) if path.exists() else None
 
@@ -290,47 +349,73 @@ def restore_rng(tensors: dict):
         torch.cuda.set_rng_state(tensors["rng.torch_cuda"])
 
 
-# ----------------------------------------------------------------------------- LayerRoute <-> checkpoint
+# ----------------------------------------------------------------------------- LayerRoute <->
+# checkpoint
+
 
 def adapter_tensors(route) -> dict[str, torch.Tensor]:
     """What training changes: LoRA A/B and the routers, by their LayerRoute parameter names."""
-    return {n: p for n, p in route.named_parameters() if n.endswith((".lora_A", ".lora_B")) or n.startswith("routers.")}
+    return {
+        n: p
+        for n, p in route.named_parameters()
+        if n.endswith((".lora_A", ".lora_B")) or n.startswith("routers.")
+    }
 
 
-def build_layerroute(model_path, lora: dict, pool: str = "mask", init: str = "band", device="cpu", dtype=None):
-    """Frozen decoder from model_path + LoRA(r, alpha, dropout) on q/k/v/o + routers; its MLPs take the fused
-    SwiGLU backward (fast/kernels.py: the same values, less memory)."""
+def build_layerroute(
+    model_path, lora: dict, pool: str = "mask", init: str = "band", device="cpu", dtype=None
+):
+    """Frozen decoder from model_path + LoRA(r, alpha, dropout) on q/k/v/o + routers; its MLPs take
+    the fused SwiGLU backward (fast/kernels.py: the same values, less memory)."""
     from minroute.core.lora import add_lora
     from minroute.core.router import LayerRoute
     from minroute.fast.kernels import fuse_swiglu
     from minroute.run.load import load_model
+
     base = fuse_swiglu(load_model(model_path, dtype=dtype, device=device))
     add_lora(base, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"])
     return LayerRoute(base, pool=pool, init=init)
 
 
 def load_layerroute(ckpt, which: str = "latest", model=None, device="cpu", dtype=None):
-    """(LayerRoute with the checkpoint's adapters, meta). `model` overrides the base model path in meta."""
+    """(LayerRoute with the checkpoint's adapters, meta). `model` overrides the base model path in
+    meta."""
     adapter, _, meta = load_checkpoint(ckpt, which)
     a = meta.get("args")
     need = ("model", "lora_r", "lora_alpha", "lora_dropout", "pool")
     if not isinstance(a, dict) or any(k not in a for k in need):
-        raise UserError(f"{resolve_checkpoint(ckpt, which)}/meta.json lacks the run's settings ('args' with "
-                        f"{', '.join(need)}); it is not a checkpoint train.py wrote, or it was edited")
-    route = build_layerroute(model or a["model"], {"r": a["lora_r"], "alpha": a["lora_alpha"],
-                                                   "dropout": a["lora_dropout"]}, pool=a["pool"], device=device,
-                             dtype=dtype)
+        raise UserError(
+            f"{resolve_checkpoint(ckpt, which)}/meta.json lacks the run's settings ('args' with "
+            f"{', '.join(need)}); it is not a checkpoint train.py wrote, or it was edited"
+        )
+    route = build_layerroute(
+        model or a["model"],
+        {"r": a["lora_r"], "alpha": a["lora_alpha"], "dropout": a["lora_dropout"]},
+        pool=a["pool"],
+        device=device,
+        dtype=dtype,
+    )
     check_same_shape(meta, route.config, ckpt)
     bad = nonfinite_tensors(adapter)
     if bad:
-        raise UserError(f"{resolve_checkpoint(ckpt, which)}: non-finite weights in {len(bad)} tensors ({bad[0]}, ...); "
-                        "this checkpoint cannot be evaluated, use an earlier one")
+        raise UserError(
+            f"{resolve_checkpoint(ckpt, which)}: non-finite weights in {len(bad)} tensors"
+            f" ({bad[0]}, ...); this checkpoint cannot be evaluated, use an earlier one"
+        )
     load_adapter(route, adapter, ckpt)
     return route.eval(), meta
 
 
-SHAPE_KEYS = ("model_type", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-              "head_dim", "intermediate_size", "vocab_size")
+SHAPE_KEYS = (
+    "model_type",
+    "hidden_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "intermediate_size",
+    "vocab_size",
+)
 
 
 def model_shape(cfg) -> dict:
@@ -340,21 +425,34 @@ def model_shape(cfg) -> dict:
 
 def check_same_shape(meta: dict, cfg, where):
     saved = meta.get("model_config", {})
-    diff = {k: (saved.get(k), getattr(cfg, k)) for k in SHAPE_KEYS if k in saved and saved[k] != getattr(cfg, k)}
+    diff = {
+        k: (saved.get(k), getattr(cfg, k))
+        for k in SHAPE_KEYS
+        if k in saved and saved[k] != getattr(cfg, k)
+    }
     if diff:
-        raise UserError(f"{where}: checkpoint is from another model shape (checkpoint vs model: {diff}); pass the "
-                         "base model it was trained on")
+        raise UserError(
+            f"{where}: checkpoint is from another model shape (checkpoint vs model: {diff}); pass"
+            " the base model it was trained on"
+        )
 
 
 def load_adapter(route, tensors: dict, where):
     params = adapter_tensors(route)
-    missing, unexpected = sorted(set(params) - set(tensors)), sorted(k for k in tensors if k not in params)
+    missing, unexpected = (
+        sorted(set(params) - set(tensors)),
+        sorted(k for k in tensors if k not in params),
+    )
     if missing or unexpected:
-        raise UserError(f"{where}: adapter tensors do not match the model (missing {missing[:3]}, unexpected "
-                         f"{unexpected[:3]}); was it trained with other LoRA settings or another model?")
+        raise UserError(
+            f"{where}: adapter tensors do not match the model (missing {missing[:3]}, unexpected "
+            f"{unexpected[:3]}); was it trained with other LoRA settings or another model?"
+        )
     with torch.no_grad():
         for k, p in params.items():
             if tensors[k].shape != p.shape:
-                raise UserError(f"{where}: '{k}' has shape {tuple(tensors[k].shape)}, the model expects "
-                                 f"{tuple(p.shape)}: a checkpoint from another model shape")
+                raise UserError(
+                    f"{where}: '{k}' has shape {tuple(tensors[k].shape)}, the model expects "
+                    f"{tuple(p.shape)}: a checkpoint from another model shape"
+                )
             p.copy_(tensors[k])

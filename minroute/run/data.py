@@ -1,16 +1,20 @@
-"""Reading what data_prep built: memory-mapped token arrays, padded batches with labels, a pure sampler.
+"""Reading what data_prep built: memory-mapped token arrays, padded batches with labels, a pure
+sampler.
 
-A split folder holds ids.npy (flat uint32), loss_mask.npy (flat uint8), assistant_mask.npy (flat uint8: the
-tokens of assistant outputs), offsets.npy (n + 1), step_type.npy (0 = tool_call, 1 = planning), prompt_len.npy
-and samples.jsonl. `manifest.json` records every file's size and sha256; `read_manifest(verify=True)` checks
-them and names a file that does not match. `batch_indices(step)` is a pure function of (seed, step), so a
-resumed run sees exactly the batches an uninterrupted one would.
+A split folder holds ids.npy (flat uint32), loss_mask.npy (flat uint8), assistant_mask.npy (flat
+uint8: the tokens of assistant outputs), offsets.npy (n + 1), step_type.npy (0 = tool_call, 1 =
+planning), prompt_len.npy and samples.jsonl. `manifest.json` records every file's size and sha256;
+`read_manifest(verify=True)` checks them and names a file that does not match. `batch_indices(step)`
+is a pure function of (seed, step), so a resumed run sees exactly the batches an uninterrupted one
+would.
 
-The prompt of a sample (`prompt_len`) is the context before its response: every token up to and including
-the header of the *last* assistant turn (system + tools + all earlier turns). For single-turn rows that is
-the question; for multi-turn rows (Glaive) the whole conversation before the final answer, which is what a
-deployment has in hand when it decides the gates for that answer. Routing on the prompt pools over it.
+The prompt of a sample (`prompt_len`) is the context before its response: every token up to and
+including the header of the *last* assistant turn (system + tools + all earlier turns). For
+single-turn rows that is the question; for multi-turn rows (Glaive) the whole conversation before
+the final answer, which is what a deployment has in hand when it decides the gates for that answer.
+Routing on the prompt pools over it.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -28,35 +32,53 @@ TOOL, PLANNING = 0, 1
 
 
 def read_manifest(data_dir, verify: bool = False) -> dict:
-    """manifest.json of a data folder; with verify, every split file is checked against its size and sha256."""
+    """manifest.json of a data folder; with verify, every split file is checked against its size and
+    sha256."""
     path = Path(data_dir) / "manifest.json"
     if not Path(data_dir).is_dir():
-        raise MissingFile(f"{data_dir}: data directory not found; build it with `python -m data_prep --out "
-                          f"{data_dir}` (or use --demo)")
+        raise MissingFile(
+            f"{data_dir}: data directory not found; build it with `python -m data_prep --out "
+            f"{data_dir}` (or use --demo)"
+        )
     if not path.exists():
-        raise MissingFile(f"{path}: no manifest.json; {data_dir} was not built by data_prep (or its build was "
-                          "interrupted); rebuild it")
+        raise MissingFile(
+            f"{path}: no manifest.json; {data_dir} was not built by data_prep (or its build was "
+            "interrupted); rebuild it"
+        )
     try:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); rebuild the data folder") from None
-    if verify and "files" not in manifest:  # built before manifests recorded hashes: usable, not verifiable
-        print(f"note: {path} records no file hashes (built by an older data_prep), so its files cannot be verified; "
-              "rebuild it to get them", file=sys.stderr)
+    if (
+        verify and "files" not in manifest
+    ):  # built before manifests recorded hashes: usable, not verifiable
+        print(
+            f"note: {path} records no file hashes (built by an older data_prep), so its files"
+            " cannot be verified; rebuild it to get them",
+            file=sys.stderr,
+        )
     elif verify:
         verify_files(data_dir, manifest["files"], f"manifest of {data_dir}")
     return manifest
 
 
 def check_tokenizer(manifest: dict, data_dir, model_path: str):
-    """Refuse data tokenised by another tokenizer than the model's (sha256 of tokenizer.json, as data_prep records)."""
+    """Refuse data tokenised by another tokenizer than the model's (sha256 of tokenizer.json, as
+    data_prep records)."""
     from minroute.run.load import resolve_dir
     from minroute.run.safety import sha256_file
+
     tok_file = resolve_dir(model_path) / "tokenizer.json"
-    if manifest.get("tokenizer_sha256") and tok_file.exists() and sha256_file(tok_file) != manifest["tokenizer_sha256"]:
-        raise UserError(f"{data_dir} was tokenised by {manifest['tokenizer']}: built with another tokenizer than "
-                        f"{model_path}'s tokenizer.json; rebuild the data with `python -m data_prep --tokenizer "
-                        f"{model_path}`")
+    if (
+        manifest.get("tokenizer_sha256")
+        and tok_file.exists()
+        and sha256_file(tok_file) != manifest["tokenizer_sha256"]
+    ):
+        raise UserError(
+            f"{data_dir} was tokenised by {manifest['tokenizer']}: built with another tokenizer"
+            f" than {model_path}'s tokenizer.json; rebuild the data with `python -m data_prep"
+            f" --tokenizer {model_path}`"
+        )
 
 
 def manifest_hash(data_dir) -> str:
@@ -64,12 +86,17 @@ def manifest_hash(data_dir) -> str:
     return hashlib.sha256((Path(data_dir) / "manifest.json").read_bytes()).hexdigest()
 
 
-VOLATILE = ("build_seconds", "tokenizer")  # when it was built, and how the tokenizer path was spelled
+VOLATILE = (
+    "build_seconds",
+    "tokenizer",
+)  # when it was built, and how the tokenizer path was spelled
 
 
 def data_identity(manifest: dict) -> str:
-    """sha256 of what a data folder *is*: its files' hashes and every setting that made them, not when it was
-    built; an identical rebuild has the same identity, so the runs trained on it can still resume."""
+    """sha256 of what a data folder *is*: its files' hashes and every setting that made them, not
+    when it was built; an identical rebuild has the same identity, so the runs trained on it can
+    still resume.
+    """
     kept = {k: v for k, v in manifest.items() if k not in VOLATILE}
     return hashlib.sha256(json.dumps(kept, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
@@ -103,7 +130,8 @@ class TokenSplit:
 
     @property
     def rows(self) -> list[dict]:
-        """samples.jsonl, one dict per sample (source, row, hash, step_type, and messages for eval splits)."""
+        """samples.jsonl, one dict per sample (source, row, hash, step_type, and messages for eval
+        splits)."""
         if self._rows is None:
             with open(self.dir / "samples.jsonl", encoding="utf-8") as f:
                 self._rows = [json.loads(line) for line in f]
@@ -111,10 +139,12 @@ class TokenSplit:
 
 
 class DataFolder:
-    """A data folder built by data_prep, opened and verified once: its manifest (every file's size and sha256
-    checked), identity, splits, and the checks every script needs (tokenizer, same data as a run, trained rows).
+    """A data folder built by data_prep, opened and verified once: its manifest (every file's size
+    and sha256 checked), identity, splits, and the checks every script needs (tokenizer, same data
+    as a run, trained rows).
 
-    Everything downstream takes this object, not the path, so the manifest is read and hashed once."""
+    Everything downstream takes this object, not the path, so the manifest is read and hashed once.
+    """
 
     def __init__(self, path, verify: bool = True):
         self.path = Path(path)
@@ -126,7 +156,7 @@ class DataFolder:
     def __str__(self):
         return str(self.path)
 
-    def split(self, name: str) -> "TokenSplit":
+    def split(self, name: str) -> TokenSplit:
         if name not in self._splits:
             self._splits[name] = TokenSplit(self.path, name)
         return self._splits[name]
@@ -135,8 +165,10 @@ class DataFolder:
         return (self.path / name / "ids.npy").exists()
 
     def matched_split(self, route_on: str) -> str | None:
-        """The length-matched eval split for routers that pool the prompt ('eval_matched', matched on prompt
-        length) or the whole row ('eval_matched_sequence'); older folders have only the first (whole-row)."""
+        """The length-matched eval split for routers that pool the prompt ('eval_matched', matched
+        on prompt length) or the whole row ('eval_matched_sequence'); older folders have only the
+        first (whole-row).
+        """
         if route_on == "sequence" and self.has_split("eval_matched_sequence"):
             return "eval_matched_sequence"
         return "eval_matched" if self.has_split("eval_matched") else None
@@ -148,13 +180,15 @@ class DataFolder:
         check_tokenizer(self.manifest, self.path, model_path)
 
     def same_as_trained(self, meta: dict) -> bool:
-        """Is this the data a run trained on? By content (data_sha256), or for older runs by manifest bytes."""
+        """Is this the data a run trained on? By content (data_sha256), or for older runs by
+        manifest bytes."""
         if meta.get("data_sha256"):
             return meta["data_sha256"] == self.identity
         return meta.get("manifest_sha256") == self.raw_sha256
 
     def trained_hashes(self) -> tuple[set[str], set[str]]:
-        """Content and prompt hashes of the rows a run on this folder can learn from or select on (train, val)."""
+        """Content and prompt hashes of the rows a run on this folder can learn from or select on
+        (train, val)."""
         rows = [r for split in ("train", "val") for r in self.split(split).rows]
         return {r["hash"] for r in rows}, {r["prompt_hash"] for r in rows if "prompt_hash" in r}
 
@@ -163,16 +197,19 @@ ROUTE_ON = ("prompt", "sequence")
 
 
 class Batch(dict):
-    """collate's batch: a dict of CPU tensors, plus what the host knows about it without reading a device:
-    `padded` (does attention_mask hold a 0), `real_tokens` (its 1s) and, for right padding, `lengths` (each row's
-    real tokens; the training forward then packs the rows without their padding). `{k: v.to(device) ...}` still works."""
+    """collate's batch: a dict of CPU tensors, plus what the host knows about it without reading a
+    device: `padded` (does attention_mask hold a 0), `real_tokens` (its 1s) and, for right padding,
+    `lengths` (each row's real tokens; the training forward then packs the rows without their
+    padding). `{k: v.to(device) ...}` still works.
+    """
 
     padded: bool = True
     real_tokens: int = 0
     lengths: list[int] | None = None
 
-    def to(self, device, non_blocking: bool = False) -> "Batch":
-        """The same batch on `device` (the host facts kept); on CUDA from pinned memory, without blocking."""
+    def to(self, device, non_blocking: bool = False) -> Batch:
+        """The same batch on `device` (the host facts kept); on CUDA from pinned memory, without
+        blocking."""
         device = torch.device(device)
         if device.type == "cpu":  # collate's tensors are CPU tensors already
             return self
@@ -184,16 +221,25 @@ class Batch(dict):
         return out
 
 
-def collate(split: TokenSplit, indices, pad_id: int, pad_to: int | None = None, side: str = "right",
-            prompt_only: bool = False, route_on: str = "sequence") -> dict:
-    """Padded batch: input_ids, attention_mask (1 = real), labels (-100 = not counted), is_tool (B,);
-    route_mask (1 = pooled by the routers) when route_on is 'prompt'; assistant_labels (labels of the
-    assistant-output tokens only) when the split records them; loss_index, loss_target (the counted positions
-    of `labels` and their next tokens, loss.counted_positions, computed here on the host). A `Batch`: the
-    host also knows `.padded` and `.real_tokens`, so the training step never reads them back from a device.
+def collate(
+    split: TokenSplit,
+    indices,
+    pad_id: int,
+    pad_to: int | None = None,
+    side: str = "right",
+    prompt_only: bool = False,
+    route_on: str = "sequence",
+) -> dict:
+    """Padded batch: input_ids, attention_mask (1 = real), labels (-100 = not counted), is_tool
+    (B,); route_mask (1 = pooled by the routers) when route_on is 'prompt'; assistant_labels (labels
+    of the assistant-output tokens only) when the split records them; loss_index, loss_target (the
+    counted positions of `labels` and their next tokens, loss.counted_positions, computed here on
+    the host). A `Batch`: the host also knows `.padded` and `.real_tokens`, so the training step
+    never reads them back from a device.
 
-    Labels are unshifted (HF convention); the loss shifts them. Padding never counts. pad_to None pads
-    to the longest sequence of the batch; prompt_only keeps each sample's generation prompt only.
+    Labels are unshifted (HF convention); the loss shifts them. Padding never counts. pad_to None
+    pads to the longest sequence of the batch; prompt_only keeps each sample's generation prompt
+    only.
     """
     if route_on not in ROUTE_ON:
         raise ValueError(f"route_on {route_on!r}: expected one of {ROUTE_ON}")
@@ -203,30 +249,42 @@ def collate(split: TokenSplit, indices, pad_id: int, pad_to: int | None = None, 
         a, b = split.offsets[int(i)], split.offsets[int(i) + 1]
         amask = None if split.assistant_mask is None else np.asarray(split.assistant_mask[a:b])
         n = len(ids) if not prompt_only else int(split.prompt_len[i])
-        seqs.append((ids[:n], mask[:n], None if amask is None else amask[:n], int(split.prompt_len[i])))
+        seqs.append(
+            (ids[:n], mask[:n], None if amask is None else amask[:n], int(split.prompt_len[i]))
+        )
     T = max(len(s[0]) for s in seqs) if pad_to is None else pad_to
     B = len(seqs)
     input_ids = torch.full((B, T), pad_id, dtype=torch.long)
     attn = torch.zeros((B, T), dtype=torch.long)
     labels = torch.full((B, T), -100, dtype=torch.long)
     route = torch.zeros((B, T), dtype=torch.long)
-    a_labels = torch.full((B, T), -100, dtype=torch.long) if split.assistant_mask is not None else None
+    a_labels = (
+        torch.full((B, T), -100, dtype=torch.long) if split.assistant_mask is not None else None
+    )
     for b, (ids, mask, amask, plen) in enumerate(seqs):
         if len(ids) > T:
-            raise UserError(f"{split.dir}: a sample of {len(ids)} tokens does not fit a batch padded to {T}")
+            raise UserError(
+                f"{split.dir}: a sample of {len(ids)} tokens does not fit a batch padded to {T}"
+            )
         start = 0 if side == "right" else T - len(ids)
         sl = slice(start, start + len(ids))
         tokens = torch.from_numpy(ids)
         input_ids[b, sl] = tokens
         attn[b, sl] = 1
-        route[b, start:start + min(plen, len(ids))] = 1
+        route[b, start : start + min(plen, len(ids))] = 1
         labels[b, sl] = torch.where(torch.from_numpy(mask.astype(bool)), tokens, -100)
         if a_labels is not None:
             a_labels[b, sl] = torch.where(torch.from_numpy(amask.astype(bool)), tokens, -100)
     is_tool = torch.tensor([split.step_type[int(i)] == TOOL for i in indices])
     loss_index, loss_target = counted_positions(labels)
-    out = Batch(input_ids=input_ids, attention_mask=attn, labels=labels, is_tool=is_tool, loss_index=loss_index,
-                loss_target=loss_target)
+    out = Batch(
+        input_ids=input_ids,
+        attention_mask=attn,
+        labels=labels,
+        is_tool=is_tool,
+        loss_index=loss_index,
+        loss_target=loss_target,
+    )
     out.real_tokens = sum(len(s[0]) for s in seqs)
     out.padded = out.real_tokens < B * T
     out.lengths = [len(s[0]) for s in seqs] if side == "right" else None
@@ -238,16 +296,18 @@ def collate(split: TokenSplit, indices, pad_id: int, pad_to: int | None = None, 
 
 
 def counted_tokens(split: TokenSplit, indices) -> int:
-    """Tokens the LM loss counts in these samples: positions t >= 1 whose loss mask is 1 (t predicts from t-1)."""
+    """Tokens the LM loss counts in these samples: positions t >= 1 whose loss mask is 1 (t predicts
+    from t-1)."""
     total = 0
     for i in indices:
         a, b = split.offsets[int(i)], split.offsets[int(i) + 1]
-        total += int(np.asarray(split.loss_mask[a + 1:b]).sum())
+        total += int(np.asarray(split.loss_mask[a + 1 : b]).sum())
     return total
 
 
 def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> np.ndarray:
-    """Indices of micro-batch `micro_step`: epochs are seeded permutations, batches cut from their concatenation."""
+    """Indices of micro-batch `micro_step`: epochs are seeded permutations, batches cut from their
+    concatenation."""
     pos = micro_step * batch_size + np.arange(batch_size)
     epochs, within = pos // n, pos % n
     out = np.empty(batch_size, dtype=np.int64)
@@ -257,12 +317,20 @@ def batch_indices(n: int, batch_size: int, micro_step: int, seed: int) -> np.nda
     return out
 
 
-def update_batches(split: TokenSplit, update: int, batch_size: int, accum: int, seed: int,
-                   sort_by_length: bool = True) -> list[np.ndarray]:
-    """The `accum` micro-batches of optimizer update `update`: its batch_size x accum sequences (a pure function
-    of seed and update), sorted by length before they are cut into micro-batches when sort_by_length, so
-    that sequences of similar length are padded together. The update sees the same sequences either way."""
+def update_batches(
+    split: TokenSplit,
+    update: int,
+    batch_size: int,
+    accum: int,
+    seed: int,
+    sort_by_length: bool = True,
+) -> list[np.ndarray]:
+    """The `accum` micro-batches of optimizer update `update`: its batch_size x accum sequences (a
+    pure function of seed and update), sorted by length before they are cut into micro-batches when
+    sort_by_length, so that sequences of similar length are padded together. The update sees the
+    same sequences either way.
+    """
     idx = batch_indices(len(split), batch_size * accum, update, seed)
     if sort_by_length:
         idx = idx[np.argsort(split.lengths()[idx], kind="stable")]
-    return [idx[m * batch_size:(m + 1) * batch_size] for m in range(accum)]
+    return [idx[m * batch_size : (m + 1) * batch_size] for m in range(accum)]

@@ -1,8 +1,10 @@
-"""A run's logs: train_log.csv (one row per log interval and validation) and gates.csv (one row per layer).
+"""A run's logs: train_log.csv (one row per log interval and validation) and gates.csv (one row per
+layer).
 
 `interval_stats` turns a log interval's accumulated sums and gates into those rows; skip% is
 core.router.skip_percent, the same definition validation and eval.py use.
 """
+
 from __future__ import annotations
 
 import csv
@@ -15,14 +17,28 @@ import torch
 from minroute.core.router import skip_percent
 from minroute.run.safety import WriteError, os_cause
 
+
 class RunLog:
     """train_log.csv (one row per log interval / validation) and gates.csv (per layer).
 
-    A resumed run first drops the rows written after its checkpoint (by the interrupted process), so the
-    logs hold each step once."""
+    A resumed run first drops the rows written after its checkpoint (by the interrupted process), so
+    the logs hold each step once."""
 
-    FIELDS = ["step", "loss", "ce", "reg", "skip_tool", "skip_plan", "lr", "grad_norm", "dt", "tok_s", "val_ce",
-              "val_skip_tool", "val_skip_plan"]
+    FIELDS = [
+        "step",
+        "loss",
+        "ce",
+        "reg",
+        "skip_tool",
+        "skip_plan",
+        "lr",
+        "grad_norm",
+        "dt",
+        "tok_s",
+        "val_ce",
+        "val_skip_tool",
+        "val_skip_plan",
+    ]
     GATE_FIELDS = ["step", "layer", "mean_soft", "hard_skip_rate", "bias", "w_norm"]
 
     def __init__(self, out: Path, start: int):
@@ -33,9 +49,11 @@ class RunLog:
             raise self._error(e, out) from None
 
     def _error(self, e: OSError, path) -> WriteError:
-        return WriteError(f"{e.filename or path}: cannot write the run's log ({os_cause(e)}); its checkpoints are "
-                          f"untouched. Free space (or make {self.out} writable), then continue the run: python "
-                          f"train.py --resume {self.out}")
+        return WriteError(
+            f"{e.filename or path}: cannot write the run's log ({os_cause(e)}); its checkpoints are"
+            f" untouched. Free space (or make {self.out} writable), then continue the run: python"
+            f" train.py --resume {self.out}"
+        )
 
     def _open(self, out: Path, start: int):
         for name, header in (("train_log.csv", self.FIELDS), ("gates.csv", self.GATE_FIELDS)):
@@ -50,7 +68,9 @@ class RunLog:
                 w.writerow(header)
                 w.writerows(rows)
             os.replace(path.with_name(name + ".tmp"), path)
-        self.log_f, self.gates_f = open(out / "train_log.csv", "a", newline=""), open(out / "gates.csv", "a", newline="")
+        # held open for the run's life (closed by close()): appended to at every log interval
+        self.log_f = open(out / "train_log.csv", "a", newline="")  # noqa: SIM115
+        self.gates_f = open(out / "gates.csv", "a", newline="")  # noqa: SIM115
         self.log, self.gates = csv.DictWriter(self.log_f, self.FIELDS), csv.writer(self.gates_f)
 
     def write(self, row: dict | None, gate_rows=()):
@@ -67,26 +87,57 @@ class RunLog:
         for f in (self.log_f, self.gates_f):
             try:
                 f.close()
-            except OSError:  # a full disk fails the last flush too; what was flushed before is on disk
+            except (
+                OSError
+            ):  # a full disk fails the last flush too; what was flushed before is on disk
                 pass
 
 
 def fresh_acc(device) -> dict:
-    """An empty log interval: its updates' summed [loss, ce, reg, real tokens] on the device, their number, its
-    start time, and the gates of its micro-batches (train.py's update appends them)."""
-    return {"sums": torch.zeros(4, dtype=torch.float64, device=device), "n": 0, "t0": time.time(),
-            "soft": [], "hard": [], "tool": []}
+    """An empty log interval: its updates' summed [loss, ce, reg, real tokens] on the device, their
+    number, its start time, and the gates of its micro-batches (train.py's update appends them)."""
+    return {
+        "sums": torch.zeros(4, dtype=torch.float64, device=device),
+        "n": 0,
+        "t0": time.time(),
+        "soft": [],
+        "hard": [],
+        "tool": [],
+    }
 
 
 def interval_stats(acc, route, step, lr, grad_norm):
-    """The log row and the per-layer gate rows of one log interval (the only place statistics leave the device)."""
-    soft, hard, tool = torch.cat(acc["soft"]).cpu(), torch.cat(acc["hard"]).cpu(), torch.cat(acc["tool"]).cpu()
+    """The log row and the per-layer gate rows of one log interval (the only place statistics leave
+    the device)."""
+    soft, hard, tool = (
+        torch.cat(acc["soft"]).cpu(),
+        torch.cat(acc["hard"]).cpu(),
+        torch.cat(acc["tool"]).cpu(),
+    )
     skip_tool, skip_plan = skip_percent(hard, tool)
     n, dt = acc["n"], time.time() - acc["t0"]
     loss, ce, reg, tok = acc["sums"].tolist()
-    row = {"step": step, "loss": loss / n, "ce": ce / n, "reg": reg / n, "skip_tool": skip_tool,
-           "skip_plan": skip_plan, "lr": lr, "grad_norm": grad_norm, "dt": dt / n, "tok_s": tok / dt}
-    gate_rows = [[step, i, round(float(soft[:, i].mean()), 5), round(float(1 - hard[:, i].float().mean()), 5),
-                  round(r.bias.item(), 5), round(r.weight.detach().norm().item(), 5)]
-                 for i, r in enumerate(route.routers)]
+    row = {
+        "step": step,
+        "loss": loss / n,
+        "ce": ce / n,
+        "reg": reg / n,
+        "skip_tool": skip_tool,
+        "skip_plan": skip_plan,
+        "lr": lr,
+        "grad_norm": grad_norm,
+        "dt": dt / n,
+        "tok_s": tok / dt,
+    }
+    gate_rows = [
+        [
+            step,
+            i,
+            round(float(soft[:, i].mean()), 5),
+            round(float(1 - hard[:, i].float().mean()), 5),
+            round(r.bias.item(), 5),
+            round(r.weight.detach().norm().item(), 5),
+        ]
+        for i, r in enumerate(route.routers)
+    ]
     return row, gate_rows

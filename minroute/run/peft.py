@@ -1,9 +1,11 @@
-"""LoRA adapters in PEFT's format: what `peft.PeftModel.from_pretrained` reads, and PEFT adapters read back.
+"""LoRA adapters in PEFT's format: what `peft.PeftModel.from_pretrained` reads, and PEFT adapters
+read back.
 
-A PEFT adapter folder holds adapter_config.json and adapter_model.safetensors, whose tensors are our LoRA
-parameters renamed `base_model.model.<name>.lora_A.weight` / `.lora_B.weight` (the same (r, in) and (out, r)
-matrices). Pickled adapter_model.bin files are not read.
+A PEFT adapter folder holds adapter_config.json and adapter_model.safetensors, whose tensors are our
+LoRA parameters renamed `base_model.model.<name>.lora_A.weight` / `.lora_B.weight` (the same (r, in)
+and (out, r) matrices). Pickled adapter_model.bin files are not read.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +22,8 @@ PEFT_PREFIX = "base_model.model."
 
 
 def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: str):
-    """Write adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained` loads onto
-    `base_model` (a Hub id or a local folder: the model the adapter was trained on)."""
+    """Write adapter_config.json + adapter_model.safetensors that `peft.PeftModel.from_pretrained`
+    loads onto `base_model` (a Hub id or a local folder: the model the adapter was trained on)."""
     layers = lora_layers(model)
     if not layers:
         raise ValueError("save_peft_adapter: the model has no LoRA layers (call add_lora first)")
@@ -29,10 +31,21 @@ def save_peft_adapter(model: nn.Module, out_dir: str | os.PathLike, base_model: 
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     targets = sorted({name.rsplit(".", 1)[-1] for name in layers})
     config = {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model,
-        "r": first.r, "lora_alpha": first.alpha, "lora_dropout": dropout, "target_modules": targets,
-        "bias": "none", "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
-        "use_rslora": False, "use_dora": False, "modules_to_save": None, "layers_to_transform": None,
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": first.r,
+        "lora_alpha": first.alpha,
+        "lora_dropout": dropout,
+        "target_modules": targets,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "use_rslora": False,
+        "use_dora": False,
+        "modules_to_save": None,
+        "layers_to_transform": None,
     }
     tensors = {}
     for name, m in layers.items():
@@ -51,11 +64,15 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
     cfg_path, w_path = d / "adapter_config.json", d / "adapter_model.safetensors"
     for p in (cfg_path, w_path):
         if not p.exists():
-            raise FileNotFoundError(f"{p}: missing; a PEFT adapter folder holds adapter_config.json and "
-                                    "adapter_model.safetensors (pickled adapter_model.bin is not read)")
+            raise FileNotFoundError(
+                f"{p}: missing; a PEFT adapter folder holds adapter_config.json and "
+                "adapter_model.safetensors (pickled adapter_model.bin is not read)"
+            )
     cfg = json.loads(cfg_path.read_text())
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise ValueError(f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported")
+        raise ValueError(
+            f"{cfg_path}: peft_type {cfg.get('peft_type')!r}; only LORA adapters are supported"
+        )
     for flag in ("use_dora", "use_rslora", "fan_in_fan_out"):
         if cfg.get(flag):
             raise ValueError(f"{cfg_path}: '{flag}' is true; only plain LoRA is supported")
@@ -63,27 +80,35 @@ def load_peft_adapter(model: nn.Module, adapter_dir: str | os.PathLike) -> nn.Mo
     targets = cfg.get("target_modules") or TARGETS
     targets = (targets,) if isinstance(targets, str) else tuple(targets)
     if not lora_layers(model):
-        add_lora(model, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), targets=targets)
+        add_lora(
+            model, r=r, alpha=alpha, dropout=float(cfg.get("lora_dropout", 0.0)), targets=targets
+        )
     layers = lora_layers(model)
     tensors = load_file(str(w_path))
     seen = set()
     for key, t in tensors.items():
         name = key.removeprefix(PEFT_PREFIX)
-        for part, attr in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B")):
+        for part, attr in ((".lora_A.weight", "lora_A"), (".lora_B.weight", "lora_B")):  # noqa: B007
             if name.endswith(part):
                 name = name[: -len(part)]
                 break
         else:
             raise ValueError(f"{w_path}: unexpected tensor '{key}' (not a LoRA A/B weight)")
         if name not in layers:
-            raise ValueError(f"{w_path}: tensor '{key}' has no matching LoRA layer '{name}' in the model")
+            raise ValueError(
+                f"{w_path}: tensor '{key}' has no matching LoRA layer '{name}' in the model"
+            )
         layer = layers[name]
         if layer.r != r or layer.alpha != alpha:
-            raise ValueError(f"{cfg_path}: r={r}, alpha={alpha}, but the model's LoRA has r={layer.r}, "
-                             f"alpha={layer.alpha}")
+            raise ValueError(
+                f"{cfg_path}: r={r}, alpha={alpha}, but the model's LoRA has r={layer.r}, "
+                f"alpha={layer.alpha}"
+            )
         target = getattr(layer, attr)
         if t.shape != target.shape:
-            raise ValueError(f"{w_path}: '{key}' has shape {tuple(t.shape)}, expected {tuple(target.shape)}")
+            raise ValueError(
+                f"{w_path}: '{key}' has shape {tuple(t.shape)}, expected {tuple(target.shape)}"
+            )
         with torch.no_grad():
             target.copy_(t)
         seen.add((name, attr))
