@@ -13,7 +13,7 @@
 # --steps N (per run), --tasks (also score generations; on by default with --real-cpu), --gguf FILE and
 # --source-dir DIR (--real-cpu: the SmolLM2 GGUF and the folder with gsm8k/ and bfcl-v4/; defaults:
 # $MINROUTE_GGUF / $MINROUTE_DATA, else ../shared/ beside the repository).
-# --real-cpu settings (see README "The real study"): SmolLM2-135M-Instruct converted from its GGUF; BFCL v4 + GSM8K,
+# --real-cpu settings (README "The real result so far"): SmolLM2-135M-Instruct converted from its GGUF; BFCL v4 + GSM8K,
 # 512 tokens, rows whose response does not fit dropped; the paper preset, 24 updates of 4 x 2 sequences, lr 5e-4,
 # the paper's band rule for 30 blocks (layers 10-20 start closed); 3 paper seeds + NoReg (seed 1); 30 + 30 held-out rows.
 # Resumable: a finished run is skipped, an interrupted one resumes, a run asked for more --steps is extended (other

@@ -639,7 +639,7 @@ def test_bfcl_rows_become_chats_with_json_schema_tools():
 
 def test_bfcl_reference_answers_pass_bfcl_scoring():
     """Every usable fixture row's rendered reference call is correct by minroute's BFCL scorer."""
-    from minroute.evaluation.tasks import bfcl_correct
+    from minroute.evaluation.bfcl import bfcl_correct
     from minroute.run.chat import render
 
     records, _ = bfcl.read(FIX)

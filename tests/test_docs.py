@@ -52,3 +52,36 @@ def test_readme_study_table_is_the_committed_study(variant, label):
     assert shown_equal(full, float(tool["ppl_full"])) and shown_equal(
         gated, float(tool["ppl_gated"])
     ), cells[3]
+
+
+def test_reading_path_points_at_the_code_it_names():
+    """README's "Read the code in this order": each row's file exists; a row naming a function or class and a
+    line range holds that definition inside the range, the range ends at the definition's end, and the total
+    stays near the promised ~700 lines."""
+    import ast
+
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Read the code in this order", 1)[1].split("\n## ", 1)[0]
+    rows = [r for r in section.splitlines() if re.match(r"\| \d \|", r)]
+    assert 3 <= len(rows) <= 5, rows
+    total = 0
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        path = ROOT / re.search(r"\(([^)]+)\)", cells[1]).group(1)
+        assert path.is_file(), path
+        n_lines = len(path.read_text().splitlines())
+        if cells[2].startswith("all"):
+            assert int(cells[2].split(",")[1]) == n_lines, (path, n_lines)
+            total += n_lines
+            continue
+        names = re.findall(r"`(\w+)`", cells[2])
+        a, b = (int(x) for x in re.search(r"(\d+)\D(\d+)", cells[2]).groups())
+        defs = {
+            node.name: (node.lineno, node.end_lineno)
+            for node in ast.walk(ast.parse(path.read_text()))
+            if isinstance(node, (ast.FunctionDef, ast.ClassDef))
+        }
+        assert defs[names[0]][0] == a, (path, names[0], defs[names[0]], a)
+        assert max(end for start, end in defs.values() if a <= start <= b) == b, (path, a, b)
+        total += b - a + 1
+    assert total <= 760, f"the reading path is {total} lines"

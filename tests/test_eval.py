@@ -13,14 +13,13 @@ import torch.nn.functional as F
 import eval as eval_script
 from minroute.evaluation.evaluate import (
     PassResult,
-    bootstrap_ci,
-    length_regression,
     random_masks,
     run_pass,
     static_mask,
     static_masks,
 )
 from minroute.evaluation.flops import sequence_flops
+from minroute.evaluation.stats import bootstrap_ci, length_regression
 from minroute.run.checkpoint import load_layerroute
 from minroute.run.data import TokenSplit, collate
 from minroute.run.load import load_tokenizer
@@ -220,7 +219,7 @@ def test_output_paths_are_checked_before_any_work(tmp_path, demo_run, capsys, mo
 
 
 def test_t_interval_matches_tables():
-    from minroute.evaluation.evaluate import t_ci, t_quantile
+    from minroute.evaluation.stats import t_ci, t_quantile
 
     for df, ref in ((1, 12.706205), (2, 4.302653), (9, 2.262157), (29, 2.045230)):
         assert t_quantile(0.975, df) == pytest.approx(ref, abs=1e-5), df
@@ -230,7 +229,7 @@ def test_t_interval_matches_tables():
 
 
 def test_differential_stats_by_hand():
-    from minroute.evaluation.evaluate import differential_stats
+    from minroute.evaluation.stats import differential_stats
 
     rng = np.random.default_rng(0)
     L = 8

@@ -12,15 +12,17 @@ import pytest
 import torch
 
 from minroute.evaluation import tasks
-from minroute.evaluation.tasks import (
+from minroute.evaluation.bfcl import (
     bfcl_check,
     bfcl_correct,
+    parse_tool_calls_tolerant,
+    standardize_string,
+)
+from minroute.evaluation.tasks import (
     gsm8k_prediction,
     parse_tool_calls,
-    parse_tool_calls_tolerant,
     score_gsm8k,
     score_tool_call,
-    standardize_string,
 )
 
 REF = [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}]

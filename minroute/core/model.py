@@ -9,8 +9,8 @@ no; Llama: attention per `attention_bias`, MLP per `mlp_bias`). Parameter names 
 (run/load.py). The numerics are transformers' `modeling_qwen2.py` / `modeling_llama.py`
 (docs/reference.md §4), line for line:
 
-- RoPE: inv_freq = 1 / theta^(arange(0, D, 2) / D) in fp32, freqs = position * inv_freq in fp32, emb
-  = cat(freqs, freqs) (halves, not interleaved), cos/sin cast to the activation dtype, and the
+- RoPE: inv_freq = 1 / theta^(arange(0, D, 2) / D) in fp32, freqs = position * inv_freq in fp32,
+  emb = cat(freqs, freqs) (halves, not interleaved), cos/sin cast to the activation dtype, and the
   rotation x*cos + rotate_half(x)*sin done in the activation dtype.
 - RMSNorm: upcast to fp32, x * rsqrt(mean(x^2) + eps), cast back, *then* multiply by the weight.
 - GQA by repeating each kv head in place; head_dim may differ from hidden / heads when the config
@@ -21,7 +21,7 @@ no; Llama: attention per `attention_bias`, MLP per `mlp_bias`). Parameter names 
 
 With the same attention kernel this matches transformers bitwise in fp32 and bf16
 (tests/test_model.py). `CausalLM` splits its forward into `prepare` (embeddings, RoPE, mask), the
-blocks and the final norm, so that LayerRoute (router.py) runs the same pieces with a gate between
+blocks and the final norm, so that LayerRoute (core/router.py) runs the same pieces with a gate between
 blocks.
 """
 

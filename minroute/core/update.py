@@ -11,10 +11,14 @@ micro-batches and processes; 'micro' (the authors' code) averages each micro-bat
 The BCE ablation replaces R by BCE(p, step-type label) on every layer.
 
 AdamW is decoupled weight decay with bias correction, torch.optim.AdamW's formula
-(tests/test_optim.py): p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2 p <- p
-- lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps) and `get_lr` a pure function of the update
-index: linear warmup, cosine to a floor. fast/kernels.py's ForeachAdamW takes the same step with one
-op per group instead of one per tensor (bitwise equal, tested).
+(tests/test_optim.py):
+
+    p <- p (1 - lr wd);  m <- b1 m + (1 - b1) g;  v <- b2 v + (1 - b2) g^2
+    p <- p - lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)
+
+and `get_lr` is a pure function of the update index: linear warmup, cosine to a floor.
+fast/kernels.py's ForeachAdamW takes the same step with one op per group instead of one per tensor
+(bitwise equal, tested).
 """
 
 from __future__ import annotations

@@ -29,9 +29,7 @@ import numpy as np
 
 from minroute.evaluation.flops import paper_flops, sequence_flops
 from minroute.evaluation.passes import Setting, SettingResult, run_settings
-from minroute.evaluation.stats import (
-    differential_stats,
-)  # noqa: F401
+from minroute.evaluation.stats import differential_stats
 from minroute.run.checkpoint import atomic_write_text, trained_rows
 from minroute.run.data import TOOL, DataFolder, TokenSplit
 from minroute.run.safety import UserError

@@ -25,7 +25,7 @@ from minroute.evaluation.bfcl import (
     bfcl_correct,
     parse_tool_calls_tolerant,
     standardize_string,
-)  # noqa: F401
+)
 from minroute.evaluation.generate import generate
 from minroute.run.data import TOOL, TokenSplit
 
