@@ -55,9 +55,9 @@ def test_readme_study_table_is_the_committed_study(variant, label):
 
 
 def test_reading_path_points_at_the_code_it_names():
-    """README's "Read the code in this order": each row's file exists; a row naming a function or class and a
-    line range holds that definition inside the range, the range ends at the definition's end, and the total
-    stays near the promised ~700 lines."""
+    """README's "Read the code in this order": each row's file exists; a row naming a function or
+    class and a line range holds that definition inside the range, the range ends at the
+    definition's end, and the total stays near the promised ~700 lines."""
     import ast
 
     text = (ROOT / "README.md").read_text()

@@ -360,8 +360,8 @@ def test_prompt_routed_training_gates_equal_generate_prefill_gates(deep_dir):
 def test_training_mode_gates_and_lora_dropout(deep_dir, dropout):
     """In training mode LoRA dropout perturbs the states the routers pool, so a gate near 0.5 can
     differ from the eval-mode prefill gate: with --lora-dropout 0 the training gates are the prefill
-    gates exactly; with 0.05 (the paper's and authors' value) they may differ, and docs/usage.md says
-    so. Counted here, asserted for 0.
+    gates exactly; with 0.05 (the paper's and authors' value) they may differ, and docs/usage.md
+    says so. Counted here, asserted for 0.
     """
     from minroute.core.lora import lora_layers
 

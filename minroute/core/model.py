@@ -21,8 +21,8 @@ no; Llama: attention per `attention_bias`, MLP per `mlp_bias`). Parameter names 
 
 With the same attention kernel this matches transformers bitwise in fp32 and bf16
 (tests/test_model.py). `CausalLM` splits its forward into `prepare` (embeddings, RoPE, mask), the
-blocks and the final norm, so that LayerRoute (core/router.py) runs the same pieces with a gate between
-blocks.
+blocks and the final norm, so that LayerRoute (core/router.py) runs the same pieces with a gate
+between blocks.
 """
 
 from __future__ import annotations
