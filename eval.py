@@ -64,6 +64,7 @@ from minroute.evaluation.report import plot_gates
 from minroute.evaluation.tables import method_name, table, write_results
 from minroute.run.checkpoint import load_layerroute, resolve_checkpoint
 from minroute.run.data import TOOL, DataFolder
+from minroute.run.inputs import locate
 from minroute.run.load import load_tokenizer
 from minroute.run.safety import (
     ArgumentParser,
@@ -97,6 +98,12 @@ def parse_args(argv=None):
         "--runs", nargs="*", default=[], help="run folders of several seeds: mean, sd, Student-t CI"
     )
     ap.add_argument("--data", help="data folder (default: the one the checkpoint was trained on)")
+    ap.add_argument(
+        "--unverified-held-out",
+        action="store_true",
+        help="evaluate a checkpoint that records no trained rows (older runs) on a data folder it"
+        " was not trained on, whose rows cannot then be checked as held out",
+    )
     ap.add_argument("--model", help="base model (default: the one the checkpoint was trained on)")
     ap.add_argument("--batch-size", type=positive_int, default=8)
     ap.add_argument("--device", type=device, default=default_device(), help="cpu, cuda or cuda:N")
@@ -181,9 +188,17 @@ class Run:
 
 
 def open_run(
-    path, which, model=None, data=None, device="cpu", batch_size: int = 8, say=lambda *a: None
+    path,
+    which,
+    model=None,
+    data=None,
+    device="cpu",
+    batch_size: int = 8,
+    say=lambda *a: None,
+    unverified_held_out: bool = False,
 ) -> Run:
-    """The checkpoint (fp32 on CPU, bf16 on CUDA), its data (verified, held out), its tokenizer."""
+    """The checkpoint (fp32 on CPU, bf16 on CUDA), its data (verified, held out, its token ids in
+    the model's vocabulary), its tokenizer."""
     ckpt_dir = resolve_checkpoint(path, which)
     route, meta = load_layerroute(
         ckpt_dir,
@@ -194,7 +209,7 @@ def open_run(
     )
     if "args" not in meta or not isinstance(meta["args"], dict):
         raise UserError(f"{ckpt_dir}/meta.json has no 'args'; not a checkpoint train.py wrote")
-    folder = DataFolder(data or meta["args"]["data"])
+    folder = DataFolder(data or locate(ckpt_dir.parent, meta, "data"))
     if not folder.has_split("eval") or len(folder.split("eval")) == 0:
         raise UserError(
             f"{folder}/eval: no held-out rows to evaluate; rebuild the data with --eval-counts"
@@ -202,7 +217,8 @@ def open_run(
         )
     model = model or meta["args"]["model"]
     folder.check_tokenizer(model)
-    check_held_out(folder, meta, ckpt_dir, say=say)
+    folder.check_token_ids(route.config.vocab_size, model, ("eval", "eval_matched"))
+    check_held_out(folder, meta, ckpt_dir, say=say, allow_unverified=unverified_held_out)
     batching, how = eval_batching(meta, batch_size)
     return Run(route, meta, ckpt_dir, folder, load_tokenizer(model), batching, how)
 
@@ -476,6 +492,9 @@ def provenance(run: Run) -> dict:
         "trained_on_manifest_sha256": run.meta.get("manifest_sha256"),
         "trained_on_data_sha256": run.meta.get("data_sha256"),
         "checkpoint_sha256": {k: v["sha256"] for k, v in run.meta.get("files", {}).items()},
+        "train_settings": {  # how the run trained, for a report made without its checkpoints
+            k: v for k, v in a.items() if k not in ("given", "resume", "out", "data", "model")
+        },
     }
 
 
@@ -505,7 +524,7 @@ def evaluate_run(run: Run, args, dev, autocast, tables) -> dict:
     table2(run, p, res, args, dev, autocast, tables)
     T.tables_3_to_5(run.route.config, run.meta["args"].get("gate_reg", 1.0), p, res, tables)
     T.per_layer(p, res, tables)
-    plot_gates(res, run.ckpt_dir.parent)
+    plot_gates(res, getattr(args, "figure_dir", run.ckpt_dir.parent))  # beside eval.json
     T.controls_table(p, res, tables)
     split = run.data.matched_split(run.route_on)
     T.length_confound(
@@ -724,6 +743,7 @@ def main(argv=None):
     if not args.ckpt and not args.runs:
         raise UserError("pass --ckpt RUN_DIR (or --runs DIR..., or --report STUDY_DIR)")
     json_path, csv_dir = check_outputs(args)
+    args.figure_dir = json_path.parent
     dev = torch.device(args.device)
 
     def autocast():
@@ -736,7 +756,14 @@ def main(argv=None):
     results, tables = {}, []
     if args.ckpt:
         run = open_run(
-            args.ckpt, args.which, args.model, args.data, dev, args.batch_size, say=print
+            args.ckpt,
+            args.which,
+            args.model,
+            args.data,
+            dev,
+            args.batch_size,
+            say=print,
+            unverified_held_out=args.unverified_held_out,
         )
         results.update(evaluate_run(run, args, dev, autocast, tables))
         results["settings"] = {

@@ -87,8 +87,13 @@ failed_file="$out/failed.txt"
 : > "$failed_file"
 trap 'echo "error: interrupted; the study stops here (run the same command again to go on)" >&2; exit 130' INT TERM
 
-run() {  # run and record a command
-  echo "$*" >> "$log"
+run() {  # run a command; record it with its paths relative to the study folder (as the report shows it)
+  local line="$*"
+  [ -n "$gguf" ] && line="${line//"$gguf"/\$MINROUTE_GGUF}"
+  [ -n "$src" ] && line="${line//"$src"/\$MINROUTE_DATA}"
+  line="${line//"$out"\//}"
+  line="${line//"$out"/.}"
+  echo "python${line#"$py"}" >> "$log"
   "$@"
 }
 
@@ -143,13 +148,15 @@ variant_args() {
   esac
 }
 
-eval_is_current() {  # eval.json readable, made for this checkpoint with these evaluation settings
+eval_is_current() {  # eval.json readable, made for this checkpoint (by its content) with these settings
   "$py" - "$1" "$2" "$tasks" <<'PY' 2>/dev/null
 import json, sys
 from pathlib import Path
-ev, ckpt, tasks = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]).resolve(), sys.argv[3] == "1"
+ev, ckpt, tasks = json.loads(Path(sys.argv[1]).read_text()), Path(sys.argv[2]), sys.argv[3] == "1"
 s, meta = ev.get("settings", {}), json.loads((ckpt / "meta.json").read_text())
-ok = Path(s.get("checkpoint", "")).resolve() == ckpt and s.get("which") == "latest" and bool(s.get("tasks")) == tasks
+adapter = meta["files"]["adapter.safetensors"]["sha256"]  # the checkpoint's content, wherever it is
+ok = ev["provenance"]["checkpoint_sha256"].get("adapter.safetensors") == adapter
+ok = ok and s.get("which") == "latest" and bool(s.get("tasks")) == tasks
 ok = ok and s.get("data_sha256") == meta.get("data_sha256", s.get("data_sha256")) and not s.get("model")
 sys.exit(0 if ok and "skip_diff" in ev else 1)
 PY
@@ -171,11 +178,11 @@ for v in $variants; do
     # shellcheck disable=SC2046
     if [ -f "$dir/latest.json" ]; then  # resume it; with --steps N a finished run is extended to N
       run "$py" train.py --resume "$dir" $(variant_args "$v") "${common[@]}" --seed "$s" > "$dir.train.log" 2>&1 \
-        || status="FAILED in training (see $dir.train.log)"
+        || status="FAILED in training (see ${dir#"$out"/}.train.log)"
     else
       restart=(); [ -d "$dir" ] && restart=(--restart)  # killed before its first checkpoint: moved aside, not lost
       run "$py" train.py --out "$dir" --seed "$s" $(variant_args "$v") "${common[@]}" "${restart[@]}" \
-        > "$dir.train.log" 2>&1 || status="FAILED in training (see $dir.train.log)"
+        > "$dir.train.log" 2>&1 || status="FAILED in training (see ${dir#"$out"/}.train.log)"
     fi
     if [ "$status" = done ]; then
       name=$("$py" -c '
@@ -184,11 +191,11 @@ try: print(json.load(open(sys.argv[1]))["dir"])
 except (OSError, ValueError, KeyError, TypeError): pass' "$dir/latest.json")  # train.py repairs a broken pointer
       ckpt="$dir/$name"
       if [ -z "$name" ] || [ ! -d "$ckpt" ]; then
-        status="FAILED: $dir/latest.json names no checkpoint after training (see $dir.train.log)"
+        status="FAILED: ${dir#"$out"/}/latest.json names no checkpoint after training (see ${dir#"$out"/}.train.log)"
       elif [ ! -f "$dir/eval.json" ] || ! eval_is_current "$dir/eval.json" "$ckpt"; then
         ev=(--ckpt "$dir" --json "$dir/eval.json" --csv "$dir/eval" --cache "$out/cache" "${ev_common[@]}")
         if [ "$timed" = 1 ]; then ev+=(--no-timing --floor-every 0); fi  # timing and the floor: the first run only
-        run "$py" eval.py "${ev[@]}" > "$dir.eval.log" 2>&1 || status="FAILED in evaluation (see $dir.eval.log)"
+        run "$py" eval.py "${ev[@]}" > "$dir.eval.log" 2>&1 || status="FAILED in evaluation (see ${dir#"$out"/}.eval.log)"
       fi
       timed=1
     fi

@@ -373,6 +373,27 @@ def check_out_folder(final: Path, overwrite: bool, source_dir):
         )
 
 
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_builds(final: Path, log=print):
+    """Remove the half-written `.NAME.building-PID` folders of builds whose process is gone (killed,
+    e.g. by SIGKILL, which no cleanup survives); the lock held here keeps out a live build of this
+    --out, and a folder whose PID is alive (another process since) is left alone."""
+    for d in final.parent.glob(f".{final.name}.building-*"):
+        pid = d.name.rsplit("-", 1)[-1]
+        if d.is_dir() and pid.isdigit() and int(pid) != os.getpid() and not pid_alive(int(pid)):
+            shutil.rmtree(d, ignore_errors=True)
+            log(f"[data_prep] removed {d}: the unfinished build of process {pid}, which is gone")
+
+
 def build(
     out_dir,
     tokenizer,
@@ -399,6 +420,8 @@ def build(
 
     `sources` names the mixture exactly ({name: count or None = every usable row}); without it, the
     paper's four sources with `counts` overriding their counts."""
+    if Path(tokenizer_name).exists():  # recorded relative to the data folder: it moves with a study
+        tokenizer_name = os.path.relpath(Path(tokenizer_name).resolve(), Path(out_dir).resolve())
     if sources is not None and counts:
         raise UserError(
             "give the mixture either as sources (exactly these) or as counts (the paper's four, "
@@ -420,6 +443,7 @@ def build(
         raise UserError(f"--out {final}: cannot create its parent folder ({e.strerror})") from None
     with FileLock(final.parent / f".{final.name}.lock", f"--out {final}"):
         check_out_folder(final, overwrite, source_dir)
+        remove_stale_builds(final, log)
         out = final.parent / f".{final.name}.building-{os.getpid()}"
         try:
             shutil.rmtree(out, ignore_errors=True)

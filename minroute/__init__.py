@@ -11,56 +11,51 @@ here when the package is reorganised:
     route = LayerRoute(model)                      # routers start with the middle band closed
     h, soft, hard = route.gated_hidden(ids, mask)  # training forward (straight-through gates)
     logits = route(ids, mask)                      # inference: closed blocks are not computed
+
+Each name is imported from its module on first use (so `python -m minroute.run.gguf` and the other
+commands do not import themselves twice).
 """
 
-from minroute.core.lora import add_lora, lora_disabled, merge_lora, unmerge_lora
-from minroute.core.model import CausalLM, KVCache, ModelConfig
-from minroute.core.router import LayerRoute, middle_band, skip_percent, straight_through
-from minroute.core.update import (
-    AdamW,
-    bce_gate_loss,
-    gate_regulariser,
-    get_lr,
-    lm_loss_per_sample,
-    micro_batch_loss,
-)
-from minroute.evaluation.bfcl import bfcl_check, bfcl_correct
-from minroute.evaluation.generate import generate, generate_ids
-from minroute.fast.packing import train_forward
-from minroute.run.checkpoint import build_layerroute, load_layerroute
-from minroute.run.load import load_model, load_tokenizer
-from minroute.run.peft import load_peft_adapter, save_peft_adapter
-from minroute.run.tiny import write_tiny_checkpoint
+import importlib
 
-__all__ = [
-    "AdamW",
-    "CausalLM",
-    "KVCache",
-    "LayerRoute",
-    "ModelConfig",
-    "add_lora",
-    "bce_gate_loss",
-    "bfcl_check",
-    "bfcl_correct",
-    "build_layerroute",
-    "gate_regulariser",
-    "generate",
-    "generate_ids",
-    "get_lr",
-    "lm_loss_per_sample",
-    "load_layerroute",
-    "load_model",
-    "load_peft_adapter",
-    "load_tokenizer",
-    "lora_disabled",
-    "merge_lora",
-    "micro_batch_loss",
-    "middle_band",
-    "save_peft_adapter",
-    "skip_percent",
-    "straight_through",
-    "train_forward",
-    "unmerge_lora",
-    "write_tiny_checkpoint",
-]
+API = {
+    # the method (minroute/core)
+    "ModelConfig": "minroute.core.model",
+    "CausalLM": "minroute.core.model",
+    "KVCache": "minroute.core.model",
+    "add_lora": "minroute.core.lora",
+    "lora_disabled": "minroute.core.lora",
+    "merge_lora": "minroute.core.lora",
+    "unmerge_lora": "minroute.core.lora",
+    "LayerRoute": "minroute.core.router",
+    "middle_band": "minroute.core.router",
+    "straight_through": "minroute.core.router",
+    "skip_percent": "minroute.core.router",
+    "lm_loss_per_sample": "minroute.core.update",
+    "gate_regulariser": "minroute.core.update",
+    "bce_gate_loss": "minroute.core.update",
+    "micro_batch_loss": "minroute.core.update",
+    "get_lr": "minroute.core.update",
+    "AdamW": "minroute.core.update",
+    # the fast training forward (= LayerRoute.gated_hidden)
+    "train_forward": "minroute.fast.packing",
+    # models, checkpoints, adapters
+    "load_model": "minroute.run.load",
+    "load_tokenizer": "minroute.run.load",
+    "build_layerroute": "minroute.run.checkpoint",
+    "load_layerroute": "minroute.run.checkpoint",
+    "save_peft_adapter": "minroute.run.peft",
+    "load_peft_adapter": "minroute.run.peft",
+    "write_tiny_checkpoint": "minroute.run.tiny",
+    # scoring
+    "bfcl_check": "minroute.evaluation.bfcl",
+    "bfcl_correct": "minroute.evaluation.bfcl",
+}
+__all__ = sorted(API)
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    if name in API:
+        return getattr(importlib.import_module(API[name]), name)
+    raise AttributeError(f"module 'minroute' has no attribute {name!r}")

@@ -356,7 +356,8 @@ def test_across_seeds_counts_one_checkpoint_once(tmp_path, demo_run, capsys):
     assert (
         s["n"] == 1
         and s["n_given"] == 3
-        and [d["run"] for d in s["duplicates"]] == [str(ckpt), str(backup)]
+        and [(out.parent / d["run"]).resolve() for d in s["duplicates"]]
+        == [ckpt.resolve(), backup.resolve()]
     )
     assert "tool_exact_full" in s["runs"][0] and np.isnan(s["summary"]["diff"]["sd"])
     assert "counted once" in capsys.readouterr().out
@@ -420,7 +421,8 @@ def test_across_seeds_names_and_leaves_out_broken_runs(tmp_path, demo_run, capsy
     assert (
         s["n"] == 1
         and s["n_given"] == 3
-        and [x["run"] for x in s["left_out"]] == [str(broken), str(nan_run)]
+        and [(out.parent / x["run"]).resolve() for x in s["left_out"]]
+        == [broken.resolve(), nan_run.resolve()]
     )
     assert (
         "adapter.safetensors" in s["left_out"][0]["why"] and "non-finite" in s["left_out"][1]["why"]

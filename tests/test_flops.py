@@ -68,3 +68,17 @@ def test_sequence_flops_scale_with_layers_and_routers():
     assert full - sequence_flops(cfg, 100, 24, routers=False) == 24 * router_flops(cfg, 100)
     decode = block_flops(cfg, 1, past=99)  # one new token over 99 cached
     assert decode == 2 * 14_909_440 + 2 * 2 * 896 * 100
+
+
+def test_decode_bound_says_which_model_holds_where():
+    """CPU: the weight-bytes bound; GPU (launch-bound for small models): the higher of it and
+    L / (L - k), so a launch-bound speedup is not flagged as noise."""
+    from minroute.core.model import ModelConfig
+    from minroute.evaluation.flops import decode_bound, skip_bound_speedup
+
+    cfg = ModelConfig()
+    bytes_bound, blocks_bound = skip_bound_speedup(cfg, 4)
+    assert bytes_bound < blocks_bound
+    assert decode_bound(cfg, 4, "cpu") == (bytes_bound, "weight bytes read per token (CPU)")
+    bound, what = decode_bound(cfg, 4, "cuda")
+    assert bound == blocks_bound and "launches" in what

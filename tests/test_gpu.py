@@ -385,11 +385,18 @@ def test_real_shape_update_time_syncs_and_bitwise_repeat(real_ckpt, tmp_path):
         return [str(w.message).splitlines()[0] for w in seen if "synchroniz" in str(w.message)]
 
     router, imposed = syncs(), syncs(torch.ones(L, dtype=torch.bool))
+    # the code's own reads: train_forward reads which rows are open once per block and micro-batch
+    # (none when the gates are imposed: the host knows them); one_update reads once per update (is
+    # the loss finite?). Beside them, up to one more per micro-batch is allowed (a copy or allocator
+    # sync CUDA reports), so one legitimate read does not fail the test, while one per block does.
+    per_block, per_update, slack = 1, 1, args.accum
+    expected = args.accum * L * per_block + per_update
     print(
-        f"host syncs per update (CUDA sync debug mode): router gates {len(router)} (bound"
-        f" {4 * L + 1}), imposed gates {len(imposed)}; {sorted(set(router))[:5]}"
+        f"host syncs per update (CUDA sync debug mode): router gates {len(router)} (the code's own:"
+        f" {expected}, allowed {expected + slack}), imposed gates {len(imposed)} (own:"
+        f" {per_update}, allowed {per_update + slack}); {sorted(set(router))[:5]}"
     )
-    assert len(router) <= 4 * L + 1 and len(imposed) <= 1, (
+    assert len(router) <= expected + slack and len(imposed) <= per_update + slack, (
         len(router),
         len(imposed),
         sorted(set(router))[:5],

@@ -89,7 +89,7 @@ def test_report_numbers_are_the_runs_eval_json_numbers(study):
     assert {r["variant"] for r in s["runs"]} == {"paper", "noreg"} and len(s["runs"]) == 4
     report = (out / "REPORT.md").read_text()
     for v in ("paper", "noreg"):
-        evals = [json.loads(Path(r["eval"]).read_text()) for r in s["runs"] if r["variant"] == v]
+        evals = [json.loads((out / r["eval"]).read_text()) for r in s["runs"] if r["variant"] == v]
         diffs = [e["skip_diff"] for e in evals]
         assert s["variants"][v]["diff"]["mean"] == pytest.approx(np.mean(diffs))
         tool = np.mean([e["skip_pct"]["tool"] for e in evals])
@@ -268,15 +268,15 @@ def test_study_numbers_survive_a_hostile_user(tmp_path):
     res = rerun(out, "--steps", "10")
     assert res.returncode == 0, res.stderr[-2000:]
     for r in json.loads((out / "study.json").read_text())["runs"]:
-        ev = json.loads(Path(r["eval"]).read_text())
+        ev = json.loads((out / r["eval"]).read_text())
         assert (
             ev["step"] == 10
-            and json.loads((Path(r["run"]) / "latest.json").read_text())["step"] == 10
+            and json.loads((out / r["run"] / "latest.json").read_text())["step"] == 10
         )
     # 10: a run whose eval.json is older than its checkpoint is left out by the report, named
-    adapter = runs / "paper-s2" / json.loads((runs / "paper-s2" / "latest.json").read_text())["dir"]
     ev = json.loads((runs / "paper-s2" / "eval.json").read_text())
-    ev["checkpoint"] = str(adapter.parent / "ckpt-000008")
+    ev["checkpoint"] = "ckpt-000008"  # as if made for an older checkpoint: its adapter's content
+    ev["provenance"]["checkpoint_sha256"]["adapter.safetensors"] = "0" * 64
     (runs / "paper-s2" / "eval.json").write_text(json.dumps(ev))
     report = subprocess.run(
         [os.environ.get("PYTHON", "python"), str(ROOT / "eval.py"), "--report", str(out)],

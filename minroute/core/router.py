@@ -176,9 +176,13 @@ class LayerRoute(nn.Module):
         rows are open as host bools (known without reading the device), else None."""
         if self.forced is None:
             return p > 0.5, None
+        return self.imposed_gate(i, p.shape[0])
+
+    def imposed_gate(self, i: int, B: int) -> tuple[torch.Tensor, list[bool]]:
+        """The gate `forcing` imposes on block i for B rows, on the device and as host bools."""
         f, host = self.forced, self.forced_host
         if f.dim() == 1:
-            return f[i].expand_as(p).clone(), [host[i]] * p.shape[0]
+            return f[i].expand(B).clone(), [host[i]] * B
         return f[:, i].clone(), [row[i] for row in host]
 
     def pooled_positions(self, attention_mask, route_mask):
@@ -246,11 +250,16 @@ class LayerRoute(nn.Module):
                     rows_run.append(0)
                     continue
             else:
-                p = self.soft_gate(i, h, key_mask)
-                z, _ = self.hard_gate(i, p)
+                if self.forced is None:
+                    p = self.soft_gate(i, h, key_mask)
+                    z = p > 0.5
+                    rows = z.nonzero().squeeze(1)  # (n,) rows whose gate is open
+                else:  # imposed gates: no router to run, and the host knows which rows are open
+                    p = torch.full((B,), float("nan"), device=h.device)
+                    z, host = self.imposed_gate(i, B)
+                    rows = torch.tensor([b for b, o in enumerate(host) if o], device=h.device)
                 softs.append(p)
                 hards.append(z)
-                rows = z.nonzero().squeeze(1)  # (n,) rows whose gate is open
                 if rows.numel() == 0:  # every row closed: the block is not computed at all
                     rows_run.append(0)
                     continue

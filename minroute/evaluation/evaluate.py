@@ -224,16 +224,13 @@ class BaseCache:
         self.dir = Path(folder) if folder else None
         if self.dir is None:
             return
+        from minroute.run.inputs import model_identity
         from minroute.run.load import resolve_dir
-        from minroute.run.safety import sha256_file
 
         mdir = resolve_dir(run.meta["args"]["model"] if not args.model else args.model)
-        weights = sorted(mdir.glob("*.safetensors"))
         ident = {
             "data": run.data.identity,
-            "config": (mdir / "config.json").read_text(),
-            "weights": [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weights],
-            "tokenizer": sha256_file(mdir / "tokenizer.json"),
+            "model": model_identity(mdir),  # by content: a moved or copied study keeps its cache
             "batching": run.batching,
             "max_new_tokens": args.max_new_tokens,
             "dtype": str(next(run.route.parameters()).dtype),
@@ -285,18 +282,25 @@ class BaseCache:
 # how
 
 
-def check_held_out(data: DataFolder, meta: dict, ckpt_dir: Path, say=print):
+def check_held_out(data: DataFolder, meta: dict, ckpt_dir: Path, say=print, allow_unverified=False):
     """Refuse eval rows the run trained or selected on: same conversation, or same prompt (first
-    user message)."""
+    user message). A checkpoint from before trained_rows.txt is checked against the data folder's
+    own train and val rows, which are what it trained on only if it is that data folder: on another
+    one, the check cannot be made, and is refused unless allow_unverified
+    (--unverified-held-out)."""
     if not data.same_as_trained(meta):
         say(
             f"note: {data} is not the data folder {ckpt_dir.name} was trained on (its content"
             " differs); its held-out rows are checked against the rows the run trained on"
         )
     trained = trained_rows(ckpt_dir)
-    if (
-        trained is None
-    ):  # checkpoints written before trained_rows.txt: the data folder's own train/val
+    if trained is None:  # checkpoints written before trained_rows.txt: the data folder's own rows
+        if not data.same_as_trained(meta) and not allow_unverified:
+            raise UserError(
+                f"{ckpt_dir} records no trained rows (trained_rows.txt; older runs) and {data} is"
+                " not the data it trained on, so whether its eval rows were trained on cannot be"
+                " checked; evaluate on the run's own data folder, or pass --unverified-held-out"
+            )
         contents, prompts = data.trained_hashes()
         trained = contents | {f"prompt:{h}" for h in prompts}
     for split in ("eval", "eval_matched", "eval_matched_sequence"):

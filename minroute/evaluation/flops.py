@@ -103,3 +103,18 @@ def skip_bound_speedup(cfg: ModelConfig, k: float) -> tuple[float, float]:
     decode = total / (total - k * per_block)
     prefill = cfg.num_hidden_layers / (cfg.num_hidden_layers - k)
     return decode, prefill
+
+
+def decode_bound(cfg: ModelConfig, k: float, device_type: str) -> tuple[float, str]:
+    """The most that skipping k blocks can speed up batch-1 KV-cache decoding, and what bounds it.
+
+    On a CPU decode streams the weights: the bound is the weight bytes read per token with and
+    without the k blocks (skip_bound_speedup). On a GPU a small model's decode is launch-bound
+    (each block is a fixed number of kernel launches, the weights are read in less time than the
+    launches take), so a skipped block saves its launches: up to L / (L - k), more than the bytes
+    bound. Which one holds depends on the model and the GPU, so there the higher one is the bound.
+    """
+    bytes_bound, blocks_bound = skip_bound_speedup(cfg, k)
+    if device_type == "cuda":
+        return max(bytes_bound, blocks_bound), "launches or weight bytes, the higher (GPU)"
+    return bytes_bound, "weight bytes read per token (CPU)"

@@ -176,23 +176,47 @@ def summarise(values, metric: str = "", seed: int = 0) -> dict:
     }
 
 
-def run_settings(run: Path, res: dict) -> dict:
-    """The run's recorded train.py settings (its checkpoint's meta.json; the eval's provenance if it
-    is gone)."""
-    for d in (Path(res.get("checkpoint", "")), run):
-        meta = d / "meta.json"
-        if meta.is_file():
+def run_method(run: Path, res: dict, study: Path) -> dict:
+    """The run's recorded method settings (its checkpoint's meta.json; the eval's provenance if it
+    is gone), its model and data by what they are (a moved study's runs record other paths)."""
+    prov = res.get("provenance", {})
+    meta = {"args": {**prov, **prov.get("train_settings", {})}}
+    for d in (run / res.get("checkpoint", ""), run):  # eval.json's paths: from its own folder
+        if (d / "meta.json").is_file():
             try:
-                return json.loads(meta.read_text()).get("args", {})
+                meta = json.loads((d / "meta.json").read_text())
+                break
             except (OSError, ValueError):
                 pass
-    return dict(res.get("provenance", {}))
+    args, inputs = meta.get("args", {}), meta.get("inputs") or {}
+    method = {k: args.get(k) for k in METHOD_KEYS}
+    model = inputs.get("model", {})
+    method["model"] = model.get("hub") or (model.get("sha256") and f"sha256:{model['sha256'][:16]}")
+    here = {"run": str(run.relative_to(study))}
+    method["model"] = method["model"] or study_path(study, here, args.get("model"))
+    data = inputs.get("data", {}).get("sha256") or meta.get("data_sha256")
+    method["data"] = f"sha256:{data[:16]}" if data else study_path(study, here, args.get("data"))
+    return method
 
 
-def current_checkpoint(run: Path) -> Path | None:
+def study_path(study: Path, r: dict, value):
+    """A path an eval.json records (relative to the run folder, or absolute from an older eval.py),
+    as the report says it: relative to the study folder; a Hub id as it is."""
+    if not value or not isinstance(value, str):
+        return value
+    p = Path(value) if Path(value).is_absolute() else study / r["run"] / value
+    if not p.exists() and not Path(value).is_absolute() and value.count("/") == 1:
+        return value  # a Hub id (owner/name)
+    return os.path.relpath(p.resolve() if p.exists() else p, study.resolve())
+
+
+def current_checkpoint(run: Path) -> tuple[str, str | None] | None:
+    """(name, adapter sha256) of the run's latest checkpoint (its meta.json records the sha256)."""
     try:
-        return (run / json.loads((run / "latest.json").read_text())["dir"]).resolve()
-    except (OSError, ValueError, KeyError, TypeError):
+        name = json.loads((run / "latest.json").read_text())["dir"]
+        files = json.loads((run / name / "meta.json").read_text()).get("files", {})
+        return name, files.get("adapter.safetensors", {}).get("sha256")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
@@ -211,9 +235,10 @@ def collect(study: Path) -> tuple[list[dict], list[dict]]:
     for run in sorted((study / "runs").glob("*")):
         if not run.is_dir() or ".replaced-" in run.name:
             continue
+        name = str(run.relative_to(study))  # what the report calls it: relative to the study
         if run.name in failed:
             left_out.append(
-                {"run": str(run), "why": failed[run.name] or "failed in this study's last run"}
+                {"run": name, "why": failed[run.name] or "failed in this study's last run"}
             )
             continue
         ev = run / "eval.json"
@@ -222,10 +247,10 @@ def collect(study: Path) -> tuple[list[dict], list[dict]]:
             prov = res["provenance"]
             finite = all(math.isfinite(x) for x in (res["skip_diff"], res["ppl"]["tool"]["gated"]))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
-            left_out.append({"run": str(run), "why": f"no usable eval.json ({type(e).__name__})"})
+            left_out.append({"run": name, "why": f"no usable eval.json ({type(e).__name__})"})
             continue
         if not finite:
-            left_out.append({"run": str(run), "why": "non-finite metrics"})
+            left_out.append({"run": name, "why": "non-finite metrics"})
             continue
         latest = current_checkpoint(run)
         settings = res.get("settings", {})
@@ -240,7 +265,7 @@ def collect(study: Path) -> tuple[list[dict], list[dict]]:
         if adhoc:
             left_out.append(
                 {
-                    "run": str(run),
+                    "run": name,
                     "why": (
                         "eval.json is an ad-hoc evaluation (another checkpoint choice, model or"
                         " data than the run's own); re-run the study to evaluate it as the study"
@@ -252,30 +277,30 @@ def collect(study: Path) -> tuple[list[dict], list[dict]]:
         sha = prov.get("checkpoint_sha256", {}).get("adapter.safetensors")
         if sha and sha in seen:
             left_out.append(
-                {"run": str(run), "why": f"the same checkpoint as {seen[sha]} (counted once)"}
+                {"run": name, "why": f"the same checkpoint as {seen[sha]} (counted once)"}
             )
             continue
-        if latest is not None and Path(res.get("checkpoint", "")).resolve() != latest:
+        if latest is not None and latest[1] is not None and sha != latest[1]:
+            # whether eval.json is of the run's latest checkpoint: by the adapter's content
             left_out.append(
                 {
-                    "run": str(run),
+                    "run": name,
                     "why": (
-                        f"eval.json is of {res.get('checkpoint', '?')}, the run's latest "
-                        f"checkpoint is {latest}: re-evaluate it"
+                        f"eval.json is of {Path(res.get('checkpoint', '?')).name}, not of the"
+                        f" run's latest checkpoint {latest[0]}: re-evaluate it"
                     ),
                 }
             )
             continue
         seen[sha] = run.name
-        args = run_settings(run, res)
         runs.append(
             {
-                "run": str(run),
+                "run": name,
                 "variant": variant_of(prov),
                 "seed": prov.get("seed"),
-                "eval": str(ev),
+                "eval": str(ev.relative_to(study)),
                 "res": res,
-                "method": {k: args.get(k) for k in METHOD_KEYS},
+                "method": run_method(run, res, study),
             }
         )
     # runs of one variant name but different method settings are different methods: never averaged
@@ -918,7 +943,8 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
             f" evaluation device: {p0['eval_device']}"
         ),
         (
-            f"- base model: `{p0['model']}`; data: `{p0['data']}`, manifest sha256 "
+            f"- base model: `{study_path(study, runs[0], p0['model'])}`; data:"
+            f" `{study_path(study, runs[0], p0['data'])}`, manifest sha256 "
             + ", ".join(sorted({r["res"]["provenance"]["data_manifest_sha256"][:16] for r in runs}))
             + "…"
         ),
@@ -933,7 +959,7 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
                     f"`{Path(r['res']['checkpoint']).name}`",
                     r["res"]["provenance"]["checkpoint_sha256"].get("adapter.safetensors", "")[:16]
                     + "…",
-                    f"`{Path(r['eval']).relative_to(study)}`",
+                    f"`{r['eval']}`",
                 ]
                 for r in runs
             ],
@@ -1078,10 +1104,10 @@ def make_figures(study: Path, runs, variants) -> tuple[list[str], str]:
     fig, axes = plt.subplots(1, 4, figsize=(16, 3.2))
     colours = dict(zip(variants, plt.rcParams["axes.prop_cycle"].by_key()["color"]))
     for r in runs:
-        log = Path(r["run"]) / "train_log.csv"
+        log = study / r["run"] / "train_log.csv"
         if not log.exists():
             continue
-        with open(log, newline="") as f:
+        with open(log, newline="", errors="replace") as f:  # a damaged line is not a lost figure
             rows = list(csv.DictReader(f))
         tr = [x for x in rows if x.get("ce")]
         va = [x for x in rows if x.get("val_ce")]

@@ -9,13 +9,19 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from minroute.evaluation.evaluate import STEP_NAMES
-from minroute.evaluation.flops import paper_flops, sequence_flops, skip_bound_speedup
+from minroute.evaluation.flops import (
+    decode_bound,
+    paper_flops,
+    sequence_flops,
+    skip_bound_speedup,
+)
 from minroute.evaluation.stats import length_regression, log_t_ci, t_ci_clipped
 from minroute.evaluation.timing import decode_ms_per_token, measure, prefill
 from minroute.run.checkpoint import atomic_write_text
@@ -440,11 +446,13 @@ def timing(route, ev, pad_id: int, g, args, dev, autocast, tables) -> dict:
     out["timed_gates"] = {
         k: ["".join("1" if x else "0" for x in row) for row in v.tolist()] for k, v in gates.items()
     }
-    out["layers_skipped"], out["bound"], out["above_bound"] = {}, {}, {}
+    out["layers_skipped"], out["bound"], out["above_bound"], out["bound_model"] = {}, {}, {}, {}
     for what in [f"prefill_b{bs}" for bs in sizes] + ["decode"]:
         k = L - float(gates[what].float().sum(1).mean())
-        dec_bound, pre_bound = skip_bound_speedup(cfg, k)
-        bound = dec_bound if what == "decode" else pre_bound
+        if what == "decode":
+            bound, out["bound_model"][what] = decode_bound(cfg, k, dev.type)
+        else:  # prefill is compute-bound on the blocks
+            bound, out["bound_model"][what] = skip_bound_speedup(cfg, k)[1], "blocks run"
         if what == "decode":
             a, b = out["decode_all open"]["ms_per_token"], out["decode_gated"]["ms_per_token"]
             spread = f"iqr {out['decode_gated']['iqr_ms_per_token']:.2f}"
@@ -580,10 +588,32 @@ def seeds_tables(per: list[dict], n_given: int, tables) -> dict:
     }
 
 
+PATH_KEYS = ("checkpoint", "data", "model", "run", "cache")
+
+
+def relative_paths(x, base: Path, key: str = ""):
+    """eval.json's paths relative to its own folder, so a run or study that moves keeps its results
+    readable: the path-valued keys (PATH_KEYS) and the absolute paths of the recorded command."""
+    if isinstance(x, dict):
+        return {k: relative_paths(v, base, k) for k, v in x.items()}
+    if isinstance(x, list):
+        return [relative_paths(v, base, key) for v in x]
+    if isinstance(x, str) and key in PATH_KEYS and os.path.isabs(x):
+        return os.path.relpath(x, base.resolve())
+    if isinstance(x, str) and key == "command":
+        words = x.split(" ")
+        return " ".join(
+            os.path.relpath(w, base.resolve()) if os.path.isabs(w) else w for w in words
+        )
+    return x
+
+
 def write_results(results: dict, tables: list, json_path: Path, csv_dir: Path):
-    """eval.json and the CSV tables, each written atomically (temp file, fsync, rename)."""
+    """eval.json (its paths relative to its folder) and the CSV tables, each written atomically
+    (temp file, fsync, rename)."""
     try:
         json_path.parent.mkdir(parents=True, exist_ok=True)
+        results = relative_paths(results, json_path.parent)
         atomic_write_text(json_path, json.dumps(results, indent=2, default=float))
         csv_dir.mkdir(parents=True, exist_ok=True)
         for name, header, rows in tables:

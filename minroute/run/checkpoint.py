@@ -264,9 +264,18 @@ def read_meta(d: Path) -> dict:
     if not path.exists():
         raise MissingFile(f"{path}: missing; the checkpoint is incomplete")
     try:
-        return json.loads(path.read_text())
+        meta = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise UserError(f"{path}: not valid JSON ({e}); the checkpoint is corrupt") from None
+        raise UserError(
+            f"{path}: not valid JSON ({e}); the checkpoint is corrupt: restore it from a copy, or"
+            f" use another checkpoint of {d.parent}"
+        ) from None
+    if not isinstance(meta, dict):
+        raise UserError(
+            f"{path}: a JSON {type(meta).__name__}, not the object train.py writes; the checkpoint"
+            f" is corrupt: restore it from a copy, or use another checkpoint of {d.parent}"
+        )
+    return meta
 
 
 def load_checkpoint(path, which: str = "latest", fix: str | None = None) -> tuple[dict, dict, dict]:
@@ -378,8 +387,11 @@ def build_layerroute(
 
 
 def load_layerroute(ckpt, which: str = "latest", model=None, device="cpu", dtype=None):
-    """(LayerRoute with the checkpoint's adapters, meta). `model` overrides the base model path in
-    meta."""
+    """(LayerRoute with the checkpoint's adapters, meta). `model` overrides the base model; without
+    it the run's own is located (run/inputs.py: by content, wherever the run folder moved) and
+    meta['args']['model'] names where it was found."""
+    from minroute.run.inputs import locate
+
     adapter, _, meta = load_checkpoint(ckpt, which)
     a = meta.get("args")
     need = ("model", "lora_r", "lora_alpha", "lora_dropout", "pool")
@@ -388,6 +400,8 @@ def load_layerroute(ckpt, which: str = "latest", model=None, device="cpu", dtype
             f"{resolve_checkpoint(ckpt, which)}/meta.json lacks the run's settings ('args' with "
             f"{', '.join(need)}); it is not a checkpoint train.py wrote, or it was edited"
         )
+    if model is None:
+        a["model"] = locate(resolve_checkpoint(ckpt, which).parent, meta, "model")
     route = build_layerroute(
         model or a["model"],
         {"r": a["lora_r"], "alpha": a["lora_alpha"], "dropout": a["lora_dropout"]},

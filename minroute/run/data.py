@@ -179,6 +179,20 @@ class DataFolder:
     def check_tokenizer(self, model_path: str):
         check_tokenizer(self.manifest, self.path, model_path)
 
+    def check_token_ids(self, vocab_size: int, model, splits=("train", "val")):
+        """Refuse token ids the model has no embedding for (data tokenised by another tokenizer
+        whose manifest predates the tokenizer hash): before any forward, not an IndexError in it."""
+        for name in splits:
+            if not self.has_split(name) or len(self.split(name)) == 0:
+                continue
+            top = int(self.split(name).ids.max())
+            if top >= vocab_size:
+                raise UserError(
+                    f"{self.path}/{name}: token id {top} is outside the vocabulary of {model}"
+                    f" ({vocab_size} ids): the data was tokenised by another tokenizer; rebuild it"
+                    f" with `python -m data_prep --tokenizer {model}`"
+                )
+
     def same_as_trained(self, meta: dict) -> bool:
         """Is this the data a run trained on? By content (data_sha256), or for older runs by
         manifest bytes."""

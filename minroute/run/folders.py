@@ -158,6 +158,7 @@ def make_run_folder(out: Path, restart: bool, say=print) -> bool:
 
 def check_data_matches_model(data: DataFolder, model_path: str, vocab_size: int):
     data.check_tokenizer(model_path)
+    data.check_token_ids(vocab_size, model_path)
     if data.manifest["vocab_size"] > vocab_size:
         raise UserError(
             f"{data} uses {data.manifest['vocab_size']} token ids, the model {model_path} has"

@@ -43,6 +43,7 @@ from minroute.run.checkpoint import (
 from minroute.run.data import DataFolder
 from minroute.run.distributed import device_change_note
 from minroute.run.folders import open_inputs, start_run
+from minroute.run.inputs import record_inputs
 from minroute.run.load import hub_revision, resolve_dir
 from minroute.run.log import RunLog
 from minroute.run.resume import (
@@ -147,6 +148,7 @@ class TrainingRun:
             "data_sha256": data.identity,
             "model_revision": hub_revision(resolve_dir(args.model)),
             "device_type": device.type,
+            "inputs": record_inputs(out, args, data.identity),
             "dtype": str(dtype).removeprefix("torch."),
         }
         self.rows_text = trained_rows_text(trained_row_hashes(data))

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import csv
 import os
+import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -16,6 +18,26 @@ import torch
 
 from minroute.core.router import skip_percent
 from minroute.run.safety import WriteError, os_cause
+
+
+def read_rows(path: Path) -> list[list[str]]:
+    """The CSV rows of a log; lines that are not UTF-8 text (a damaged file) are left out, counted,
+    and the file as it was is kept beside it, so nothing is lost and a resume is not stopped."""
+    lines, bad = [], 0
+    for raw in path.read_bytes().splitlines():
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            bad += 1
+    if bad:
+        keep = path.with_name(f"{path.name}.unreadable-{time.strftime('%Y%m%d-%H%M%S')}")
+        shutil.copy2(path, keep)
+        print(
+            f"note: {path}: {bad} lines are not UTF-8 text and are left out of the resumed log; the"
+            f" file as it was is kept as {keep}",
+            file=sys.stderr,
+        )
+    return list(csv.reader(lines))
 
 
 class RunLog:
@@ -60,9 +82,9 @@ class RunLog:
             path = out / name
             rows = []
             if start > 0 and path.exists():
-                with open(path, newline="") as f:
-                    rows = [r for r in csv.reader(f)][1:]
-                rows = [r for r in rows if r and r[0].isdigit() and int(r[0]) <= start]
+                rows = [
+                    r for r in read_rows(path)[1:] if r and r[0].isdigit() and int(r[0]) <= start
+                ]
             with open(path.with_name(name + ".tmp"), "w", newline="") as f:
                 w = csv.writer(f)
                 w.writerow(header)

@@ -32,6 +32,7 @@ from minroute.run.checkpoint import (
     read_meta,
     run_dir_of,
 )
+from minroute.run.inputs import check_demo_assets, locate
 from minroute.run.safety import MissingFile, UserError
 from minroute.run.settings import PRESETS, resolve
 
@@ -199,8 +200,11 @@ def resume_args(args, ap):
         for note in notes:
             print(f"note: {note}", file=sys.stderr)
     saved = meta["args"]
+    inputs = locate_inputs(run, meta, args.given)  # data, model, demo assets: by content, not path
     changed = sorted(
-        k for k, v in args.given.items() if k not in RESUME_MAY_CHANGE and saved.get(k) != v
+        k
+        for k, v in args.given.items()
+        if k not in RESUME_MAY_CHANGE and k not in inputs and saved.get(k) != v
     )
     if changed:
         detail = ", ".join(
@@ -226,6 +230,7 @@ def resume_args(args, ap):
             "ddp_backend": args.ddp_backend,
             "given": args.given,
             "restart": False,
+            **inputs,
         }
     )
     new.extensions = list(saved.get("extensions", []))
@@ -246,6 +251,22 @@ def resume_args(args, ap):
             }
         )
     return new, (adapter, opt_state, meta, ckpt if whole_run else None)
+
+
+def locate_inputs(run: Path, meta: dict, given: dict) -> dict:
+    """Where the resumed run's data and model are now (and its demo assets): what the command line
+    gives, held to the recorded content, else found from the recorded paths (run/inputs.py)."""
+    given = dict(given)
+    out = {}
+    if given.get("demo_assets"):  # the demo's model and data live in the assets folder
+        check_demo_assets(run, meta, given["demo_assets"])
+        out["demo_assets"] = given["demo_assets"]
+        given.setdefault("data", str(Path(given["demo_assets"]) / "demo-data"))
+        given.setdefault("model", str(Path(given["demo_assets"]) / "demo-model"))
+    for key in ("data", "model"):
+        if key in given or (meta.get("args") or {}).get(key) is not None:
+            out[key] = locate(run, meta, key, given.get(key))
+    return out
 
 
 def other_checkpoint_advice(run: Path, ckpt: Path, saved: dict, ap, restore: bool = True) -> str:
