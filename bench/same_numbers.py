@@ -10,10 +10,11 @@ BEFORE and AFTER are folders written by the same commands on the two versions of
 
 Every file is paired by its path relative to the folder:
 - checkpoint tensors (`ckpt-*/*.safetensors`): bitwise equal, tensor by tensor;
-- `eval.json`, `study.json`: equal value by value (floats exactly), after replacing each folder's
-  own absolute path by `<root>`, and leaving out what measures wall-clock (`timing`, any key holding
-  `seconds` or ending in `_ms` or `ms_per_token`) and what hashes the bytes of a manifest that
-  records absolute paths (`*manifest_sha256`).
+- `eval.json`, `study.json`: equal value by value (floats exactly), after resolving the paths they
+  record relative to their own folder and replacing each folder's own absolute path by `<root>`
+  (a key only the newer file has is noted, not counted), and leaving out what measures wall-clock
+  (`timing`, any key holding `seconds` or ending in `_ms` or `ms_per_token`) and what hashes the
+  bytes of a manifest that records absolute paths (`*manifest_sha256`).
 
 Prints every difference and exits 1 if there is one, 0 if all compared files agree.
 """
@@ -22,6 +23,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
 from pathlib import Path
 
@@ -36,23 +38,40 @@ def volatile(key: str) -> bool:
     )
 
 
-def normalise(x, roots: tuple[str, ...]):
+PATH_KEYS = ("checkpoint", "data", "model", "run", "cache", "eval")
+
+
+def absolute(value: str, base: Path, key: str) -> str:
+    """A recorded path as an absolute one: eval.json's paths may be relative to its own folder."""
+    if key in PATH_KEYS and value and not os.path.isabs(value) and (base / value).exists():
+        return str((base / value).resolve())
+    if key == "command":
+        words = value.split(" ")
+        return " ".join(str((base / w).resolve()) if "/" in w and (base / w).exists() else w
+                        for w in words)  # fmt: skip
+    return value
+
+
+def normalise(x, roots: tuple[str, ...], base: Path, key: str = ""):
     if isinstance(x, str):
+        x = absolute(x, base, key)
         for r in roots:
             x = x.replace(r, "<root>")
         return x
     if isinstance(x, dict):
-        return {k: normalise(v, roots) for k, v in x.items() if not volatile(k)}
+        return {k: normalise(v, roots, base, k) for k, v in x.items() if not volatile(k)}
     if isinstance(x, list):
-        return [normalise(v, roots) for v in x]
+        return [normalise(v, roots, base, key) for v in x]
     return x
 
 
 def diff(a, b, path: str, out: list[str]):
     if isinstance(a, dict) and isinstance(b, dict):
         for k in sorted(set(a) | set(b)):
-            if k not in a or k not in b:
-                out.append(f"{path}/{k}: only in {'after' if k in b else 'before'}")
+            if k not in a:
+                print(f"note: {path}/{k}: a new key (not a changed number)")
+            elif k not in b:
+                out.append(f"{path}/{k}: only before")
             else:
                 diff(a[k], b[k], f"{path}/{k}", out)
     elif isinstance(a, list) and isinstance(b, list):
@@ -94,8 +113,8 @@ def compare(before: Path, after: Path) -> tuple[int, list[str]]:
         else:
             out: list[str] = []
             diff(
-                normalise(json.loads(fb.read_text()), roots_of(before)),
-                normalise(json.loads(fa.read_text()), roots_of(after)),
+                normalise(json.loads(fb.read_text()), roots_of(before), fb.parent),
+                normalise(json.loads(fa.read_text()), roots_of(after), fa.parent),
                 str(rel),
                 out,
             )
