@@ -265,9 +265,8 @@ def measure_passes(
     ]
     res.update(run_settings(run.route, ev, pad, controls, **kw))
     passes = {k: PassResult.of(ev, v) for k, v in res.items()}
-    settings = (
-        first + controls
-    )  # the floor of what this evaluation computed (a cached base pass costs nothing)
+    # the floor of what this evaluation computed (a cached base pass costs nothing)
+    settings = first + controls
     matched = run.data.matched_split(run.route_on)
     if matched and len(run.data.split(matched)):
         passes["matched"] = PassResult.of(
@@ -280,9 +279,8 @@ def measure_passes(
                 **kw,
             )["gated"],
         )
-    if (
-        run.meta["args"].get("pool") == "all"
-    ):  # the authors' protocol: batch 1, unpadded, prompt + answer
+    # the authors' protocol: batch 1, unpadded, prompt + answer
+    if run.meta["args"].get("pool") == "all":
         passes["authors' protocol"] = PassResult.of(
             ev,
             run_settings(

@@ -2,7 +2,8 @@
 
     loss = CE + lambda * R,  R = mean soft gate over layers and the update's sequences
 
-Read it top to bottom: the command line, then `main`, whose marked block is one optimizer update.
+Read it top to bottom: the command line, `main` (settings, data, model, the loop, save), then
+`one_update`, one optimizer update whole.
 The method is in minroute/core/ (router.py: gates and the straight-through estimator; update.py: the
 loss, get_lr, AdamW); the two presets are in minroute/run/settings.py; docs/reference.md says what
 the paper and the authors' code did.
@@ -256,9 +257,8 @@ def parse_args(argv=None):
     args = ap.parse_args(argv)
     if not args.resume and not args.out:
         ap.error("--out RUN_DIR is required for a new run (or --resume RUN_DIR to continue one)")
-    args.given = vars(
-        build_parser(suppress=True).parse_args(argv)
-    )  # only what the command line set
+    # only what the command line set
+    args.given = vars(build_parser(suppress=True).parse_args(argv))
     if args.resume and args.restart:
         raise UserError(
             f"--resume {args.resume} --restart: --resume continues a run, --restart starts a new"
@@ -275,9 +275,8 @@ def parse_args(argv=None):
 def main(argv=None):
     args = parse_args(argv)
     check_processes_fit(args)  # before anything touches --out
-    args, data, lock, resume = open_run(
-        args, build_parser(), prepare_demo
-    )  # settings, data, the folder's lock
+    # settings, data, the folder's lock
+    args, data, lock, resume = open_run(args, build_parser(), prepare_demo)
     configure_determinism(args)  # before any CUDA work
     rank, world = setup_distributed(args)
     run = TrainingRun(args, data, build_parser(), rank, world)
@@ -294,9 +293,8 @@ def main(argv=None):
         args.model, lora, pool=args.pool, init=args.init, device=dev, dtype=dtype
     )
     groups = param_groups(route, args.weight_decay, args.decay_biases)
-    opt = ForeachAdamW(
-        groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8
-    )  # = core.update.AdamW, fewer ops
+    # = core.update.AdamW, fewer ops
+    opt = ForeachAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     trainable = [p for g in groups for p in g["params"]]
     names = {p: n for n, p in route.named_parameters()}
     if resume:
@@ -312,9 +310,8 @@ def main(argv=None):
             u, route, opt, trainable, train, args, pad_id, autocast, dev, acc, rank, world
         )
         if not finite:
-            run.stop_nonfinite(
-                u, sums, grad_norm
-            )  # nothing was stepped: the run is as it was before update u
+            # nothing was stepped: the run is as it was before update u
+            run.stop_nonfinite(u, sums, grad_norm)
         # ------------------------------------------------------------------- logging, validation,
         # checkpoints
         acc["sums"] += sums
@@ -324,9 +321,8 @@ def main(argv=None):
         if step % args.log_every == 0 or step == updates:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
-            row, gate_rows = interval_stats(
-                acc, route, step, lr, float(grad_norm)
-            )  # this process's batches
+            # this process's batches
+            row, gate_rows = interval_stats(acc, route, step, lr, float(grad_norm))
             run.say(
                 f"{step:5d}/{updates} | loss {row['loss']:.4f} | ce {row['ce']:.4f} | reg"
                 f" {row['reg']:.4f} | skip% tool {row['skip_tool']:5.1f} plan"
@@ -394,9 +390,8 @@ def one_update(
     bce_target = args.bce_target if args.ablation == "bce" else None
     sums = torch.zeros(4, dtype=torch.float32, device=dev)
     for m in range(rank, args.accum, world):  # this process's share of the update's micro-batches
-        torch.manual_seed(
-            args.seed * 1_000_003 + u * args.accum + m
-        )  # dropout masks: per micro-batch
+        # dropout masks: per micro-batch
+        torch.manual_seed(args.seed * 1_000_003 + u * args.accum + m)
         batch = collate(
             split, micro_batches[m], pad_id, args.pad_to or None, route_on=args.route_on
         )
@@ -443,14 +438,12 @@ def one_update(
             acc["soft"].append(soft.detach().float())
             acc["hard"].append(hard)
             acc["tool"].append(batch["is_tool"])
-    for (
-        p
-    ) in trainable:  # a tensor no open row reached still takes its AdamW step, as in dense training
+    # a tensor no open row reached still takes its AdamW step, as in dense training
+    for p in trainable:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-    if (
-        world > 1
-    ):  # sum gradients (and the logged sums) over processes: the update sees all its sequences
+    # sum gradients (and the logged sums) over processes: the update sees all its sequences
+    if world > 1:
         all_reduce_([p.grad for p in trainable] + [sums], dev)
     grad_norm = torch.nn.utils.clip_grad_norm_(
         trainable, args.clip if args.clip > 0 else float("inf")

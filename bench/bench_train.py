@@ -111,13 +111,11 @@ def build_step(side: str, ckpt: Path, a):
         groups = param_groups(model, 0.01, False)
         trainable = [p for g in groups for p in g["params"]]
         opt = ForeachAdamW(groups, lr=2e-4)
-        counted = [
-            tuple(t.to(device) for t in counted_positions(b[2])) for b in cpu_batches
-        ]  # as collate does
+        # as collate does
+        counted = [tuple(t.to(device) for t in counted_positions(b[2])) for b in cpu_batches]
         padded = [bool((b[1] == 0).any()) for b in cpu_batches]
-        lengths = [
-            b[1].sum(1).tolist() for b in cpu_batches
-        ]  # right padding: as collate's Batch.lengths
+        # right padding: as collate's Batch.lengths
+        lengths = [b[1].sum(1).tolist() for b in cpu_batches]
         n_tokens = sum(int((b[2][:, 1:] != -100).sum()) for b in cpu_batches)
         forced = {g: torch.tensor(fn(cfg.num_hidden_layers)) for g, fn in GATES.items()}
 

@@ -399,9 +399,8 @@ def count(work: Path) -> dict:
 
         train.collate = collate
         try:
-            if hasattr(
-                train, "one_update"
-            ):  # micro-batches vs the update's tail: by where the sync is
+            # micro-batches vs the update's tail: by where the sync is
+            if hasattr(train, "one_update"):
                 with counter:
                     one_update(route, opt, trainable, split, 1, args, pad_id)
                 where = counter.by_where()
@@ -429,9 +428,8 @@ def count(work: Path) -> dict:
         opt.step()
     out["adamw_ops_per_update"] = c.n
     opt.zero_grad()
-    with (
-        op_counter() as c
-    ):  # the whole update, as Python issues it (autograd's backward kernels not included)
+    # the whole update, as Python issues it (autograd's backward kernels not included)
+    with op_counter() as c:
         one_update(route, opt, trainable, split, 4, args, pad_id)
     out["python_ops_per_update"] = c.n
     return out

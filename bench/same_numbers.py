@@ -47,8 +47,10 @@ def absolute(value: str, base: Path, key: str) -> str:
         return str((base / value).resolve())
     if key == "command":
         words = value.split(" ")
-        return " ".join(str((base / w).resolve()) if "/" in w and (base / w).exists() else w
-                        for w in words)  # fmt: skip
+        return " ".join(
+            str((base / w).resolve()) if not w.startswith("-") and (base / w).exists() else w
+            for w in words
+        )
     return value
 
 

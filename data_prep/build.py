@@ -472,9 +472,8 @@ def build(
             )
             manifest["build_seconds"] = round(time.time() - t0, 2)
             (out / "manifest.json").write_text(json.dumps(manifest, indent=2, ensure_ascii=False))
-            publish_folder(
-                out, final
-            )  # --overwrite: the old folder goes only once the new one is in place
+            # --overwrite: the old folder goes only once the new one is in place
+            publish_folder(out, final)
         except UserError:
             raise
         except OSError as e:

@@ -1,7 +1,8 @@
 """minroute: a from-scratch, parity-tested reference implementation of LayerRoute (input-conditioned
 layer skipping).
 
-The method is in minroute/core (read it in order: model, lora, router, update); minroute/fast holds
+The method is in minroute/core (the README's reading path: router, update, then model and lora);
+minroute/fast holds
 faster forms of some of its computations, each tested equal; minroute/run the machinery of a run;
 minroute/evaluation the tables. What a script of your own needs is importable from here, and stays
 here when the package is reorganised:

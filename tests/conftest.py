@@ -2,9 +2,8 @@
 
 import os
 
-os.environ.setdefault(
-    "HF_HUB_OFFLINE", "1"
-)  # read at import by huggingface_hub: never wait on the network
+# read at import by huggingface_hub: never wait on the network
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from pathlib import Path  # noqa: E402

@@ -46,9 +46,8 @@ def mixed_routers(model, ids, mask, tries=50):
         model.gated_hidden(ids, mask)
         hard = model.last.hard
         mixed = [(0 < c < hard.shape[0]) for c in hard.sum(0).tolist()]
-        if (
-            sum(mixed) >= 3 and (~hard).all(0).any()
-        ):  # mixed layers, and one layer closed for every row
+        # mixed layers, and one layer closed for every row
+        if sum(mixed) >= 3 and (~hard).all(0).any():
             return hard
     pytest.fail("no router seed gave mixed gates")
 

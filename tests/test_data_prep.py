@@ -352,9 +352,8 @@ def test_download_path_uses_pinned_revisions(tmp_path, tiny_tok, monkeypatch):
 
     def fake_download(repo_id, filename, repo_type=None, revision=None, **kw):
         calls.append((repo_id, filename, repo_type, revision))
-        snap = (
-            tmp_path / "cache" / "snapshots" / (revision or "f" * 40)
-        )  # the layout of the HF cache
+        # the layout of the HF cache
+        snap = tmp_path / "cache" / "snapshots" / (revision or "f" * 40)
         dst = snap / filename
         dst.parent.mkdir(parents=True, exist_ok=True)
         if not dst.exists():
@@ -841,9 +840,8 @@ def test_overwrite_replaces_only_a_data_folder(tmp_path, tiny_tok):
         assert sorted(p for p in out.rglob("*")) == before, f"{out} changed"
     d = tmp_path / "data"
     build(d, tiny_tok, "tiny", source_dir=raw, **kw)
-    shutil.copy(
-        run / "latest.json", d / "latest.json"
-    )  # a run written into a data folder is not replaced either
+    # a run written into a data folder is not replaced either
+    shutil.copy(run / "latest.json", d / "latest.json")
     with pytest.raises(UserError, match="holds a train.py run"):
         build(d, tiny_tok, "tiny", source_dir=raw, **kw)
 

@@ -160,9 +160,8 @@ def test_nccl_binds_each_process_to_its_gpu_and_gloo_shares_one(monkeypatch):
     assert setup_distributed(args) == (1, 2)
     assert args.device == "cuda:1" and gpu_calls == [("set_device", "cuda:1")]
     assert events == [("init", "nccl", {"device_id": torch.device("cuda:1")})]
-    monkeypatch.setattr(
-        torch.cuda, "device_count", lambda: 1
-    )  # 2 processes, 1 GPU, gloo: both on cuda:0
+    # 2 processes, 1 GPU, gloo: both on cuda:0
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
     gpu_calls.clear()
     events.clear()
     args = Namespace(device="cuda", ddp_backend="gloo", demo=False, accum=4, batch_size=4)

@@ -69,9 +69,8 @@ def test_controls_by_hand():
         False,
         False,
     ]  # one mask, round(1.5) = 2 closed (generation)
-    s = static_masks(
-        r, seed=1
-    )  # 6 skipped blocks over 4 rows: two rows close {3}, two close {3, 2}
+    # 6 skipped blocks over 4 rows: two rows close {3}, two close {3, 2}
+    s = static_masks(r, seed=1)
     assert sorted((~s).sum(1).tolist()) == [1, 1, 2, 2] and not s[:, 3].any() and s[:, :2].all()
     m = random_masks(r, seed=3)
     assert sorted((~m[:2]).sum(1).tolist()) == [

@@ -42,9 +42,8 @@ def test_full_formula_matches_brute_force_matmul_count(tiny_dir):
     ids = torch.randint(0, cfg.vocab_size, (1, T))
     with FlopCounterMode(display=False) as fc, torch.no_grad():
         m(ids)
-    counted = (
-        fc.get_total_flops()
-    )  # the CPU SDPA kernel is not counted by FlopCounterMode: linear layers only
+    # the CPU SDPA kernel is not counted by FlopCounterMode: linear layers only
+    counted = fc.get_total_flops()
     L = cfg.num_hidden_layers
     assert counted == L * (block_flops(cfg, T) - attention_flops(cfg, T)) + lm_head_flops(cfg, T)
     # attention: eager QK^T and A.V are counted as full T x T products; causal keeps, per query t,

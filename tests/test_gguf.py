@@ -218,9 +218,8 @@ def test_tiny_llama_gguf_roundtrip_equals_the_original(tmp_path, tiny_tokenizer,
         a, b = ours(ids, attention_mask=mask), hf(ids, attention_mask=mask).logits
     diff = (a - b)[mask.bool()].abs().max().item()
     assert diff <= 1e-5, f"converted vs original model: max |dlogit| = {diff:.3g}"
-    if not kw.get(
-        "attention_bias"
-    ):  # transformers' GGUF loader drops llama attention biases (it loads 21 of 29)
+    # transformers' GGUF loader drops llama attention biases (it loads 21 of 29)
+    if not kw.get("attention_bias"):
         with torch.no_grad():
             ref = transformers.AutoModelForCausalLM.from_pretrained(
                 tmp_path, gguf_file="m.gguf"
@@ -390,9 +389,8 @@ def test_out_dir_is_never_clobbered(tmp_path, tiny_tokenizer):
     before = (out / "model.safetensors").read_bytes()
     with pytest.raises(UserError, match="--overwrite"):
         convert(src, out, log=lambda *a: None)
-    convert(
-        src, out, overwrite=True, log=lambda *a: None
-    )  # a folder this converter wrote may be replaced
+    # a folder this converter wrote may be replaced
+    convert(src, out, overwrite=True, log=lambda *a: None)
     assert (out / "model.safetensors").read_bytes() == before
     other = tmp_path / "run"
     other.mkdir()

@@ -26,9 +26,8 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ.setdefault(
-    "CUBLAS_WORKSPACE_CONFIG", ":4096:8"
-)  # before this module's first cuBLAS call (train.py's)
+# before this module's first cuBLAS call (train.py's)
+os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
 pytestmark = [
@@ -124,9 +123,8 @@ def layerroute_vs_peft(
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for m in lora_layers(route.base).values():
-            m.lora_B.copy_(
-                0.02 * torch.randn(m.lora_B.shape, generator=g)
-            )  # B = 0 would hide the LoRA path
+            # B = 0 would hide the LoRA path
+            m.lora_B.copy_(0.02 * torch.randn(m.lora_B.shape, generator=g))
     vocab = route.config.vocab_size
     ids = torch.randint(0, vocab, (B, T), generator=g)
     mask = torch.ones(B, T, dtype=torch.long)
@@ -221,9 +219,8 @@ def test_real_shape_training_step_skips_closed_backward(real_ckpt):
         before = torch.cuda.memory_allocated()
         t0 = time.perf_counter()
         with route.forcing(gates), torch.autocast("cuda", dtype=torch.bfloat16):
-            forward = (
-                route.gated_hidden if dense else lambda *a: train_forward(route, *a)
-            )  # core: every row
+            # core: every row
+            forward = route.gated_hidden if dense else lambda *a: train_forward(route, *a)
             h, soft, _ = forward(ids, mask)
             loss = lm_loss(h, route.lm_head.weight, labels) + gate_regulariser(soft)
         loss.backward()

@@ -505,12 +505,10 @@ def test_every_advice_is_a_command_that_works(tmp_path, assets, base_run):
     assert res.returncode == 0 and "resumed" in res.stdout.decode() and "ckpt-000004" in err(res), (
         err(res)
     )
-    broken = (
-        tmp_path / "broken"
-    )  # an unreadable latest.json on a finished run: the resume has no update left to
-    shutil.copytree(
-        base_run, broken
-    )  # run, and still leaves a pointer that eval and chat can follow
+    # an unreadable latest.json on a finished run: the resume has no update left to
+    broken = tmp_path / "broken"
+    # run, and still leaves a pointer that eval and chat can follow
+    shutil.copytree(base_run, broken)
     (broken / "latest.json").write_text("{broken")
     res = run(["--resume", str(broken)], cwd=tmp_path)
     assert res.returncode == 0 and "ckpt-000004" in err(res), err(res)
@@ -529,13 +527,11 @@ def test_every_advice_is_a_command_that_works(tmp_path, assets, base_run):
     # 5. --resume RUN/ckpt-000004 continues from that checkpoint (it used to take latest silently)
     two = tmp_path / "two"
     shutil.copytree(base_run, two)
-    assert (
-        run(["--resume", str(two), "--steps", "8"], cwd=tmp_path).returncode == 0
-    )  # ckpt-000008; 4 pruned
+    # ckpt-000008; 4 pruned
+    assert run(["--resume", str(two), "--steps", "8"], cwd=tmp_path).returncode == 0
     at8, _ = final_adapter(two)
-    shutil.copytree(
-        base_run / "ckpt-000004", two / "ckpt-000004"
-    )  # the run's own checkpoint at update 4, back
+    # the run's own checkpoint at update 4, back
+    shutil.copytree(base_run / "ckpt-000004", two / "ckpt-000004")
     res = run(["--resume", str(two / "ckpt-000004"), "--steps", "8"], cwd=tmp_path)
     assert (
         res.returncode == 0

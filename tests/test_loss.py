@@ -130,9 +130,8 @@ def test_collate_precomputes_what_the_step_needs(demo_run):
     index, target = counted_positions(b["labels"])
     assert torch.equal(b["loss_index"], index) and torch.equal(b["loss_target"], target)
     assert b.padded and b.real_tokens == int(b["attention_mask"].sum()) == int(lens[rows].sum())
-    assert (
-        b.lengths == b["attention_mask"].sum(1).tolist() == [int(lens[r]) for r in rows]
-    )  # the packing's lengths
+    # the packing's lengths
+    assert b.lengths == b["attention_mask"].sum(1).tolist() == [int(lens[r]) for r in rows]
     assert all(b["attention_mask"][i, :n].all() for i, n in enumerate(b.lengths)), (
         "right padding: a prefix each"
     )

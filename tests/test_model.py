@@ -58,9 +58,8 @@ def hf_checkpoint(tmp_path, name, rope_style, seed=0):
         assert "rope_theta" in json.loads((d / "config.json").read_text())
         return d
     hf = transformers.Qwen2ForCausalLM.from_pretrained(d, dtype=torch.float32)
-    init_weights(
-        hf, seed=seed + 1, std=0.1
-    )  # re-randomise every HF parameter, at a larger logit scale
+    # re-randomise every HF parameter, at a larger logit scale
+    init_weights(hf, seed=seed + 1, std=0.1)
     out = tmp_path / f"{name}-nested"
     hf.save_pretrained(out)
     cfg = json.loads((out / "config.json").read_text())

@@ -55,9 +55,8 @@ def test_foreach_adamw_equals_the_per_tensor_step():
         ours.set_lr(lr)
         ref.set_lr(lr)
         for i, (p, q) in enumerate(zip(ours_p, ref_p)):
-            grad = (
-                None if (i == 4 and step % 3 == 0) else torch.randn(p.shape)
-            )  # sometimes no gradient
+            # sometimes no gradient
+            grad = None if (i == 4 and step % 3 == 0) else torch.randn(p.shape)
             p.grad, q.grad = (None, None) if grad is None else (grad.clone(), grad.clone())
         ours.step()
         ref.step()
@@ -127,9 +126,8 @@ def test_get_lr_paper_and_author_presets():
     assert get_lr(3000, 2e-4, 3000) == pytest.approx(1e-6)
     # author: CosineAnnealingLR(T_max=3000) stepped once per update, but only 750 updates run
     assert get_lr(750, 2e-4, 3000) == pytest.approx(1.7086e-4, abs=5e-9)
-    assert get_lr(749, 2e-4, 3000) == pytest.approx(
-        1.7093e-4, abs=5e-9
-    )  # the LR of the last update
+    # the LR of the last update
+    assert get_lr(749, 2e-4, 3000) == pytest.approx(1.7093e-4, abs=5e-9)
     # the same as torch's scheduler
     p = torch.zeros(1, requires_grad=True)
     opt = torch.optim.SGD([p], lr=2e-4)

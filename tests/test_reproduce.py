@@ -142,9 +142,8 @@ def test_rerun_resumes_and_skips_finished_work(study, tmp_path):
 def test_a_failing_run_is_named_and_the_rest_go_on(study):
     out, _ = study
     bad = out / "runs" / "noreg-s2"
-    for ckpt in bad.glob(
-        "ckpt-*"
-    ):  # a damaged checkpoint: the resume refuses it, so training fails
+    # a damaged checkpoint: the resume refuses it, so training fails
+    for ckpt in bad.glob("ckpt-*"):
         (ckpt / "adapter.safetensors").write_bytes(b"damaged")
     # its old eval.json stays: the report must not count a run that failed to resume from it
     res = subprocess.run(study_cmd(out), env=env(), capture_output=True, text=True, cwd=ROOT)

@@ -322,9 +322,8 @@ def test_pool_all_is_the_authors_forward(deep_dir):
     masked = routed(deep_dir, pool="mask")
     masked.load_state_dict(m.state_dict())
     with torch.no_grad():
-        masked.gated_hidden(
-            ids, mask, route_mask=torch.ones_like(mask)
-        )  # pooled over all T, pads masked in attention
+        # pooled over all T, pads masked in attention
+        masked.gated_hidden(ids, mask, route_mask=torch.ones_like(mask))
     assert not torch.allclose(masked.last.soft, soft, atol=1e-4), (
         "pads attending everything must change the pool"
     )

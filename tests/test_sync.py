@@ -40,9 +40,8 @@ def counted_update(small, u, monkeypatch, forced=None):
 
     monkeypatch.setattr(train, "collate", collate)
     with route.forcing(forced):
-        train.one_update(
-            u, route, opt, trainable, split, args, pad_id, no_autocast, CPU
-        )  # warm-up (caches)
+        # warm-up (caches)
+        train.one_update(u, route, opt, trainable, split, args, pad_id, no_autocast, CPU)
         with counter:
             _, _, _, finite = train.one_update(
                 u + 1, route, opt, trainable, split, args, pad_id, no_autocast, CPU

@@ -643,9 +643,8 @@ def test_numbers_booleans_and_types():
     )
     assert check({"i": 5, "b": False}) == "wrong_value:b"
     assert check({"i": 5, "s": 5}) == "wrong_type:s" and check({"i": "5"}) == "wrong_type:i"
-    assert (
-        check({"i": 5, "xs": [1.5, 2]}) is None
-    )  # BFCL's item check passes when "" is accepted (no list)
+    # BFCL's item check passes when "" is accepted (no list)
+    assert check({"i": 5, "xs": [1.5, 2]}) is None
     assert check({"i": 5, "xs": [2.0, 1.5]}) == "wrong_value:xs"  # order matters in lists
     assert check({"x": 2.0}) == "missing_required:i"
     gt_xs = [{"f": {"i": [5], "xs": [[1.5, 2.0]]}}]
@@ -653,9 +652,8 @@ def test_numbers_booleans_and_types():
         bfcl_check(call_block("f", {"i": 5, "xs": [1.5, 2]}), gt_xs, doc)["reason"]
         == "wrong_type:xs"
     )  # no
-    assert bfcl_correct(
-        call_block("f", {"i": 5, "xs": [1.5, 2]}), gt_xs
-    )  # int in a float array (BFCL); no doc: ok
+    # int in a float array (BFCL); no doc: ok
+    assert bfcl_correct(call_block("f", {"i": 5, "xs": [1.5, 2]}), gt_xs)
     assert bfcl_correct(call_block("f", {"i": 5, "xs": [1.5, 2.0]}), gt_xs, doc)
 
 
@@ -680,29 +678,23 @@ def test_tuples_lists_dicts():
         return "<tool_call>{'name': 'f', 'arguments': {" + body + "}}</tool_call>"
 
     assert bfcl_correct(py("'t': (1, 2)"), gt, doc) and bfcl_correct(py("'t': [1, 2]"), gt, doc)
-    assert (
-        bfcl_check(py("'a': (3,)"), gt, doc)["reason"] == "wrong_type:a"
-    )  # a tuple is no array (BFCL)
+    # a tuple is no array (BFCL)
+    assert bfcl_check(py("'a': (3,)"), gt, doc)["reason"] == "wrong_type:a"
     assert bfcl_correct(py("'a': (3,)"), gt)  # without the doc a tuple is a list
-    assert bfcl_correct(
-        py("'d': {'k': 'V'}"), gt, doc
-    )  # optional key n left out, value standardised
+    # optional key n left out, value standardised
+    assert bfcl_correct(py("'d': {'k': 'V'}"), gt, doc)
     assert bfcl_correct(py("'d': {'k': 'v', 'n': 1}"), gt, doc) and bfcl_correct(
         py("'d': {'k': 'v', 'n': 1}"), gt
     )
-    assert (
-        bfcl_check(py("'d': {'k': 'v', 'z': 1}"), gt, doc)["reason"] == "wrong_value:d"
-    )  # unknown key
+    # unknown key
+    assert bfcl_check(py("'d': {'k': 'v', 'z': 1}"), gt, doc)["reason"] == "wrong_value:d"
     assert bfcl_check(py("'d': {'n': 1}"), gt, doc)["reason"] == "wrong_value:d"  # missing key k
-    assert (
-        bfcl_check(py("'d': {'k': 'v', 'n': True}"), gt)["reason"] == "wrong_value:d"
-    )  # True is not 1
-    assert bfcl_correct(py("'a': []"), gt, doc) and bfcl_correct(
-        py("'a': []"), gt
-    )  # [] for "" (BFCL)
-    assert (
-        bfcl_check(py("'d': {}"), gt, doc)["reason"] == "wrong_value:d"
-    )  # but {} is not "" for a dict
+    # True is not 1
+    assert bfcl_check(py("'d': {'k': 'v', 'n': True}"), gt)["reason"] == "wrong_value:d"
+    # [] for "" (BFCL)
+    assert bfcl_correct(py("'a': []"), gt, doc) and bfcl_correct(py("'a': []"), gt)
+    # but {} is not "" for a dict
+    assert bfcl_check(py("'d': {}"), gt, doc)["reason"] == "wrong_value:d"
 
 
 def test_names_arguments_counts():
@@ -736,9 +728,8 @@ def test_names_arguments_counts():
         bfcl_check(call_block("math.factorial", {"extra": 1}), gt_opt, doc)["reason"]
         == "unknown_argument:extra"
     )
-    assert bfcl_correct(
-        call_block("math.factorial", {"extra": 1}), gt_opt
-    )  # no doc: the ground truth decides
+    # no doc: the ground truth decides
+    assert bfcl_correct(call_block("math.factorial", {"extra": 1}), gt_opt)
 
 
 def test_order_free_matching_finds_a_full_matching():
@@ -791,9 +782,8 @@ def test_fixture_sample_rules():
         gt,
         fns,
     )
-    fns, gt = rows[
-        "live_multiple_306-131-5"
-    ]  # "dontcare" listed for an integer parameter: compared as is
+    # "dontcare" listed for an integer parameter: compared as is
+    fns, gt = rows["live_multiple_306-131-5"]
     ((name, args),) = gt[0].items()
     rendered = render_args(args, "first")
     assert rendered["number_of_rooms"] == "dontcare" and bfcl_correct(
@@ -801,9 +791,8 @@ def test_fixture_sample_rules():
     )
     assert not bfcl_correct(call_block(name, {**rendered, "number_of_rooms": "DontCare"}), gt, fns)
     assert not bfcl_correct(call_block(name, {**rendered, "number_of_rooms": 1}), gt, fns)
-    fns, gt = rows[
-        "live_multiple_507-149-4"
-    ]  # doc-required origin_airport whose only accepted value is ""
+    # doc-required origin_airport whose only accepted value is ""
+    fns, gt = rows["live_multiple_507-149-4"]
     ((name, args),) = gt[0].items()
     rendered = render_args(args, "first")
     assert (
@@ -818,9 +807,8 @@ def test_fixture_sample_rules():
     assert bfcl_correct(
         call_block(name, {**render_args(args, "first"), "price_max": None}), gt, fns
     )
-    fns, gt = rows[
-        "parallel_84"
-    ]  # float parameter, ground truth [0] in its last call: 0 and 0.0 both pass
+    # float parameter, ground truth [0] in its last call: 0 and 0.0 both pass
+    fns, gt = rows["parallel_84"]
     assert gt[-1]["calculate_displacement"]["acceleration"] == [0]
     calls = [(n, render_args(a, "first")) for c in gt for n, a in c.items()]
     for v in (0, 0.0, 0.5):
@@ -834,9 +822,8 @@ def test_fixture_sample_sweep(mode, docs):
     rows = load_fixture_rows()
     failed, predicted = sweep(rows, mode, docs)
     assert failed == set(predicted), f"fails {sorted(failed)}, predicted {predicted}"
-    assert (
-        "live_simple_112-68-0" in failed
-    )  # its ground truth accepts nothing for five required arguments
+    # its ground truth accepts nothing for five required arguments
+    assert "live_simple_112-68-0" in failed
     assert ("live_multiple_507-149-4" in failed) == docs
     assert ("parallel_multiple_26" in failed) == (docs and mode == "first")
     assert len(failed) < len(rows) // 3
@@ -875,9 +862,8 @@ def test_real_positive_cases(bfcl_data):
         assert len(gt) > 1 and bfcl_correct(
             render(gt, "first", order=list(range(len(gt)))[::-1]), gt, fns
         ), rid
-    _, fns, gt = real_row(
-        bfcl_data, "parallel_178"
-    )  # overlapping ground-truth calls: call 0 also takes Apple
+    # overlapping ground-truth calls: call 0 also takes Apple
+    _, fns, gt = real_row(bfcl_data, "parallel_178")
     assert gt[0]["get_stock_price"]["company_name"] == ["Microsoft", "Apple"]
     assert gt[2]["get_stock_price"]["company_name"] == ["Apple"]
     # Apple/Jan first: BFCL's greedy pass gives it to ground-truth call 0 and then finds none for
@@ -931,9 +917,8 @@ def test_real_negative_cases(bfcl_data):
     _, fns, gt = real_row(bfcl_data, "parallel_0")
     full = render(gt, "first")
     assert bfcl_correct(full, gt, fns)
-    assert (
-        bfcl_check(full.split("\n<tool_call>")[0], gt, fns)["reason"] == "wrong_count"
-    )  # a missing call
+    # a missing call
+    assert bfcl_check(full.split("\n<tool_call>")[0], gt, fns)["reason"] == "wrong_count"
     assert (
         bfcl_check(full + "\n" + full.split("\n<tool_call>")[0], gt, fns)["reason"] == "wrong_count"
     )  # extra

@@ -262,9 +262,8 @@ def test_ablations_and_author_preset_run(tmp_path, small_setup, extra, check):
     assert train.main(args + extra) == 0
     adapter, _, meta = load_checkpoint(tmp_path / "r", "latest")
     assert check(meta["args"]), meta["args"]
-    if (
-        "uniform-init" in extra
-    ):  # every router starts open: biases +1 (moved by 2 small updates at most)
+    # every router starts open: biases +1 (moved by 2 small updates at most)
+    if "uniform-init" in extra:
         biases = torch.stack([adapter[f"routers.{i}.bias"] for i in range(8)])
         assert (biases > 0.9).all(), biases.flatten().tolist()
 
@@ -349,9 +348,8 @@ def test_update_ce_is_token_mean_whatever_the_micro_batch_cut(small_setup):
         b = one_update_grads(
             route, split, Namespace(**base, ce_mean=ce_mean, sort_by_length=1), pad_id
         )
-        rel = max(
-            ((a[n] - b[n]).norm() / a[n].norm().clamp(min=1e-12)).item() for n in a
-        )  # per tensor, L2
+        # per tensor, L2
+        rel = max(((a[n] - b[n]).norm() / a[n].norm().clamp(min=1e-12)).item() for n in a)
         if same:
             assert rel <= 1e-6, (
                 f"token-mean CE: sorted vs unsorted gradients differ by {rel:.3g} (relative)"
@@ -428,9 +426,8 @@ def test_resume_extends_refuses_changed_settings_and_resolves_ckpt_folder(
     assert code == 2 and "drop --out" in io.err
     assert snapshot(run) == before
     ckpt = next(run.glob("ckpt-000004"))
-    assert (
-        train.main(["--resume", str(ckpt), "--steps", "6"]) == 0
-    )  # a ckpt-* folder resolves to its run
+    # a ckpt-* folder resolves to its run
+    assert train.main(["--resume", str(ckpt), "--steps", "6"]) == 0
     _, _, meta = load_checkpoint(run, "latest")
     assert meta["step"] == 6 and meta["args"]["steps"] == 6
     assert (

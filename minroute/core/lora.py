@@ -42,12 +42,10 @@ class LoRADropout(nn.Dropout):
         0)."""
         if not self.training or self.p == 0:
             return None
-        draw = torch.empty(
-            x.shape, dtype=torch.int32, device=x.device
-        ).random_()  # uniform on [0, 2^31)
-        return draw >= min(
-            round(self.p * 2**31), 2**31 - 1
-        )  # capped: int32 compare (p within 2^-31 of 1)
+        # uniform on [0, 2^31)
+        draw = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_()
+        # capped: int32 compare (p within 2^-31 of 1)
+        return draw >= min(round(self.p * 2**31), 2**31 - 1)
 
     def forward(self, x):
         keep = self.keep(x)
@@ -79,9 +77,8 @@ class LoRALinear(nn.Linear):
             nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.dropout = LoRADropout(dropout) if dropout > 0 else nn.Identity()
         self.merged = False
-        self.enabled = (
-            True  # False: behave as the base layer (the "base model" rows of eval tables)
-        )
+        # False: behave as the base layer (the "base model" rows of eval tables)
+        self.enabled = True
         self._original_weight: torch.Tensor | None = None
 
     def forward(self, x):
@@ -89,13 +86,11 @@ class LoRALinear(nn.Linear):
         if self.merged or not self.enabled:
             return y
         a, scale = x.to(self.lora_A.dtype), self.scaling
-        if not isinstance(
-            self.dropout, LoRADropout
-        ):  # Identity (p = 0), or a module someone put there
+        # Identity (p = 0), or a module someone put there
+        if not isinstance(self.dropout, LoRADropout):
             a = self.dropout(a)
-        elif (
-            keep := self.dropout.keep(a)
-        ) is not None:  # its 1 / (1 - p) joins alpha / r on the rank-r side
+        # its 1 / (1 - p) joins alpha / r on the rank-r side
+        elif (keep := self.dropout.keep(a)) is not None:
             a, scale = torch.where(keep, a, 0.0), scale / (1.0 - self.dropout.p)
         return y + F.linear(F.linear(a, self.lora_A) * scale, self.lora_B).to(y.dtype)
 

@@ -153,9 +153,8 @@ class KVCache:
         self.k: list[torch.Tensor | None] = [None] * n_layers
         self.v: list[torch.Tensor | None] = [None] * n_layers
         self.gates: torch.Tensor | None = None  # (B, L) bool, set by a routed prefill
-        self.rows: list[torch.Tensor | None] = [
-            None
-        ] * n_layers  # batch rows held by each layer's slot
+        # batch rows held by each layer's slot
+        self.rows: list[torch.Tensor | None] = [None] * n_layers
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         """Write k, v (b, Hkv, T, D) at positions [length, length + T); return all keys/values so
@@ -170,9 +169,6 @@ class KVCache:
         self.k[layer][:, :, self.length : end] = k
         self.v[layer][:, :, self.length : end] = v
         return self.k[layer][:, :, :end], self.v[layer][:, :, :end]
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v if t is not None)
 
 
 # ----------------------------------------------------------------------------- modules
@@ -228,9 +224,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(
                 q, k, v, is_causal=past == 0 and T > 1, enable_gqa=True
             )
-        elif (
-            x.device.type == "cpu"
-        ):  # CPU kernels take GQA with a mask: no repeated k/v kept for backward
+        # CPU kernels take GQA with a mask: no repeated k/v kept for backward
+        elif x.device.type == "cpu":
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         # CUDA's fused kernels refuse GQA with a mask (math fallback): repeat the kv heads instead
         else:
@@ -285,9 +280,8 @@ class CausalLM(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
-        self._inv_freq: dict[
-            torch.device, torch.Tensor
-        ] = {}  # RoPE inverse frequencies per device, built once
+        # RoPE inverse frequencies per device, built once
+        self._inv_freq: dict[torch.device, torch.Tensor] = {}
 
     @property
     def layers(self) -> nn.ModuleList:

@@ -130,12 +130,10 @@ class LayerRoute(nn.Module):
         )
         init_routers(self.routers, init)
         self.pool = pool
-        self.forced: torch.Tensor | None = (
-            None  # (L,) or (B, L) bool: gates imposed instead of the routers'
-        )
-        self.forced_host: list | None = (
-            None  # the same as host bools: which rows a block runs, without a device read
-        )
+        # (L,) or (B, L) bool: gates imposed instead of the routers'
+        self.forced: torch.Tensor | None = None
+        # the same as host bools: which rows a block runs, without a device read
+        self.forced_host: list | None = None
         self.last: RouteTrace | None = None
 
     @property
@@ -155,9 +153,8 @@ class LayerRoute(nn.Module):
         LoRA)."""
         old = self.forced, self.forced_host
         device = self.routers[0].weight.device
-        self.forced = (
-            None if gates is None else gates.bool().to(device)
-        )  # copied once, not once per block
+        # copied once, not once per block
+        self.forced = None if gates is None else gates.bool().to(device)
         self.forced_host = None if gates is None else self.forced.cpu().tolist()
         try:
             yield self
@@ -244,9 +241,8 @@ class LayerRoute(nn.Module):
         for i, block in enumerate(self.base.layers):
             if decoding:
                 rows = cache.rows[i]
-                if (
-                    cache.k[i] is None
-                ):  # no row ran this block at prefill: nothing to do, nothing cached
+                # no row ran this block at prefill: nothing to do, nothing cached
+                if cache.k[i] is None:
                     rows_run.append(0)
                     continue
             else:

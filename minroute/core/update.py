@@ -35,13 +35,11 @@ def lm_loss_per_sample(hidden, lm_head_weight, labels):
 
     The plain form: (B, T, vocab) fp32 logits. fast/kernels.py's lm_loss_per_sample computes the
     same per-token losses through the frozen head without keeping the logits (tested equal)."""
-    logits = F.linear(
-        hidden[:, :-1], lm_head_weight
-    ).float()  # (B, T-1, V): position t predicts token t + 1
+    # (B, T-1, V): position t predicts token t + 1
+    logits = F.linear(hidden[:, :-1], lm_head_weight).float()
     targets = labels[:, 1:]  # (B, T-1)
-    ce = F.cross_entropy(
-        logits.transpose(1, 2), targets, ignore_index=-100, reduction="none"
-    )  # (B, T-1)
+    # (B, T-1)
+    ce = F.cross_entropy(logits.transpose(1, 2), targets, ignore_index=-100, reduction="none")
     return ce.sum(dim=1), (targets != -100).sum(dim=1)
 
 
@@ -127,7 +125,7 @@ def get_lr(step: int, max_lr: float, t_max: int, warmup: int = 0, min_lr: float 
 
 
 class AdamW:
-    """AdamW over param groups; each carries its `weight_decay` (and optionally `lr_scale`)."""
+    """AdamW over param groups; each carries its `weight_decay`."""
 
     def __init__(
         self, param_groups: list[dict], lr: float = 2e-4, betas=(0.9, 0.999), eps: float = 1e-8
@@ -148,7 +146,7 @@ class AdamW:
 
     def set_lr(self, lr: float):
         for g in self.param_groups:
-            g["lr"] = lr * g.get("lr_scale", 1.0)
+            g["lr"] = lr
 
     @torch.no_grad()
     def step(self):
@@ -161,8 +159,7 @@ class AdamW:
                 if p.grad is None:
                     continue
                 m, v = self.state[p]["m"], self.state[p]["v"]
-                if 1 - lr * wd != 1.0:  # x * 1.0 is x: skipping it changes no bit
-                    p.mul_(1 - lr * wd)
+                p.mul_(1 - lr * wd)  # decoupled weight decay
                 m.lerp_(p.grad, 1 - b1)  # m <- b1 m + (1 - b1) g
                 v.mul_(b2).addcmul_(p.grad, p.grad, value=1 - b2)
                 denom = v.sqrt().div_(math.sqrt(bc2)).add_(self.eps)

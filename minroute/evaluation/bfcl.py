@@ -47,9 +47,8 @@ FENCE_OPEN_RE, FENCE_CLOSE_RE = (
 )  # markdown code fence
 SPECIAL_RE = re.compile(r"(?:\s*<\|[\w-]+\|>)+\s*\Z")  # e.g. a trailing <|im_end|> left in the text
 STANDARDIZE_RE = re.compile(r"[ ,./\-_*^]")
-MAX_LITERAL_CHARS = (
-    100_000  # Python-literal fallback only: longer text is not handed to the ast parser
-)
+# Python-literal fallback only: longer text is not handed to the ast parser
+MAX_LITERAL_CHARS = 100_000
 PY_TYPES = {
     "string": str,
     "integer": int,
@@ -68,9 +67,8 @@ def _literal(text: str):
     """One JSON value, else one Python literal (`ast.literal_eval`, never eval), else _BAD; never
     raises."""
     try:
-        return json.loads(
-            text
-        )  # JSONDecodeError and too-long ints are ValueErrors; deep nesting RecursionError
+        # JSONDecodeError and too-long ints are ValueErrors; deep nesting RecursionError
+        return json.loads(text)
     except PARSE_ERRORS:
         if len(text) > MAX_LITERAL_CHARS:
             return _BAD

@@ -179,9 +179,8 @@ def static_masks(gated: PassResult, seed: int = 0) -> np.ndarray:
     """(N, L): every row closes the most-skipped layers of the learned routing, in that order, k or
     k + 1 of them, so that the mean layers run equals the learned routing's exactly."""
     N, L = gated.hard.shape
-    order = np.argsort(
-        -(1 - gated.hard.mean(0)), kind="stable"
-    )  # layers by skip rate, highest first
+    # layers by skip rate, highest first
+    order = np.argsort(-(1 - gated.hard.mean(0)), kind="stable")
     out = np.ones((N, L), dtype=bool)
     per_row = _k_or_k_plus_one(
         np.arange(N), int((~gated.hard).sum()), np.random.default_rng([seed, 1])
@@ -257,9 +256,8 @@ class BaseCache:
             self.dir.mkdir(parents=True, exist_ok=True)
             tmp = p.with_name(p.name + ".tmp.npz")
             arrays = {k: v for k, v in vars(r).items() if v is not None}
-            arrays["soft"] = np.full_like(
-                r.soft, np.nan
-            )  # the routers of this run: meaningless for another
+            # the routers of this run: meaningless for another
+            arrays["soft"] = np.full_like(r.soft, np.nan)
             np.savez(tmp, **arrays)
             os.replace(tmp, p.with_suffix(".npz"))
 

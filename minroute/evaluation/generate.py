@@ -41,9 +41,8 @@ def sample_next(
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         cum = sorted_logits.softmax(-1).cumsum(-1)
-        drop = (
-            cum - sorted_logits.softmax(-1) > top_p
-        )  # keep the smallest prefix whose mass reaches top_p
+        # keep the smallest prefix whose mass reaches top_p
+        drop = cum - sorted_logits.softmax(-1) > top_p
         logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
     probs = logits.softmax(-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
@@ -240,9 +239,8 @@ def chat_main(argv=None):
     if a.prompt is not None:
         turn(a.prompt)
         return 0
-    for n, raw in enumerate(
-        sys.stdin.buffer, 1
-    ):  # bytes, so that what is not UTF-8 is named, whatever the locale
+    # bytes, so that what is not UTF-8 is named, whatever the locale
+    for n, raw in enumerate(sys.stdin.buffer, 1):
         try:
             line = raw.decode("utf-8")
         except UnicodeDecodeError as e:

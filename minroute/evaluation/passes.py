@@ -15,8 +15,8 @@ The cost is one forward per distinct (row, gate prefix, block) instead of one pe
 block): at most the sum of the settings' own forwards (the *floor* eval.py reports), less wherever
 they agree. Rows are batched in length order, so a batch pads to similar lengths; results come back
 in split order. Each state's block runs on exactly the rows and positions the plain inference
-forward (router.LayerRoute. hidden) would run it on, with the same attention mask and RoPE, so the
-numbers are that forward's (tests compare every setting with a separate pass).
+forward (core.router.LayerRoute.hidden) would run it on, with the same attention mask and RoPE, so
+the numbers are that forward's (tests compare every setting with a separate pass).
 """
 
 from __future__ import annotations
@@ -53,9 +53,8 @@ class SettingResult:
     n_counted: np.ndarray  # (N,)
     asst_sum: np.ndarray | None  # (N,) summed CE over assistant-output tokens
     asst_counted: np.ndarray | None
-    soft: (
-        np.ndarray
-    )  # (N, L) router p on the setting's routed positions (what the routers think, even if imposed)
+    # (N, L) router p on the setting's routed positions (what the routers think, even if imposed)
+    soft: np.ndarray
     hard: np.ndarray  # (N, L) bool, True = block ran
 
 
@@ -127,17 +126,15 @@ def _run_batch(route, split, idx, pad_id, settings, out, pad_to, chunk, device):
         batch["input_ids"], None if route.pool == "all" else attn
     )
     state_row = torch.arange(B, device=device)  # batch row of each state
-    where = {
-        s.name: torch.arange(B, device=device) for s in settings
-    }  # state of each row, per setting
+    # state of each row, per setting
+    where = {s.name: torch.arange(B, device=device) for s in settings}
     for i, block in enumerate(route.base.layers):
         wanted = {}  # setting -> (B,) bool gate
         soft_cache = {}
         for s in settings:
             key = s.route_on
-            if (
-                key not in soft_cache
-            ):  # p of every state on these positions (cheap: a pool and a dot product)
+            # p of every state on these positions (cheap: a pool and a dot product)
+            if key not in soft_cache:
                 pm = pools[key]
                 soft_cache[key] = route.soft_gate(i, h, None if pm is None else pm[state_row])
             p = soft_cache[key][where[s.name]]
@@ -197,9 +194,8 @@ def _losses(route, h, state_row, where, batch, idx, settings, out, chunk):
     counted = labels != -100
     either = counted if asst is None else counted | (asst != -100)
     target = torch.where(labels != -100, labels, asst if asst is not None else labels)
-    ce = TokenCE.apply(
-        hs[either], route.lm_head.weight, target[either], chunk
-    )  # (n,) per counted position
+    # (n,) per counted position
+    ce = TokenCE.apply(hs[either], route.lm_head.weight, target[either], chunk)
     tok = torch.zeros(either.shape, dtype=torch.float64, device=ce.device)  # sums in fp64
     tok[either] = ce.double()
     ce_sum, n_counted = (tok * counted).sum(1), counted.sum(1)

@@ -254,9 +254,8 @@ def collect(study: Path) -> tuple[list[dict], list[dict]]:
             continue
         latest = current_checkpoint(run)
         settings = res.get("settings", {})
-        trained_on = res["provenance"].get(
-            "trained_on_data_sha256"
-        )  # None for runs older than data identities
+        # None for runs older than data identities
+        trained_on = res["provenance"].get("trained_on_data_sha256")
         adhoc = settings and (
             settings.get("which") != "latest"
             or settings.get("model")

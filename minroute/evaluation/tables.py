@@ -459,9 +459,8 @@ def timing(route, ev, pad_id: int, g, args, dev, autocast, tables) -> dict:
         else:
             a, b = out[f"{what}_all open"]["median_ms"], out[f"{what}_gated"]["median_ms"]
             spread = f"{out[f'{what}_gated']['p25_ms']:.2f}-{out[f'{what}_gated']['p75_ms']:.2f}"
-        above = (
-            a / b > 1.05 * bound
-        )  # faster than skipping can make it: the machine's noise, not a result
+        # faster than skipping can make it: the machine's noise, not a result
+        above = a / b > 1.05 * bound
         out["layers_skipped"][what], out["bound"][what], out["above_bound"][what] = k, bound, above
         rows.append(
             [

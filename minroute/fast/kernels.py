@@ -45,15 +45,13 @@ class TokenCE(torch.autograd.Function):
             logits = F.linear(h[a:b], weight).float()  # (n, V)
             target = logits.gather(1, y[a:b, None]).squeeze(1)
             top = logits.amax(dim=-1, keepdim=True)
-            probs = logits.sub_(
-                top
-            ).exp_()  # unnormalised softmax, in place: no second (n, V) buffer
+            # unnormalised softmax, in place: no second (n, V) buffer
+            probs = logits.sub_(top).exp_()
             total = probs.sum(dim=-1, keepdim=True)
             losses[a:b] = (top + total.log()).squeeze(1) - target  # logsumexp - target logit
             if grad_h is not None:
-                probs.div_(total)[torch.arange(b - a, device=h.device), y[a:b]] -= (
-                    1.0  # softmax - onehot
-                )
+                # softmax - onehot
+                probs.div_(total)[torch.arange(b - a, device=h.device), y[a:b]] -= 1.0
                 grad_h[a:b] = (probs.to(weight.dtype) @ weight).to(h.dtype)  # (n, d)
         ctx.save_for_backward(grad_h)
         return losses
@@ -94,9 +92,8 @@ def lm_loss_per_sample(
     B, T, d = hidden.shape
     index, target = counted_positions(labels) if counted is None else counted
     ce = TokenCE.apply(hidden.reshape(B * T, d)[index], lm_head_weight, target, chunk)  # (N,)
-    sums = (
-        ce.new_zeros(B * T).index_put((index,), ce).view(B, T).sum(dim=1)
-    )  # unique indices: deterministic
+    # unique indices: deterministic
+    sums = ce.new_zeros(B * T).index_put((index,), ce).view(B, T).sum(dim=1)
     return sums, (labels[:, 1:] != -100).sum(dim=1)
 
 

@@ -102,9 +102,8 @@ class Packed:
         self.row = torch.cat(
             [torch.full((n,), b, dtype=torch.long, device=device) for b, n in enumerate(lengths)]
         )
-        self.positions = torch.cat([torch.arange(n, device=device) for n in lengths])[
-            None
-        ]  # (1, N)
+        # (1, N)
+        self.positions = torch.cat([torch.arange(n, device=device) for n in lengths])[None]
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, ...) -> (1, N, ...): each row's first lengths[b] positions, end to end."""

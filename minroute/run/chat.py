@@ -190,9 +190,8 @@ class Encoded:
     n_full: int  # tokens before truncation
     truncated: bool
     tool_call_cut: bool  # truncation removed (part of) the last </tool_call>
-    response_cut: (
-        bool  # truncation removed (part of) the last assistant output: the routed response
-    )
+    # truncation removed (part of) the last assistant output: the routed response
+    response_cut: bool
     prompt_len: int  # tokens up to and including the last assistant header (the generation prompt)
     assistant_mask: np.ndarray  # (n,) uint8: 1 = the token starts inside an assistant output span
 

@@ -175,9 +175,8 @@ def _save_checkpoint(
     _fsync_dir(run)
     for p in pointers:
         atomic_write_text(run / f"{p}.json", json.dumps({"dir": name, "step": step}))
-    keep = {pointer_target(run, p) for p in ("latest", "best")} | {
-        name
-    }  # an unreadable pointer keeps nothing
+    # an unreadable pointer keeps nothing
+    keep = {pointer_target(run, p) for p in ("latest", "best")} | {name}
     for old in run.glob("ckpt-*"):
         if old.name not in keep and not old.name.endswith(".tmp"):
             shutil.rmtree(old, ignore_errors=True)

@@ -49,9 +49,8 @@ def read_manifest(data_dir, verify: bool = False) -> dict:
         manifest = json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise UserError(f"{path}: not valid JSON ({e}); rebuild the data folder") from None
-    if (
-        verify and "files" not in manifest
-    ):  # built before manifests recorded hashes: usable, not verifiable
+    # built before manifests recorded hashes: usable, not verifiable
+    if verify and "files" not in manifest:
         print(
             f"note: {path} records no file hashes (built by an older data_prep), so its files"
             " cannot be verified; rebuild it to get them",
@@ -247,9 +246,9 @@ def collate(
     """Padded batch: input_ids, attention_mask (1 = real), labels (-100 = not counted), is_tool
     (B,); route_mask (1 = pooled by the routers) when route_on is 'prompt'; assistant_labels (labels
     of the assistant-output tokens only) when the split records them; loss_index, loss_target (the
-    counted positions of `labels` and their next tokens, loss.counted_positions, computed here on
-    the host). A `Batch`: the host also knows `.padded` and `.real_tokens`, so the training step
-    never reads them back from a device.
+    counted positions of `labels` and their next tokens, fast.kernels.counted_positions, computed
+    here on the host). A `Batch`: the host also knows `.padded` and `.real_tokens`, so the training
+    step never reads them back from a device.
 
     Labels are unshifted (HF convention); the loss shifts them. Padding never counts. pad_to None
     pads to the longest sequence of the batch; prompt_only keeps each sample's generation prompt

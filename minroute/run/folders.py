@@ -74,9 +74,8 @@ def check_out_folder(out: Path, restart: bool):
             f"--out {out}: a ckpt-* folder inside the run {out.parent}, which would delete it as a "
             "superseded checkpoint; give a folder of its own"
         )
-    full = Path(
-        os.path.abspath(out)
-    )  # as typed, links not followed: each folder on the way is checked
+    # as typed, links not followed: each folder on the way is checked
+    full = Path(os.path.abspath(out))
     for anc in full.parents:
         if anc.name.startswith("ckpt-") and (anc / "meta.json").exists():
             raise UserError(
@@ -240,9 +239,8 @@ def start_run(out: Path, args, writer: bool, prepare_demo=None):
         if not writer:  # under torchrun rank 0 makes the folder
             return data, None
         lock = RunLock(out) if out.is_dir() else None  # refuses a run another process is writing
-        if (
-            make_run_folder(out, args.restart) and lock
-        ):  # the old run (and its lock file) moved aside
+        # the old run (and its lock file) moved aside
+        if make_run_folder(out, args.restart) and lock:
             lock.release()
             lock = None
         lock = lock or RunLock(out)  # held until this process exits: no second writer

@@ -50,9 +50,8 @@ CONTROL, USER_DEFINED = 3, 4  # llama.cpp's token types
 # `tokenizer.ggml.pre` -> how text is split before BPE (llama.cpp's llama-vocab.cpp regexes, as
 # tokenizers objects)
 _GPT2 = "gpt2"
-_DIGITS_GPT2 = (  # every digit alone, then GPT-2's split (StarCoder's tokenizer, SmolLM)
-    "digits+gpt2"
-)
+# every digit alone, then GPT-2's split (StarCoder's tokenizer, SmolLM)
+_DIGITS_GPT2 = "digits+gpt2"
 _LLAMA3 = (
     r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
     r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -170,9 +169,8 @@ class GGUFFile:
 
         t = self.tensors[name]
         try:
-            return np.array(
-                dequantize(t.data, t.tensor_type), dtype=np.float32, order="C"
-            )  # a copy, writable
+            # a copy, writable
+            return np.array(dequantize(t.data, t.tensor_type), dtype=np.float32, order="C")
         except NotImplementedError:
             raise UserError(
                 f"{self.path}: tensor {name} is stored as {t.tensor_type.name}, which ggml's gguf"
@@ -222,9 +220,8 @@ def read_config(g: GGUFFile) -> ModelConfig:
         )
     if "token_embd.weight" not in g.tensors:
         raise UserError(f"{g.path}: no tensor token_embd.weight; the file holds no token embedding")
-    vocab = int(
-        g.tensors["token_embd.weight"].shape[-1]
-    )  # ggml order (d, vocab): the rows the model really has
+    # ggml order (d, vocab): the rows the model really has
+    vocab = int(g.tensors["token_embd.weight"].shape[-1])
     layers = int(g.need(f"{arch}.block_count"))
     bias = any(
         name.startswith("blk.") and name.endswith(".bias") and "attn" in name for name in g.tensors
@@ -336,9 +333,8 @@ def build_tokenizer(g: GGUFFile):
     merges = [tuple(m.split(" ", 1)) for m in g.need("tokenizer.ggml.merges")]
     vocab = {}
     for i, t in enumerate(tokens):
-        vocab.setdefault(
-            t, i
-        )  # a repeated token string keeps its first id (llama.cpp does the same lookup)
+        # a repeated token string keeps its first id (llama.cpp does the same lookup)
+        vocab.setdefault(t, i)
     split = PRE_TOKENIZERS[pre]
     tok = Tokenizer(
         models.BPE(

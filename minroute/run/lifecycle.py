@@ -59,13 +59,11 @@ from minroute.run.safety import RunLock, UserError, WriteError, os_cause
 def open_run(args, parser, prepare_demo=None):
     """(args, data, lock, resume or None). parser: train.py's (for the commands messages advise);
     prepare_demo: data_prep.demo_assets.prepare_demo (builds --demo's model and data)."""
-    writer = (
-        int(os.environ.get("RANK", "0")) == 0
-    )  # under torchrun only rank 0 writes the run folder
+    # under torchrun only rank 0 writes the run folder
+    writer = int(os.environ.get("RANK", "0")) == 0
     if not args.resume:
-        data, lock = start_run(
-            Path(args.out), args, writer, prepare_demo
-        )  # nothing made before every check
+        # nothing made before every check
+        data, lock = start_run(Path(args.out), args, writer, prepare_demo)
         args.extensions = []
         return args, data, lock, None
     args, resume = resume_args(args, parser)
@@ -112,9 +110,8 @@ class TrainingRun:
                 " needs the same data (an identical rebuild is the same data)"
             )
         check_same_shape(meta, route.config, out)
-        if (
-            adapter is not None
-        ):  # else: no checkpoint yet, the run starts at update 0 with its recorded settings
+        # else: no checkpoint yet, the run starts at update 0 with its recorded settings
+        if adapter is not None:
             bad = nonfinite_tensors({**adapter, **opt_state})
             if bad:
                 ckpt = out / f"ckpt-{meta['step']:06d}"

@@ -262,9 +262,8 @@ def read_safetensors(files: list[Path], device="cpu") -> dict[str, tuple[torch.T
                     out[name] = (sf.get_tensor(name), f)
         except ValueError:
             raise
-        except (
-            Exception
-        ) as e:  # safetensors raises its own error type for truncated/corrupt headers and data
+        # safetensors raises its own error type for truncated/corrupt headers and data
+        except Exception as e:
             raise UserError(
                 f"{f}: cannot read safetensors file, it is truncated or corrupt ({e}); "
                 "re-download or re-save it"
@@ -316,9 +315,8 @@ def load_model(
                 f"{name} in {f}: shape {tuple(t.shape)}, but config.json implies {tuple(shape)}"
             )
         state[name] = t.to(dtype) if dtype is not None else t
-    if (
-        cfg.tie_word_embeddings
-    ):  # one tensor for both, as HF ties them (a stored lm_head copy is ignored)
+    # one tensor for both, as HF ties them (a stored lm_head copy is ignored)
+    if cfg.tie_word_embeddings:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
     model.load_state_dict(state, strict=True, assign=True)
     if cfg.tie_word_embeddings:

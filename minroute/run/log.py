@@ -109,9 +109,8 @@ class RunLog:
         for f in (self.log_f, self.gates_f):
             try:
                 f.close()
-            except (
-                OSError
-            ):  # a full disk fails the last flush too; what was flushed before is on disk
+            # a full disk fails the last flush too; what was flushed before is on disk
+            except OSError:
                 pass
 
 

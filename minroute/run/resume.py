@@ -107,9 +107,8 @@ def resume_point(run: Path, target: Path) -> tuple[Path | None, list[str]]:
     if not found:
         return None, notes
     step, ckpt = found[-1]
-    if (
-        pointer_target(run, "latest") != ckpt.name
-    ):  # latest.json names another, a missing one, or is unreadable
+    # latest.json names another, a missing one, or is unreadable
+    if pointer_target(run, "latest") != ckpt.name:
         how = (
             "best.json names it"
             if pointer_target(run, "best") == ckpt.name
@@ -167,13 +166,11 @@ def resume_args(args, ap):
         raise UserError(
             f"--resume {args.resume} continues {run}; drop --out {args.out} (a run cannot move)"
         )
-    whole_run = not is_checkpoint_dir(
-        target
-    )  # RUN_DIR (its newest checkpoint), not RUN_DIR/ckpt-N as asked
+    # RUN_DIR (its newest checkpoint), not RUN_DIR/ckpt-N as asked
+    whole_run = not is_checkpoint_dir(target)
     ckpt, notes = resume_point(run, run if whole_run else target)
-    if (
-        ckpt is None
-    ):  # stopped before its first checkpoint: start from update 0 with its recorded settings
+    # stopped before its first checkpoint: start from update 0 with its recorded settings
+    if ckpt is None:
         meta = read_run_json(run, notes)
         if notes:  # pointers name checkpoints that are gone: do not silently redo the whole run
             raise MissingFile(

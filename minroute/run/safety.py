@@ -55,9 +55,8 @@ def run_cli(main, argv=None) -> int:
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (
-        BrokenPipeError
-    ):  # the reader of stdout went away (`| head`): stop quietly, as Unix tools do
+    # the reader of stdout went away (`| head`): stop quietly, as Unix tools do
+    except BrokenPipeError:
         try:
             os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         except OSError:
@@ -170,9 +169,8 @@ class ArgumentParser(argparse.ArgumentParser):
 def _number(kind, test, what):
     def parse(text: str):
         try:
-            if (
-                not text.isascii()
-            ):  # int() and float() also take other scripts' digits ('\u0663') and full-width ones
+            # int() and float() also take other scripts' digits ('\u0663') and full-width ones
+            if not text.isascii():
                 raise ValueError
             value = kind(text)
         except ValueError:
@@ -193,9 +191,8 @@ positive_float = _number(float, lambda v: v > 0 and v < float("inf"), "a number 
 nonneg_float = _number(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
 probability = _number(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 fraction = _number(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
-SEED_LIMIT = (
-    2**32
-)  # numpy's default_rng and torch.manual_seed take it, and so do the seeds derived from it
+# numpy's default_rng and torch.manual_seed take it, and so do the seeds derived from it
+SEED_LIMIT = 2**32
 seed_int = _number(int, lambda v: 0 <= v < SEED_LIMIT, f"a whole number from 0 to {SEED_LIMIT - 1}")
 
 

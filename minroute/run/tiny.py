@@ -93,9 +93,8 @@ def write_tiny_checkpoint(
     included)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if (
-        tokenizer is not None
-    ):  # the real Qwen tokenizer (+ its tokenizer_config.json with the chat template)
+    # the real Qwen tokenizer (+ its tokenizer_config.json with the chat template)
+    if tokenizer is not None:
         src = Path(tokenizer)
         src = src / "tokenizer.json" if src.is_dir() else src
         shutil.copyfile(src, out / "tokenizer.json")
@@ -110,9 +109,8 @@ def write_tiny_checkpoint(
         tok = train_tiny_tokenizer(bpe_vocab, extra_text)
         tok.save(str(out / "tokenizer.json"))
         n_tokens = tok.get_vocab_size(with_added_tokens=True)
-        vocab_size = (
-            vocab_size or -(-n_tokens // 64) * 64
-        )  # round up, like the real model's padded vocab
+        # round up, like the real model's padded vocab
+        vocab_size = vocab_size or -(-n_tokens // 64) * 64
     if vocab_size < n_tokens:
         raise ValueError(
             f"vocab_size {vocab_size} is smaller than the tokenizer's {n_tokens} tokens"
