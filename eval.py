@@ -491,7 +491,9 @@ def provenance(run: Run) -> dict:
         "trained_on_data_sha256": run.meta.get("data_sha256"),
         "checkpoint_sha256": {k: v["sha256"] for k, v in run.meta.get("files", {}).items()},
         "train_settings": {  # how the run trained, for a report made without its checkpoints
-            k: v for k, v in a.items() if k not in ("given", "resume", "out", "data", "model")
+            k: v
+            for k, v in a.items()
+            if k not in ("given", "resume", "out", "data", "model", "demo_assets")
         },
     }
 
