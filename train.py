@@ -196,9 +196,12 @@ def add_training_options(ap):
     )
     g.add_argument(
         "--ablation",
-        choices=["none", "noreg", "uniform-init", "bce"],
+        choices=["none", "noreg", "uniform-init", "bce", "lora-only"],
         default="none",
-        help="noreg: lambda 0; uniform-init: every router starts open; bce: BCE on step type",
+        help=(
+            "noreg: lambda 0; uniform-init: every router starts open; bce: BCE on step type;"
+            " lora-only: every block open for every row, the routers never train (LoRA alone)"
+        ),
     )
     g.add_argument(
         "--bce-target",
@@ -250,6 +253,15 @@ def add_training_options(ap):
         help="validation micro-batches, 0 = the whole val split (30)",
     )
     g.add_argument("--save-every", type=positive_int, help="updates between checkpoints (200)")
+    g.add_argument(
+        "--keep-every",
+        type=nonneg_int,
+        default=0,
+        help=(
+            "also checkpoint every N updates and keep those (ckpt-<update>/, for a learning curve);"
+            " 0 = keep only latest and best"
+        ),
+    )
 
 
 def parse_args(argv=None):
@@ -292,6 +304,8 @@ def main(argv=None):
     route = build_layerroute(
         args.model, lora, pool=args.pool, init=args.init, device=dev, dtype=dtype
     )
+    if args.ablation == "lora-only":  # the open init (w = 0, b = +1: p = 0.73) stays: all run
+        route.routers.requires_grad_(False)
     groups = param_groups(route, args.weight_decay, args.decay_biases)
     # = core.update.AdamW, fewer ops
     opt = ForeachAdamW(groups, lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
@@ -344,7 +358,8 @@ def main(argv=None):
             improved, run.best = vce < run.best, min(run.best, vce)
         if main_proc:
             run.log.write(row, gate_rows)
-            periodic = step % args.save_every == 0 or step == updates
+            kept = args.keep_every > 0 and step % args.keep_every == 0
+            periodic = step % args.save_every == 0 or step == updates or kept
             if periodic or improved:
                 run.save(step, route, opt, names, periodic, improved)
         if acc["n"] == 0:  # the next interval's time starts after validation and checkpointing
@@ -445,9 +460,16 @@ def one_update(
     # sum gradients (and the logged sums) over processes: the update sees all its sequences
     if world > 1:
         all_reduce_([p.grad for p in trainable] + [sums], dev)
+    if acc is not None:  # the log's gradient norms before the clip, per group: what sets the clip
+        acc["grad_groups"] = {
+            g["name"]: torch.nn.utils.get_total_norm([p.grad for p in g["params"]])
+            for g in opt.param_groups
+        }
     grad_norm = torch.nn.utils.clip_grad_norm_(
         trainable, args.clip if args.clip > 0 else float("inf")
     )
+    if acc is not None and args.clip > 0:
+        acc["clipped"] += grad_norm > args.clip
     if not bool(torch.isfinite(grad_norm) & torch.isfinite(sums[0])):  # the update's one host read
         return lr, sums, grad_norm, False
     opt.step()

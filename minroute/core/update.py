@@ -94,9 +94,10 @@ def micro_batch_loss(
 
 def param_groups(route, weight_decay: float, decay_biases: bool) -> list[dict]:
     """What trains: LoRA A/B, router weights, router biases (weight decay on the biases only when
-    decay_biases, as the authors' code does: it decays every tensor). Everything else is frozen."""
+    decay_biases, as the authors' code does: it decays every tensor). Everything else is frozen, and
+    so are routers set not to train (requires_grad False: the LoRA-only baseline)."""
     lora = [p for n, p in route.named_parameters() if n.endswith((".lora_A", ".lora_B"))]
-    return [
+    groups = [
         {"params": lora, "weight_decay": weight_decay, "name": "lora"},
         {
             "params": [r.weight for r in route.routers],
@@ -108,6 +109,11 @@ def param_groups(route, weight_decay: float, decay_biases: bool) -> list[dict]:
             "weight_decay": weight_decay if decay_biases else 0.0,
             "name": "router_bias",
         },
+    ]
+    return [
+        {**g, "params": [p for p in g["params"] if p.requires_grad]}
+        for g in groups
+        if any(p.requires_grad for p in g["params"])
     ]
 
 

@@ -109,7 +109,7 @@ def resolve(args):
             f"--warmup {args.warmup} is not shorter than the cosine's {args.t_max} updates"
             f" (--t-max), so the LR would never decay; use --warmup < {args.t_max}"
         )
-    if args.ablation == "noreg":
+    if args.ablation in ("noreg", "lora-only"):
         args.gate_reg = 0.0
-    args.init = "uniform" if args.ablation == "uniform-init" else "band"
+    args.init = "uniform" if args.ablation in ("uniform-init", "lora-only") else "band"
     return updates
