@@ -60,6 +60,10 @@ class RunLog:
         "val_ce",
         "val_skip_tool",
         "val_skip_plan",
+        "grad_lora",
+        "grad_router_weight",
+        "grad_router_bias",
+        "clipped",
     ]
     GATE_FIELDS = ["step", "layer", "mean_soft", "hard_skip_rate", "bias", "w_norm"]
 
@@ -116,9 +120,12 @@ class RunLog:
 
 def fresh_acc(device) -> dict:
     """An empty log interval: its updates' summed [loss, ce, reg, real tokens] on the device, their
-    number, its start time, and the gates of its micro-batches (train.py's update appends them)."""
+    number, its start time, the gates of its micro-batches (train.py's update appends them), how
+    many of its updates were clipped, and the latest update's gradient norm per parameter group."""
     return {
         "sums": torch.zeros(4, dtype=torch.float64, device=device),
+        "clipped": torch.zeros((), dtype=torch.int64, device=device),
+        "grad_groups": {},
         "n": 0,
         "t0": time.time(),
         "soft": [],
@@ -149,6 +156,10 @@ def interval_stats(acc, route, step, lr, grad_norm):
         "grad_norm": grad_norm,
         "dt": dt / n,
         "tok_s": tok / dt,
+        # the last update's norms before the clip (grad_norm is theirs combined), and the fraction
+        # of the interval's updates whose norm the clip cut
+        **{f"grad_{k}": float(v) for k, v in acc["grad_groups"].items()},
+        "clipped": int(acc["clipped"]) / n,
     }
     gate_rows = [
         [
