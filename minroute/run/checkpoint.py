@@ -128,9 +128,11 @@ def save_checkpoint(
     meta: dict,
     pointers=("latest",),
     extra: dict[str, str] | None = None,
+    keep_every: int = 0,
 ) -> Path:
     """Write ckpt-<step>/ atomically and point `pointers` (latest and/or best) at it; prune
-    unreferenced ones.
+    unreferenced ones, except kept ones: a checkpoint of an update that is a multiple of keep_every
+    (when > 0) is marked kept in its meta.json and never pruned.
 
     `extra` maps file names to text files written beside the tensors (trained_rows.txt). An OSError
     (full disk, read-only folder) removes the half-written folder and becomes a WriteError naming
@@ -138,7 +140,7 @@ def save_checkpoint(
     run = Path(run_dir)
     tmp = run / f"ckpt-{step:06d}.tmp"
     try:
-        return _save_checkpoint(run, step, adapter, optimizer, meta, pointers, extra)
+        return _save_checkpoint(run, step, adapter, optimizer, meta, pointers, extra, keep_every)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)  # give the space back
         for p in pointers:
@@ -153,7 +155,7 @@ def save_checkpoint(
 
 
 def _save_checkpoint(
-    run: Path, step: int, adapter: dict, optimizer: dict, meta: dict, pointers, extra
+    run: Path, step: int, adapter: dict, optimizer: dict, meta: dict, pointers, extra, keep_every
 ) -> Path:
     run.mkdir(parents=True, exist_ok=True)
     name = f"ckpt-{step:06d}"
@@ -167,7 +169,9 @@ def _save_checkpoint(
     files = file_records(
         tmp, ["adapter.safetensors", "optimizer.safetensors", *sorted(extra or {})]
     )
-    _write_text(tmp / "meta.json", json.dumps({**meta, "step": step, "files": files}, indent=2))
+    kept = keep_every > 0 and step % keep_every == 0
+    meta = {**meta, "step": step, "files": files, **({"kept": True} if kept else {})}
+    _write_text(tmp / "meta.json", json.dumps(meta, indent=2))
     _fsync_dir(tmp)
     if final.exists():
         shutil.rmtree(final)
@@ -178,9 +182,17 @@ def _save_checkpoint(
     # an unreadable pointer keeps nothing
     keep = {pointer_target(run, p) for p in ("latest", "best")} | {name}
     for old in run.glob("ckpt-*"):
-        if old.name not in keep and not old.name.endswith(".tmp"):
+        if old.name not in keep and not old.name.endswith(".tmp") and not _is_kept(old):
             shutil.rmtree(old, ignore_errors=True)
     return final
+
+
+def _is_kept(ckpt: Path) -> bool:
+    """Whether a checkpoint was saved to be kept (--keep-every); an unreadable meta.json is not."""
+    try:
+        return json.loads((ckpt / "meta.json").read_text()).get("kept") is True
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def is_checkpoint_dir(p: Path) -> bool:

@@ -180,6 +180,7 @@ class TrainingRun:
             {**self.meta, "best_val_ce": self.best},
             (["latest"] if periodic else []) + (["best"] if improved else []),
             extra={"trained_rows.txt": self.rows_text},
+            keep_every=self.args.keep_every,
         )
 
     def stop_nonfinite(self, u: int, sums, grad_norm):

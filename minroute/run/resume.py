@@ -37,7 +37,15 @@ from minroute.run.safety import MissingFile, UserError
 from minroute.run.settings import PRESETS, resolve
 
 # what a resumed run may be given again with a new value
-RESUME_MAY_CHANGE = {"steps", "device", "resume", "out", "deterministic", "ddp_backend"}
+RESUME_MAY_CHANGE = {
+    "steps",
+    "device",
+    "resume",
+    "out",
+    "deterministic",
+    "ddp_backend",
+    "keep_every",
+}
 
 
 def new_run_command(args, ap: argparse.ArgumentParser, **change) -> str:
@@ -209,7 +217,8 @@ def resume_args(args, ap):
         )
         raise UserError(
             f"{run} was trained with other settings than {detail}; resume with the run's own"
-            " settings (only --steps and --device may change), or start a new run in another --out"
+            " settings (only --steps, --device and --keep-every may change), or start a new run in"
+            " another --out"
         )
     legacy = {
         "route_on": "sequence",
@@ -225,6 +234,8 @@ def resume_args(args, ap):
             "device": args.device,
             "deterministic": args.deterministic,
             "ddp_backend": args.ddp_backend,
+            # which checkpoints stay on disk changes no number: --keep-every may change on resume
+            "keep_every": args.given.get("keep_every", saved.get("keep_every", 0)),
             "given": args.given,
             "restart": False,
             **inputs,
