@@ -20,8 +20,8 @@ from minroute.evaluation.bfcl import (
 )
 from minroute.evaluation.tasks import (
     gsm8k_prediction,
-    parse_tool_calls,
     score_gsm8k,
+    score_row,
     score_tool_call,
 )
 
@@ -54,8 +54,8 @@ REF = [{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}
         ),
         (
             "<tool_call>\n{'name': 'get_weather', 'arguments': {}}\n</tool_call>",
-            {"parsable": False, "name_match": False, "exact": False},
-        ),  # not JSON
+            {"parsable": True, "name_match": True, "exact": False},
+        ),  # a Python literal: read as BFCL's AST check reads it
         (
             '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Pa',
             {"parsable": False, "name_match": False, "exact": False},
@@ -82,7 +82,7 @@ def test_two_calls_must_match_in_order():
     )
     assert score_tool_call(out, ref)["exact"]
     assert not score_tool_call(out, ref[::-1])["name_match"]
-    assert parse_tool_calls(out + "<tool_call>oops</tool_call>") is None
+    assert parse_tool_calls_tolerant(out + "<tool_call>oops</tool_call>") is None
 
 
 @pytest.mark.parametrize(
@@ -133,13 +133,10 @@ def test_run_tasks_with_forced_outputs_gives_hand_computed_values(demo_run, monk
 
     def fake(route_, prompts, max_new, eos, pad, device, gates=None):
         rows = [by_prompt[tuple(np.asarray(p).tolist())] for p in prompts]
-        return [
-            (
-                tok.tokenizer.encode(outputs[i], add_special_tokens=False).ids,
-                5 if i % 2 else max_new,
-            )
-            for i in rows
-        ]
+        out = [tok.tokenizer.encode(outputs[i], add_special_tokens=False).ids for i in rows]
+        # (ids, tokens generated): odd rows end with a stop token (one more than their ids), even
+        # rows ran into the cap (no stop token)
+        return [(ids, len(ids) + (i % 2)) for ids, i in zip(out, rows)]
 
     monkeypatch.setattr(tasks, "generate_batch", fake)
     L = route.config.num_hidden_layers
@@ -586,12 +583,76 @@ def test_deep_but_parsable_value_is_scored_not_crashed():
     assert res["reason"] == "wrong_value:a" and res["calls"] is not None
 
 
-def test_strict_parser_is_unchanged():
-    """The existing exact-match scorer keeps its stricter JSON-only parser."""
-    text = "<tool_call>\n{'name': 'f', 'arguments': {}}\n</tool_call>"
-    assert parse_tool_calls(text) is None and parse_tool_calls_tolerant(text) == [
-        {"name": "f", "arguments": {}}
-    ]
+CALL = '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": "celsius"}}'
+BFCL_ROW = {
+    "step_type": "tool_call",
+    "messages": [{"role": "assistant", "tool_calls": REF}],
+    "meta": {"ground_truth": [{"get_weather": {"city": ["Paris"], "unit": ["celsius"]}}]},
+}
+
+
+@pytest.mark.parametrize(
+    "text,cut_off,parsable",
+    [
+        (CALL + "\n</tool_call>", False, True),
+        (CALL + "\n</tool_call>", True, True),  # closed before the cap: a whole call
+        (CALL, False, True),  # the model stopped without the closing tag: forgiven
+        (CALL, True, False),  # the cap cut it: whatever parsed of it is not a call
+        # a whole call, then a second one the cap cut: the output is unparsable (once counted
+        # parsable by a strict first-block parser while BFCL's rejected it)
+        (CALL + "\n</tool_call>\n" + CALL, True, False),
+        (CALL + "\n</tool_call>\n" + CALL + "\n</tool_call>", True, True),
+        (CALL + "\n</tool_call> and then some prose the cap cut", True, True),
+    ],
+)
+def test_one_definition_of_parsable(text, cut_off, parsable):
+    """The parsable % and BFCL's AST check read the same calls: parsable exactly when BFCL does not
+    call the output unparsable."""
+    s = score_row(text, BFCL_ROW, cut_off=cut_off)
+    assert s["parsable"] is parsable
+    assert (s["bfcl_reason"] != "unparsable") is parsable
+    assert (parse_tool_calls_tolerant(text, cut_off) is not None) is parsable
+    if parsable and text.count("<tool_call>") == 1:
+        assert s["exact"] and s["bfcl"]
+
+
+def test_generation_at_the_cap_is_scored_as_cut_off(monkeypatch):
+    """run_tasks tells the scorer a row hit the cap when no stop token ended it (not when the stop
+    token happens to be the cap-th token)."""
+    seen = []
+
+    def fake_score(text, row, cut_off=False):
+        seen.append(cut_off)
+        return {"parsable": False, "name_match": False, "exact": False}
+
+    class Tok:
+        eos_ids, pad_id = [2], 0
+
+        class tokenizer:
+            @staticmethod
+            def decode(ids, skip_special_tokens=False):
+                return "x"
+
+    def fake_generate_batch(route, prompts, cap, eos, pad, device, gates):
+        # row 0: the stop token is the cap-th token; row 1: no stop token within the cap
+        return [([5, 6, 7], 4), ([5, 6, 7, 8], 4)][: len(prompts)]
+
+    class Split:
+        rows = [{"step_type": "tool_call", "messages": [{}]}] * 2
+        prompt_len = np.array([2, 2])
+
+        def get(self, i):
+            return (np.array([1, 1]),)
+
+    class Route:
+        config = type("C", (), {"num_hidden_layers": 2})
+        last = None
+
+    monkeypatch.setattr(tasks, "score_row", fake_score)
+    monkeypatch.setattr(tasks, "generate_batch", fake_generate_batch)
+    out = tasks.run_tasks(Route(), Split(), Tok(), 4, "cpu", {"full": (None, True)})
+    assert seen == [False, True]
+    assert [r["hit_cap"] for r in out["samples"]] == [False, True]
 
 
 # -- the matching rules on hand-made cases (no data needed) --

@@ -102,9 +102,13 @@ def _call_of(obj) -> dict | None:
     return {"name": obj["name"].strip(), "arguments": args}
 
 
-def parse_tool_calls_tolerant(text: str) -> list[dict] | None:
+def parse_tool_calls_tolerant(text: str, cut_off: bool = False) -> list[dict] | None:
     """The calls ({"name", "arguments"}) in a model output, forgiving what models really emit; None
-    if unparsable.
+    if unparsable. This is eval's one definition of a *parsable* output: the parsable % and BFCL's
+    AST check both read these calls.
+
+    cut_off: the generation stopped at its token cap. Its last block, when no `</tool_call>` closes
+    it, is then a call the cap cut (whatever of it happens to parse), and the output is unparsable.
 
     Forgiven: prose around the blocks; a block that ends at the next `<tool_call>` or at the end of
     the text instead of `</tool_call>`; whitespace, one markdown code fence (```json ... ```) and
@@ -121,6 +125,8 @@ def parse_tool_calls_tolerant(text: str) -> list[dict] | None:
     deep or too large input counts as unparsable rather than raising.
     """
     if not isinstance(text, str):
+        return None
+    if cut_off and text.rfind("<tool_call>") > text.rfind("</tool_call>"):
         return None
     blocks = BLOCK_RE.findall(text)
     if not blocks:
@@ -369,7 +375,9 @@ def _ground_truth_calls(ground_truth: list) -> list[tuple[str, dict]]:
     return out
 
 
-def bfcl_check(text: str, ground_truth: list, functions: list | None = None) -> dict:
+def bfcl_check(
+    text: str, ground_truth: list, functions: list | None = None, cut_off: bool = False
+) -> dict:
     """BFCL AST verdict on a model output: {"correct", "reason", "calls"}.
 
     `reason` is None when correct, else one of "unparsable", "wrong_count", "unexpected_call" (a
@@ -379,10 +387,11 @@ def bfcl_check(text: str, ground_truth: list, functions: list | None = None) -> 
     ground-truth call against a left-over output call of the same name ("wrong_name" if there is
     none). `calls` is what the tolerant parser read (None if nothing). `functions` (BFCL function
     docs) is optional: without it, or for a call whose name has no doc, the rules fall back as the
-    module docstring says.
+    module docstring says. `cut_off`: the output stopped at the token cap (see
+    parse_tool_calls_tolerant).
     """
     expected = _ground_truth_calls(ground_truth)
-    calls = parse_tool_calls_tolerant(text)
+    calls = parse_tool_calls_tolerant(text, cut_off)
     if not expected:
         return {
             "correct": calls is None,

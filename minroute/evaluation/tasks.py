@@ -1,11 +1,13 @@
 """Does skipping cost answers? Tool-call and GSM8K scoring of greedy generations, per method.
 
-Tool calls: the output's `<tool_call>` blocks are parsed as JSON ({"name", "arguments"}). A sample
-is *parsable* if it has at least one block and every block parses to an object with a string name;
-*name match* if the list of called names equals the reference's; *exact* if the list of (name,
-arguments) equals the reference's, arguments compared as parsed JSON (key order and spacing do not
-matter). GSM8K: the number after '####' if the output has the marker, else the last number in the
-output (`how` says which); correct if it equals the reference final answer as a number.
+Tool calls: the output's `<tool_call>` blocks are read by one parser, bfcl.py's
+`parse_tool_calls_tolerant` (what it forgives is listed there; a call cut off by the token cap is
+not a call). A sample is *parsable* if that parser reads it; *name match* if the list of called
+names equals the reference's; *exact* if the list of (name, arguments) equals the reference's,
+arguments compared as parsed values (key order and spacing do not matter); *BFCL* (rows with a
+BFCL ground truth) if BFCL's AST match accepts the same calls. GSM8K: the number after '####' if
+the output has the marker, else the last number in the output (`how` says which); correct if it
+equals the reference final answer as a number.
 
 BFCL tool-call scoring (`bfcl_check` / `bfcl_correct`, the field's abstract-syntax match) lives in
 bfcl.py.
@@ -13,7 +15,6 @@ bfcl.py.
 
 from __future__ import annotations
 
-import json
 import re
 import time
 
@@ -29,36 +30,13 @@ from minroute.evaluation.bfcl import (
 from minroute.evaluation.generate import generate
 from minroute.run.data import TOOL, TokenSplit
 
-CALL_RE = re.compile(r"<tool_call>(.*?)</tool_call>", re.S)
 NUMBER_RE = re.compile(r"-?\d[\d,]*(?:\.\d+)?|-?\.\d+")
 
 
-def parse_tool_calls(text: str) -> list[dict] | None:
-    """The calls in a model output; None if there is none or any block is not a JSON object with a
-    name."""
-    blocks = CALL_RE.findall(text)
-    if not blocks:
-        return None
-    calls = []
-    for b in blocks:
-        try:
-            obj = json.loads(b.strip())
-        except json.JSONDecodeError:
-            return None
-        if not isinstance(obj, dict) or not isinstance(obj.get("name"), str):
-            return None
-        args = obj.get("arguments", {})
-        if isinstance(args, str):  # some models write arguments as a JSON string
-            try:
-                args = json.loads(args)
-            except json.JSONDecodeError:
-                return None
-        calls.append({"name": obj["name"], "arguments": args})
-    return calls
-
-
-def score_tool_call(output: str, reference: list[dict]) -> dict:
-    calls = parse_tool_calls(output)
+def score_tool_call(output: str, reference: list[dict], cut_off: bool = False) -> dict:
+    """parsable / name_match / exact of one output against the reference calls; cut_off: the output
+    stopped at the token cap."""
+    calls = parse_tool_calls_tolerant(output, cut_off)
     if calls is None:
         return {"parsable": False, "name_match": False, "exact": False}
     names = [c["name"] for c in calls] == [r["name"] for r in reference]
@@ -145,15 +123,16 @@ def generate_batch(
     return results
 
 
-def score_row(text: str, row: dict) -> dict:
-    """Every score a generation gets: tool rows the strict JSON match (and BFCL's AST match when the
-    row carries a BFCL ground truth), planning rows GSM8K's final number."""
+def score_row(text: str, row: dict, cut_off: bool = False) -> dict:
+    """Every score a generation gets: tool rows the match against the reference calls (and BFCL's
+    AST match when the row carries a BFCL ground truth), both on the same parse; planning rows
+    GSM8K's final number. cut_off: the generation stopped at its token cap."""
     if row["step_type"] != "tool_call":
         return score_gsm8k(text, reference_of(row) or "")
-    out = score_tool_call(text, reference_of(row))
+    out = score_tool_call(text, reference_of(row), cut_off)
     truth = row.get("meta", {}).get("ground_truth")
     if truth is not None:
-        check = bfcl_check(text, truth, row["meta"].get("functions"))
+        check = bfcl_check(text, truth, row["meta"].get("functions"), cut_off)
         out.update(bfcl=check["correct"], bfcl_reason=(check["reason"] or "").split(":")[0] or None)
     return out
 
@@ -193,17 +172,18 @@ def run_tasks(
             dt = (time.perf_counter() - tb) / len(rows)
             for i, (ids, n_new), k in zip(rows, outs, layers):
                 text = tok.tokenizer.decode(ids, skip_special_tokens=False)
+                cut_off = n_new == len(ids)  # no stop token: the cap ended it
                 rec = {
                     "method": name,
                     "sample": i,
                     "step_type": ev.rows[i]["step_type"],
                     "layers_run": int(k),
                     "new_tokens": n_new,
-                    "hit_cap": n_new >= max_new_tokens,
+                    "hit_cap": cut_off,
                     "seconds": dt,
                     "output": text[:2000],
                 }
-                rec.update(score_row(text, ev.rows[i]))
+                rec.update(score_row(text, ev.rows[i], cut_off=cut_off))
                 recs[i] = rec
         recs = [recs[i] for i in sorted(recs)]
         samples += recs
@@ -259,7 +239,6 @@ def summarize(recs: list[dict]) -> dict:
 
 
 __all__ = [
-    "parse_tool_calls",
     "score_tool_call",
     "parse_tool_calls_tolerant",
     "standardize_string",
