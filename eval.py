@@ -56,7 +56,6 @@ from minroute.evaluation.evaluate import (
     check_held_out,
     eval_batching,
     random_masks,
-    static_mask,
     static_masks,
 )
 from minroute.evaluation.passes import Setting, floor_seconds, run_settings
@@ -134,6 +133,14 @@ def parse_args(argv=None):
         help="generate and score tool calls (BFCL AST) and GSM8K answers",
     )
     ap.add_argument(
+        "--tasks-only",
+        action="store_true",
+        help=(
+            "only the task accuracy (implies --tasks): no CE passes, tables or timing (a learning"
+            " curve over kept checkpoints)"
+        ),
+    )
+    ap.add_argument(
         "--task-controls",
         action="store_true",
         help="with --tasks: also the static and random masks",
@@ -166,6 +173,9 @@ def parse_args(argv=None):
     )
     a = ap.parse_args(argv)
     a.max_new_tokens = min(a.max_new_tokens, 1 << 16)
+    if a.tasks_only and (a.runs or a.compare or a.report):
+        ap.error("--tasks-only evaluates one checkpoint (--ckpt); drop --runs, --compare, --report")
+    a.tasks = a.tasks or a.tasks_only
     return a
 
 
@@ -385,6 +395,9 @@ def tasks(
     from minroute.evaluation.tasks import run_tasks
 
     L = run.route.config.num_hidden_layers
+    # a LoRA-only run's routers never trained and keep every gate open: its gated model is the
+    # all-open one, generated once (and masks matching its compute close nothing)
+    lora_only = run.meta["args"].get("ablation") == "lora-only"
     methods = {
         "base": (np.ones(L, bool), False),
         "full": (np.ones(L, bool), True),
@@ -393,10 +406,12 @@ def tasks(
     cached = cache.load_json("tasks") if cache is not None and include_base else None
     if not include_base or cached is not None:
         methods.pop("base")
-    if args.task_controls:
+    if lora_only:
+        methods.pop("gated")
+    elif args.task_controls:  # per row, exactly the learned routing's compute (as the CE controls)
         methods.update(
             {
-                "static mask": (static_mask(g), True),
+                "static mask": (static_masks(g, args.seed), True),
                 "random mask": (random_masks(g, args.seed), True),
             }
         )
@@ -404,6 +419,11 @@ def tasks(
         out = run_tasks(
             run.route, run.data.split("eval"), run.tok, args.max_new_tokens, dev, methods
         )
+    if lora_only:
+        out["summary"]["gated"] = out["summary"]["full"]
+        out["samples"] += [
+            {**r, "method": "gated"} for r in out["samples"] if r["method"] == "full"
+        ]
     if cached is not None:  # the base model's generations: the same for every run of a study
         out["summary"] = {"base": cached["summary"], **out["summary"]}
         out["samples"] = cached["samples"] + out["samples"]
@@ -486,6 +506,7 @@ def provenance(run: Run) -> dict:
         "model_revision": run.meta.get("model_revision"),
         "data": str(run.data),
         "data_sha256": run.data.identity,
+        "data_loss_on": run.data.manifest.get("loss_on", "all"),
         "data_manifest_sha256": run.data.raw_sha256,
         "trained_on_manifest_sha256": run.meta.get("manifest_sha256"),
         "trained_on_data_sha256": run.meta.get("data_sha256"),
@@ -558,6 +579,40 @@ def evaluate_run(run: Run, args, dev, autocast, tables) -> dict:
         )
     res["seconds"] = seconds
     return res
+
+
+def tasks_alone(run: Run, args, dev, autocast, tables) -> dict:
+    """--tasks-only: the task accuracy of one checkpoint and nothing else. The controls' masks need
+    the learned gates: one gate pass (no loss) over the eval rows, only with --task-controls."""
+    t0 = time.perf_counter()
+    print(f"checkpoint: {describe_checkpoint(run, args.which)}; task accuracy only")
+    ev = run.data.split("eval")
+    g = None
+    if args.task_controls:
+        r = run_settings(
+            run.route,
+            ev,
+            run.tok.pad_id,
+            [Setting("gated", route_on="prompt", loss=False)],
+            device=dev,
+            autocast=autocast,
+            **run.batching,
+        )
+        g = PassResult.of(ev, r["gated"])
+    out = {
+        "checkpoint": str(run.ckpt_dir),
+        "step": run.meta["step"],
+        "updates": run.meta["args"].get("updates"),
+        "which": args.which,
+        "data": str(run.data),
+        "n_eval": len(ev),
+    }
+    out["tasks"] = tasks(
+        run, g, args, dev, autocast, tables, cache=BaseCache(args.cache, run, args)
+    )
+    out["provenance"] = provenance(run)
+    out["seconds"] = {"tasks": time.perf_counter() - t0, "total": time.perf_counter() - t0}
+    return out
 
 
 def seed_record(run: Run, path, args, dev, autocast) -> dict:
@@ -754,6 +809,29 @@ def main(argv=None):
         )
 
     results, tables = {}, []
+    if args.ckpt and args.tasks_only:
+        run = open_run(
+            args.ckpt,
+            args.which,
+            args.model,
+            args.data,
+            dev,
+            args.batch_size,
+            say=print,
+            unverified_held_out=args.unverified_held_out,
+        )
+        results.update(tasks_alone(run, args, dev, autocast, tables))
+        results["settings"] = {
+            "which": args.which,
+            "data": str(run.data),
+            "data_sha256": run.data.identity,
+            "checkpoint": str(run.ckpt_dir),
+            "tasks": True,
+            "tasks_only": True,
+            "model": args.model,
+        }
+        write_results(results, tables, json_path, csv_dir)
+        return 0
     if args.ckpt:
         run = open_run(
             args.ckpt,
