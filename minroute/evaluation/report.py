@@ -35,10 +35,11 @@ from pathlib import Path
 
 import numpy as np
 
+from minroute.evaluation.over_training import sections
 from minroute.evaluation.stats import bootstrap_ci, log_t_ci, t_ci, t_ci_clipped
 from minroute.run.checkpoint import atomic_write_text
 
-VARIANTS = ("paper", "author", "noreg", "uniform-init", "bce")
+VARIANTS = ("paper", "paper-all-tokens", "author", "noreg", "uniform-init", "bce", "lora-only")
 PAPER = {
     "skip_tool": 15.25,
     "skip_planning": 2.34,
@@ -86,12 +87,15 @@ METRICS = {  # study.json metric -> where it sits in a run's eval.json
     "eval_seconds": ("seconds", "passes"),
     "eval_floor_seconds": ("seconds", "floor"),
     **{
-        f"{task}_{m}": ("tasks", "summary", m, *where)
-        for m in ("base", "full", "gated")
+        f"{task}_{m.split()[0]}": ("tasks", "summary", m, *where)
+        for m in ("base", "full", "gated", "static mask", "random mask")
         for task, where in (
             ("bfcl", ("tool", "bfcl")),
+            ("tool_parsable", ("tool", "parsable")),
             ("tool_exact", ("tool", "exact")),
             ("gsm8k", ("planning", "accuracy")),
+            ("layers_tool", ("tool", "layers_run")),
+            ("layers_planning", ("planning", "layers_run")),
         )
     },
 }
@@ -119,18 +123,25 @@ METHOD_KEYS = (
     "steps",
     "batch_size",
     "accum",
+    "warmup",
+    "clip",
     "model",
     "data",
 )
 
 
 def variant_of(args: dict) -> str:
-    """The study variant a run's recorded train.py settings make."""
+    """The study variant a run's recorded train.py settings make (`collect` renames a paper run
+    whose loss counted every token paper-all-tokens, in a study whose other runs counted the
+    assistant's)."""
     if args.get("preset") == "author":
         return "author"
-    return {"noreg": "noreg", "uniform-init": "uniform-init", "bce": "bce"}.get(
-        args.get("ablation"), "paper"
-    )
+    return {
+        "noreg": "noreg",
+        "uniform-init": "uniform-init",
+        "bce": "bce",
+        "lora-only": "lora-only",
+    }.get(args.get("ablation"), "paper")
 
 
 def _get(d, path):
@@ -302,6 +313,11 @@ def collect(study: Path) -> tuple[list[dict], list[dict]]:
                 "method": run_method(run, res, study),
             }
         )
+    # a study that trains on both loss choices names the runs with the loss on every token
+    if len({r["res"]["provenance"].get("data_loss_on", "all") for r in runs}) > 1:
+        for r in runs:
+            if r["variant"] == "paper" and r["res"]["provenance"].get("data_loss_on") == "all":
+                r["variant"] = "paper-all-tokens"
     # runs of one variant name but different method settings are different methods: never averaged
     # together
     for v in {r["variant"] for r in runs}:
@@ -371,6 +387,8 @@ def write_report(study, title: str = "LayerRoute reproduction") -> dict:
         diffs = summary[v]["diff"]["values"]
         summary[v]["positive"] = f"{sum(d > 0 for d in diffs)} of {len(diffs)}"
     figures, why_no_figures = make_figures(study, runs, variants)
+    extra_md, extra, more = sections(study, runs, variants, plot=not why_no_figures)
+    figures += more
     out = {
         "variants": summary,
         "runs": [{k: r[k] for k in ("run", "variant", "seed", "eval")} for r in runs],
@@ -378,11 +396,14 @@ def write_report(study, title: str = "LayerRoute reproduction") -> dict:
         "figures": figures,
     }
     out["methods"] = {v: next(r["method"] for r in runs if r["variant"] == v) for v in variants}
+    out.update(extra)  # answers, routing_worth, differential_over_training, gradient_norms, curve
     atomic_write_text(study / "study.json", json.dumps(out, indent=2, default=float))
     _tables(study, runs, variants, summary)
     atomic_write_text(
         study / "REPORT.md",
-        _markdown(study, title, runs, left_out, variants, summary, figures, why_no_figures),
+        _markdown(
+            study, title, runs, left_out, variants, summary, figures, why_no_figures, extra_md
+        ),
     )
     return out
 
@@ -555,7 +576,7 @@ def _md_table(header, rows) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in r) + " |" for r in rows])
 
 
-def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures) -> str:
+def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures, extra) -> str:
     n_seeds = {v: S[v]["diff"]["n"] for v in variants}
     md = [
         f"# {title}: the study report",
@@ -669,6 +690,7 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
         ),
         "",
     ]
+    md += extra["differential"]
     rows = []
     for v in variants:
         for typ in ("tool", "planning"):
@@ -816,35 +838,8 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
     else:
         md += ["No run was timed (evaluate one without --no-timing).", ""]
     tasked = [r for r in runs if r["res"].get("tasks")]
-    md += ["## Task accuracy", ""]
+    md += extra["answers"]
     if tasked:
-        rows = []
-        for v in variants:
-            for m in ("base", "full", "gated"):
-                if S[v][f"gsm8k_{m}"]["n"]:
-                    rows.append(
-                        [
-                            f"`{v}`",
-                            m,
-                            fmt(S[v][f"bfcl_{m}"], 1),
-                            fmt(S[v][f"tool_exact_{m}"], 1),
-                            fmt(S[v][f"gsm8k_{m}"], 1),
-                        ]
-                    )
-        md += [
-            (
-                "Greedy generation on the held-out prompts (% of rows; mean over seeds, Student-t"
-                " 95% CI clipped to [0, 100]). BFCL AST = the Berkeley Function Calling"
-                " Leaderboard's abstract-syntax match against every accepted value"
-                " (minroute/bfcl.py); tool exact = the call's JSON equal to the reference's; GSM8K"
-                " = the final number. Each run's own Wilson intervals are in its eval.json."
-            ),
-            "",
-            _md_table(
-                ["variant", "method", "BFCL AST %", "tool exact %", "GSM8K accuracy %"], rows
-            ),
-            "",
-        ]
         rows = []
         for r in tasked:
             s = r["res"]["tasks"]["summary"]
@@ -884,8 +879,7 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
             ),
             "",
         ]
-    else:
-        md += ["Not run (eval.py --tasks).", ""]
+    md += extra["worth"] + extra["gradients"] + extra["curve"]
     costed = [r for r in runs if r["res"].get("seconds", {}).get("floor")]
     if costed:
         sec = costed[0]["res"]["seconds"]
@@ -913,6 +907,19 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
             "differential_forest": (
                 "Skip differential per seed (with its within-run 95% CI) and per variant "
                 "(mean with the across-seed 95% CI); the paper's 12.91 dashed."
+            ),
+            "differential_over_training": (
+                "The differential (skip% tool − skip% planning) of every routed run against"
+                " updates: dots at each validation, a thin line on the training batches; the"
+                " paper's claim dashed, the authors' 10-seed mean ± sd shaded."
+            ),
+            "gates_over_training": (
+                "Hard-skip rate of each layer (rows) against updates (columns) on the training"
+                " batches, one panel per routed run (gates.csv)."
+            ),
+            "learning_curve": (
+                "LoRA alone, every block open: BFCL AST and parsable % on the held-out tool rows"
+                " at each kept checkpoint (Wilson 95% bands); update 0 is the base model."
             ),
             "skip_vs_length": (
                 "Skip% of each held-out row against its prompt length, by step type (the "
@@ -1001,6 +1008,12 @@ def support(runs, variants, S) -> list[str]:
     )
     for v in variants:
         d = S[v]["diff"]
+        if v == "lora-only":
+            out.append(
+                f"- `{v}`: no routing (every block open, the routers never trained): the reference"
+                " for what skipping costs, not a differential."
+            )
+            continue
         if d["n"] < 2:
             out.append(
                 f"- `{v}`: one seed; its across-seed uncertainty is unknown, and no differential is"
