@@ -828,6 +828,8 @@ def main(argv=None):
             "checkpoint": str(run.ckpt_dir),
             "tasks": True,
             "tasks_only": True,
+            "task_controls": args.task_controls,
+            "max_new_tokens": args.max_new_tokens,
             "model": args.model,
         }
         write_results(results, tables, json_path, csv_dir)
@@ -850,6 +852,8 @@ def main(argv=None):
             "data_sha256": run.data.identity,
             "checkpoint": str(run.ckpt_dir),
             "tasks": args.tasks,
+            "task_controls": args.task_controls,
+            "max_new_tokens": args.max_new_tokens,
             "timing": not args.no_timing,
             "model": args.model,
         }

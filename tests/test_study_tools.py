@@ -238,3 +238,20 @@ def test_tasks_only_refuses_several_runs(demo_run, capsys):
     with pytest.raises(SystemExit):
         eval_script.parse_args(["--runs", str(demo_run), "--tasks-only"])
     assert "--tasks-only evaluates one checkpoint" in capsys.readouterr().err
+
+
+def test_cadence_may_change_on_resume_and_changes_no_number(small_setup, tmp_path):
+    """How often a run logs, validates and checkpoints takes no random draw and changes no trained
+    number: a run resumed with another cadence ends bitwise where the uninterrupted one does."""
+    model, data = small_setup
+    a, b = tmp_path / "a", tmp_path / "b"
+    assert train.main(args_for(model, data, a, 4)) == 0
+    slow = ["--eval-every", "1", "--val-batches", "2", "--log-every", "2", "--keep-every", "1"]
+    assert train.main(args_for(model, data, b, 4, *slow)) == 0
+    # back to update 2, then on with another cadence
+    assert train.main(["--resume", str(b / "ckpt-000002"), "--eval-every", "2"]) == 0
+    ta, _, ma = load_checkpoint(a, "latest")
+    tb, _, mb = load_checkpoint(b, "latest")
+    assert ma["step"] == mb["step"] == 4 and ta.keys() == tb.keys()
+    assert all(torch.equal(ta[k], tb[k]) for k in ta)
+    assert mb["args"]["eval_every"] == 2 and mb["args"]["val_batches"] == 2

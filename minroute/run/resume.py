@@ -37,6 +37,9 @@ from minroute.run.safety import MissingFile, UserError
 from minroute.run.settings import PRESETS, resolve
 
 # what a resumed run may be given again with a new value
+# how often the run logs, validates and checkpoints: no number of the training depends on it (the
+# validation takes no random draw), so a resume may change it
+CADENCE = ("log_every", "eval_every", "val_batches", "save_every", "keep_every")
 RESUME_MAY_CHANGE = {
     "steps",
     "device",
@@ -44,7 +47,7 @@ RESUME_MAY_CHANGE = {
     "out",
     "deterministic",
     "ddp_backend",
-    "keep_every",
+    *CADENCE,
 }
 
 
@@ -217,8 +220,8 @@ def resume_args(args, ap):
         )
         raise UserError(
             f"{run} was trained with other settings than {detail}; resume with the run's own"
-            " settings (only --steps, --device and --keep-every may change), or start a new run in"
-            " another --out"
+            " settings (only --steps, --device and how often it logs, validates and checkpoints"
+            " may change), or start a new run in another --out"
         )
     legacy = {
         "route_on": "sequence",
@@ -234,8 +237,10 @@ def resume_args(args, ap):
             "device": args.device,
             "deterministic": args.deterministic,
             "ddp_backend": args.ddp_backend,
-            # which checkpoints stay on disk changes no number: --keep-every may change on resume
-            "keep_every": args.given.get("keep_every", saved.get("keep_every", 0)),
+            **{
+                k: args.given.get(k, saved.get(k, 0 if k == "keep_every" else None))
+                for k in CADENCE
+            },
             "given": args.given,
             "restart": False,
             **inputs,
