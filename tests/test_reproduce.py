@@ -1,6 +1,7 @@
 """reproduce.sh: the demo study end to end (a smaller slice), its report, its figures, and resuming
 it."""
 
+import csv
 import json
 import os
 import re
@@ -24,6 +25,15 @@ SECTIONS = (
     "## How it was made",
 )
 FIGURES = ("gates_heatmap", "training_curves", "differential_forest", "skip_vs_length")
+REAL_SECTIONS = (  # the sections a real study adds (issue 28)
+    "## Does a differential emerge over training?",
+    "## Task accuracy: what does skipping cost in answers?",
+    "## Is the learned routing worth its routers?",
+    "## What drives the routers?",
+    "## The learning curve (LoRA alone, every block open)",
+    "## What the evaluation cost",
+)
+REAL_FIGURES = ("differential_over_training", "gates_over_training", "learning_curve")
 
 
 def study_cmd(out):
@@ -157,51 +167,72 @@ def test_a_failing_run_is_named_and_the_rest_go_on(study):
 
 def test_real_cpu_quick_study(tmp_path):
     """bash reproduce.sh --real-cpu --quick on the real SmolLM2 GGUF and real BFCL + GSM8K (skipped
-    without them): every section is there, and the report's numbers are the runs' eval.json numbers.
+    without them): every section is there, and each section's numbers are the runs' eval.json,
+    train_log.csv and curve numbers.
     """
     gguf, data = os.environ.get("MINROUTE_GGUF"), os.environ.get("MINROUTE_DATA")
     if not gguf or not Path(gguf).is_file() or not data or not (Path(data) / "bfcl-v4").is_dir():
         pytest.skip("real model or data not available (set MINROUTE_GGUF and MINROUTE_DATA)")
     pytest.importorskip("matplotlib")
     out = tmp_path / "quick"
-    res = subprocess.run(
-        [
-            "bash",
-            str(ROOT / "reproduce.sh"),
-            "--real-cpu",
-            "--quick",
-            "--out",
-            str(out),
-            "--variants",
-            "paper",
-            "--steps",
-            "1",
-        ],
-        env=env(),
-        capture_output=True,
-        text=True,
-        cwd=ROOT,
-    )
+    cmd = ["bash", str(ROOT / "reproduce.sh"), "--real-cpu", "--quick", "--out", str(out)]
+    cmd += ["--variants", "paper lora-only", "--steps", "2"]
+    res = subprocess.run(cmd, env=env(), capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-3000:]
     report = (out / "REPORT.md").read_text()
-    for section in SECTIONS + ("## What the evaluation cost",):
+    for section in SECTIONS + REAL_SECTIONS:
         assert section in report, f"REPORT.md lacks '{section}'"
+    for f in FIGURES + REAL_FIGURES:
+        assert (out / "figures" / f"{f}.png").is_file(), f
     manifest = json.loads((out / "data" / "manifest.json").read_text())
     assert set(manifest["sources"]) == {"bfcl", "gsm8k"} and manifest["cut_rows"] == "drop"
+    assert manifest["loss_on"] == "assistant"
     assert json.loads((out / "model" / "conversion.json").read_text())["architecture"] == "llama"
     ev = json.loads((out / "runs" / "paper-s1" / "eval.json").read_text())
+    lo = json.loads((out / "runs" / "lora-only-s1" / "eval.json").read_text())
+    study = json.loads((out / "study.json").read_text())
+    # the claim
     row = next(line for line in report.splitlines() if line.startswith("| minroute `paper`"))
     cells = [c.strip() for c in row.split("|")[1:-1]]
     assert cells[1] == f"{ev['skip_pct']['tool']:.2f} (1 seed)" and cells[3].startswith(
         f"{ev['skip_diff']:.2f} (1 seed)"
     )
+    # answers: each cell is k/n of the run's scored generations
     s = ev["tasks"]["summary"]
-    assert set(s) == {"base", "full", "gated"} and "bfcl" in s["gated"]["tool"]
-    assert f"| `paper` | gated | {s['gated']['tool']['bfcl']:.1f} (1 seed)" in report
+    assert set(s) == {"base", "full", "gated", "static mask", "random mask"}
+    for method, label in (("gated", "gated (learned routing)"), ("static mask", "static mask")):
+        rows = [x for x in ev["tasks"]["samples"] if x["method"] == method]
+        tool = [x for x in rows if x["step_type"] == "tool_call"]
+        k = sum(x["bfcl"] for x in tool)
+        line = next(x for x in report.splitlines() if x.startswith(f"| `paper` | {label}"))
+        assert f"{100 * k / len(tool):.1f} ({k}/{len(tool)})" in line.split("|")[3], line
+        assert s[method]["tool"]["bfcl"] == pytest.approx(100 * k / len(tool))
+    assert lo["tasks"]["summary"]["gated"] == lo["tasks"]["summary"]["full"]
+    line = next(x for x in report.splitlines() if x.startswith("| `lora-only` |"))
+    k = sum(x["bfcl"] for x in lo["tasks"]["samples"] if x["method"] == "full" and "bfcl" in x)
+    assert f"({k}/" in line.split("|")[3]
+    # the routing against its masks: dCE is eval.json's
+    line = next(x for x in report.splitlines() if x.startswith("| `paper-s1` |") and "/" in x)
+    assert f"{ev['controls']['static mask']['dce_vs_learned']:+.3f}" in line
+    # over training: the validation differential is train_log's
+    log = list(csv.DictReader(open(out / "runs" / "paper-s1" / "train_log.csv")))
+    val = [x for x in log if x["val_ce"]]
+    d = float(val[-1]["val_skip_tool"]) - float(val[-1]["val_skip_plan"])
+    got = study["differential_over_training"]["runs/paper-s1"]["validation"][val[-1]["step"]]
+    assert got["diff"] == pytest.approx(d)
+    assert f"| {val[-1]['step']} | {d:+.1f}" in report
+    # gradient norms: the medians of train_log's columns
+    g = study["gradient_norms"]["runs/paper-s1"]
+    lora = [float(x["grad_lora"]) for x in log if x["ce"]]
+    assert g["median"]["lora"] == pytest.approx(float(np.median(lora)))
+    # the learning curve: the LoRA-only run's kept checkpoint, scored alone
+    cj = json.loads((out / "curves" / "lora-only-s1" / "update-000002.json").read_text())
+    assert cj["settings"]["tasks_only"] and cj["step"] == 2
+    pt = study["learning_curve"]["lora-only-s1"]
+    k = sum(x["bfcl"] for x in cj["tasks"]["samples"] if x["method"] == "full" and "bfcl" in x)
+    assert pt["2"]["bfcl"]["k"] == k and pt["0"]["bfcl"]["n"] == pt["2"]["bfcl"]["n"]
     assert ev["seconds"]["passes"] > 0 and ev["seconds"]["floor"] > 0
-    assert json.loads((out / "study.json").read_text())["runs"][0]["eval"].endswith(
-        "paper-s1/eval.json"
-    )
+    assert study["runs"][-1]["eval"].endswith("paper-s1/eval.json")
 
 
 # ----------------------------------------------------------------------------- a study under a
