@@ -135,7 +135,8 @@ else
     if [[ " $variants " == *" paper-all-tokens "* ]] && [ ! -f "$data_all/manifest.json" ]; then
       run "$py" -m data_prep "${prep[@]}" --loss-on all --out "$data_all"
     fi
-    common+=(--batch-size 4 --accum 2 --lr 1e-3 --warmup 10 --log-every 2 --eval-every "$every"
+    warmup=$(( steps / 4 < 10 ? steps / 4 : 10 ))  # 10 updates, fewer for a short run (--quick, --steps)
+    common+=(--batch-size 4 --accum 2 --lr 1e-3 --warmup "$warmup" --log-every 2 --eval-every "$every"
              --val-batches "$val_batches" --save-every "$every")
     # shellcheck disable=SC2206
     ev_common+=($timing_args --new-tokens 16 --max-new-tokens "$cap" --task-controls)

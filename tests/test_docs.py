@@ -1,4 +1,5 @@
-"""The README's real-study table says what the committed study (docs/smollm2-study) measured."""
+"""The README: its table of the earlier 24-update study says what that committed study
+(docs/smollm2-study-24-updates) measured, and its reading path points at the code it names."""
 
 import csv
 import math
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDY = ROOT / "docs" / "smollm2-study"
+STUDY = ROOT / "docs" / "smollm2-study-24-updates"
 
 
 def shown_equal(text: str, value: float) -> bool:

@@ -499,8 +499,9 @@ def figures(
                 y = [pts[k][key]["pct"] if pts[k][key] else np.nan for k in s]
                 lo = [pts[k][key]["ci95"][0] if pts[k][key] else np.nan for k in s]
                 hi = [pts[k][key]["ci95"][1] if pts[k][key] else np.nan for k in s]
-                ax.plot(s, y, marker="o", label=name)
-                ax.fill_between(s, lo, hi, alpha=0.2)
+                # points with their intervals; the dotted line only links what was measured
+                err = np.maximum([np.subtract(y, lo), np.subtract(hi, y)], 0)
+                ax.errorbar(s, y, yerr=err, marker="o", ls=":", lw=0.8, capsize=3, label=name)
         for ax, t in zip(axes, ("BFCL AST % (held out)", "tool calls parsable %")):
             ax.set(xlabel="update", title=t, ylim=(0, 100))
         axes[0].legend(fontsize=7)

@@ -919,7 +919,7 @@ def _markdown(study, title, runs, left_out, variants, S, figures, why_no_figures
             ),
             "learning_curve": (
                 "LoRA alone, every block open: BFCL AST and parsable % on the held-out tool rows"
-                " at each kept checkpoint (Wilson 95% bands); update 0 is the base model."
+                " at each kept checkpoint (Wilson 95% intervals); update 0 is the base model."
             ),
             "skip_vs_length": (
                 "Skip% of each held-out row against its prompt length, by step type (the "
