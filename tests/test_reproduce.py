@@ -208,7 +208,7 @@ def test_real_cpu_quick_study(tmp_path):
         assert f"{100 * k / len(tool):.1f} ({k}/{len(tool)})" in line.split("|")[3], line
         assert s[method]["tool"]["bfcl"] == pytest.approx(100 * k / len(tool))
     assert lo["tasks"]["summary"]["gated"] == lo["tasks"]["summary"]["full"]
-    line = next(x for x in report.splitlines() if x.startswith("| `lora-only` |"))
+    line = next(x for x in report.splitlines() if x.startswith("| `lora-only` | LoRA alone"))
     k = sum(x["bfcl"] for x in lo["tasks"]["samples"] if x["method"] == "full" and "bfcl" in x)
     assert f"({k}/" in line.split("|")[3]
     # the routing against its masks: dCE is eval.json's
