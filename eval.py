@@ -809,31 +809,6 @@ def main(argv=None):
         )
 
     results, tables = {}, []
-    if args.ckpt and args.tasks_only:
-        run = open_run(
-            args.ckpt,
-            args.which,
-            args.model,
-            args.data,
-            dev,
-            args.batch_size,
-            say=print,
-            unverified_held_out=args.unverified_held_out,
-        )
-        results.update(tasks_alone(run, args, dev, autocast, tables))
-        results["settings"] = {
-            "which": args.which,
-            "data": str(run.data),
-            "data_sha256": run.data.identity,
-            "checkpoint": str(run.ckpt_dir),
-            "tasks": True,
-            "tasks_only": True,
-            "task_controls": args.task_controls,
-            "max_new_tokens": args.max_new_tokens,
-            "model": args.model,
-        }
-        write_results(results, tables, json_path, csv_dir)
-        return 0
     if args.ckpt:
         run = open_run(
             args.ckpt,
@@ -845,16 +820,17 @@ def main(argv=None):
             say=print,
             unverified_held_out=args.unverified_held_out,
         )
-        results.update(evaluate_run(run, args, dev, autocast, tables))
+        evaluate = tasks_alone if args.tasks_only else evaluate_run
+        results.update(evaluate(run, args, dev, autocast, tables))
         results["settings"] = {
             "which": args.which,
             "data": str(run.data),
             "data_sha256": run.data.identity,
             "checkpoint": str(run.ckpt_dir),
             "tasks": args.tasks,
+            **({"tasks_only": True} if args.tasks_only else {"timing": not args.no_timing}),
             "task_controls": args.task_controls,
             "max_new_tokens": args.max_new_tokens,
-            "timing": not args.no_timing,
             "model": args.model,
         }
     if args.runs:
