@@ -202,7 +202,8 @@ for v in $variants; do
     vdata=(); [ "$demo" = 1 ] || vdata=(--data "$(variant_data "$v")")
     # shellcheck disable=SC2046
     if [ -f "$dir/latest.json" ]; then  # resume it; with --steps N a finished run is extended to N
-      run "$py" train.py --resume "$dir" $(variant_args "$v") "${common[@]}" "${vdata[@]}" --seed "$s" > "$dir.train.log" 2>&1 \
+      # its log is appended to: the parts of a run trained across sessions all stay readable
+      run "$py" train.py --resume "$dir" $(variant_args "$v") "${common[@]}" "${vdata[@]}" --seed "$s" >> "$dir.train.log" 2>&1 \
         || status="FAILED in training (see ${dir#"$out"/}.train.log)"
     else
       restart=(); [ -d "$dir" ] && restart=(--restart)  # killed before its first checkpoint: moved aside, not lost

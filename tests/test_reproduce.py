@@ -117,6 +117,7 @@ def test_rerun_resumes_and_skips_finished_work(study, tmp_path):
     before = {p: p.stat().st_mtime for p in (out / "runs").rglob("eval.json")}
     one = out / "runs" / "noreg-s1" / "eval.json"
     one.unlink()
+    first_log = (out / "runs" / "paper-s1.train.log").read_text()
     res = subprocess.run(study_cmd(out), env=env(), capture_output=True, text=True, cwd=ROOT)
     assert res.returncode == 0, res.stderr[-2000:]
     after = {p: p.stat().st_mtime for p in (out / "runs").rglob("eval.json")}
@@ -129,6 +130,9 @@ def test_rerun_resumes_and_skips_finished_work(study, tmp_path):
         for s in (1, 2)
     ]
     assert steps == [8] * 4
+    # the resumed run's log keeps its first part and adds the resume's
+    log = (out / "runs" / "paper-s1.train.log").read_text()
+    assert log.startswith(first_log) and "resumed" in log[len(first_log) :], log[-500:]
     bad = subprocess.run(
         [
             "bash",
