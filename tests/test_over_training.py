@@ -100,6 +100,11 @@ def test_across_seeds_is_the_mean_with_a_t_interval():
     assert x["ci95"] == pytest.approx([21 - 12.706, 21 + 12.706], rel=1e-4)
     y = ot.across([{"pct": 10.0, "ci95": [0, 1]}, {"pct": 30.0, "ci95": [0, 1]}])
     assert y["ci95"] == [0.0, 100.0]  # clipped to what a rate can be
+    # seeds that agree exactly: not a zero-width interval, the pooled rows' Wilson interval
+    z = ot.across([{"pct": 1.25, "k": 1, "n": 80, "ci95": [0.2, 6.7]}] * 3)
+    lo, hi = wilson_ci(3, 240)
+    assert z["pct"] == 1.25 and z["pooled"] and z["ci95"] == pytest.approx([100 * lo, 100 * hi])
+    assert z["ci95"][0] < 1.25 < z["ci95"][1] and "rows pooled" in ot.cell(z)
 
 
 def test_routing_worth_is_paired_on_the_same_rows(study):

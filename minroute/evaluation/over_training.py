@@ -77,12 +77,18 @@ def rate(res: dict, method: str, step_type: str, field: str) -> dict | None:
 
 def across(values: list[dict]) -> dict:
     """One cell over seeds: a run's own Wilson interval for one seed, else the mean of the runs'
-    rates with a Student-t 95% CI (clipped to [0, 100])."""
+    rates with a Student-t 95% CI (clipped to [0, 100]). Seeds that agree exactly (3 x 1/80) give a
+    t interval of width 0, which would claim a certainty the rows do not have: then the interval is
+    the Wilson interval of the seeds' rows pooled ("pooled": True)."""
     if len(values) == 1:
         return {**values[0], "seeds": 1}
     p = [v["pct"] for v in values]
     lo, hi = t_ci(p, bounds=(0.0, 100.0))
-    return {"pct": float(np.mean(p)), "ci95": [lo, hi], "seeds": len(p), "values": p}
+    out = {"pct": float(np.mean(p)), "ci95": [lo, hi], "seeds": len(p), "values": p}
+    if max(p) == min(p) and all("k" in v for v in values):
+        k, n = sum(v["k"] for v in values), sum(v["n"] for v in values)
+        out.update(ci95=[100 * x for x in wilson_ci(k, n)], pooled=True)
+    return out
 
 
 def cell(x: dict | None, digits: int = 1) -> str:
@@ -90,6 +96,7 @@ def cell(x: dict | None, digits: int = 1) -> str:
         return "n/a"
     lo, hi = x["ci95"]
     seeds = f", {x['seeds']} seeds" if x.get("seeds", 1) > 1 else ""
+    seeds += ", rows pooled" if x.get("pooled") else ""
     count = f" ({x['k']}/{x['n']})" if "k" in x else ""
     return f"{x['pct']:.{digits}f}{count} [{lo:.{digits}f}, {hi:.{digits}f}{seeds}]"
 
