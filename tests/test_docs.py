@@ -1,7 +1,8 @@
-"""The README: its table of the earlier 24-update study says what that committed study
-(docs/smollm2-study-24-updates) measured, and its reading path points at the code it names."""
+"""The README: its table of the real study says what that committed study (docs/smollm2-study)
+measured, and its reading path points at the code it names."""
 
 import csv
+import json
 import math
 import re
 from pathlib import Path
@@ -9,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-STUDY = ROOT / "docs" / "smollm2-study-24-updates"
+STUDY = ROOT / "docs" / "smollm2-study"
 
 
 def shown_equal(text: str, value: float) -> bool:
@@ -28,17 +29,22 @@ def readme_row(label: str) -> list[list[str]]:
     pytest.fail(f"README has no table row '{label}'")
 
 
-@pytest.mark.parametrize(
-    "variant,label", [("paper", "minroute `paper`, 3 seeds"), ("noreg", "minroute `noreg`, 1 seed")]
-)
-def test_readme_study_table_is_the_committed_study(variant, label):
-    claim = {r["source"]: r for r in csv.DictReader(open(STUDY / "tables" / "claim.csv"))}[
-        f"minroute {variant}"
-    ]
+def study_tables():
+    claim = {r["source"]: r for r in csv.DictReader(open(STUDY / "tables" / "claim.csv"))}
     ppl = {
         (r["variant"], r["step_type"]): r
         for r in csv.DictReader(open(STUDY / "tables" / "table5.csv"))
     }
+    answers = json.loads((STUDY / "study.json").read_text())["answers"]
+    return claim, ppl, answers
+
+
+@pytest.mark.parametrize(
+    "variant,label", [("paper", "minroute `paper`, 3 seeds"), ("noreg", "minroute `noreg`, 1 seed")]
+)
+def test_readme_study_table_is_the_committed_study(variant, label):
+    claim, ppl, answers = study_tables()
+    claim = claim[f"minroute {variant}"]
     cells = readme_row(label)
     for cell, key in zip(cells[:3], ("skip_tool", "skip_planning", "diff")):
         assert shown_equal(cell[0], float(claim[key])), (
@@ -53,6 +59,21 @@ def test_readme_study_table_is_the_committed_study(variant, label):
     assert shown_equal(full, float(tool["ppl_full"])) and shown_equal(
         gated, float(tool["ppl_gated"])
     ), cells[3]
+    # answers: all blocks open -> gated, BFCL AST and GSM8K
+    for cell, task in ((cells[4], "bfcl"), (cells[5], "gsm8k")):
+        for shown, method in zip(cell[:2], ("full", "gated")):
+            got = answers[f"{variant} / {method}"][task]["pct"]
+            assert shown_equal(shown, got), f"{label}: README {task} {method} {shown} vs {got}"
+
+
+def test_readme_lora_only_row_is_the_committed_study():
+    """LoRA alone has no routers: no skip cells, its one gate setting (every block open)."""
+    _, ppl, answers = study_tables()
+    cells = readme_row("minroute `lora-only`, 1 seed")
+    assert cells[:3] == [[], [], []], cells
+    assert shown_equal(cells[3][0], float(ppl[("lora-only", "tool")]["ppl_full"])), cells[3]
+    for cell, task in ((cells[4], "bfcl"), (cells[5], "gsm8k")):
+        assert shown_equal(cell[0], answers["lora-only / full"][task]["pct"]), (task, cell)
 
 
 def test_reading_path_points_at_the_code_it_names():
