@@ -83,12 +83,11 @@ def across(values: list[dict]) -> dict:
     if len(values) == 1:
         return {**values[0], "seeds": 1}
     p = [v["pct"] for v in values]
-    lo, hi = t_ci(p, bounds=(0.0, 100.0))
-    out = {"pct": float(np.mean(p)), "ci95": [lo, hi], "seeds": len(p), "values": p}
+    out = {"pct": float(np.mean(p)), "seeds": len(p), "values": p}
     if max(p) == min(p) and all("k" in v for v in values):
         k, n = sum(v["k"] for v in values), sum(v["n"] for v in values)
-        out.update(ci95=[100 * x for x in wilson_ci(k, n)], pooled=True)
-    return out
+        return {**out, "ci95": [100 * x for x in wilson_ci(k, n)], "pooled": True}
+    return {**out, "ci95": list(t_ci(p, bounds=(0.0, 100.0)))}
 
 
 def cell(x: dict | None, digits: int = 1) -> str:
