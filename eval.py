@@ -176,6 +176,8 @@ def parse_args(argv=None):
     if a.tasks_only and (a.runs or a.compare or a.report):
         ap.error("--tasks-only evaluates one checkpoint (--ckpt); drop --runs, --compare, --report")
     a.tasks = a.tasks or a.tasks_only
+    if a.task_controls and not a.tasks:  # else it would score no answers and say nothing
+        ap.error("--task-controls scores the masks' generations; add --tasks (or --tasks-only)")
     return a
 
 

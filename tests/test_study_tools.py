@@ -240,6 +240,14 @@ def test_tasks_only_refuses_several_runs(demo_run, capsys):
     assert "--tasks-only evaluates one checkpoint" in capsys.readouterr().err
 
 
+def test_task_controls_need_tasks(demo_run, capsys):
+    with pytest.raises(SystemExit):
+        eval_script.parse_args(["--ckpt", str(demo_run), "--task-controls"])
+    assert "--task-controls scores the masks' generations; add --tasks" in capsys.readouterr().err
+    ok = eval_script.parse_args(["--ckpt", str(demo_run), "--task-controls", "--tasks-only"])
+    assert ok.tasks and ok.task_controls
+
+
 def test_cadence_may_change_on_resume_and_changes_no_number(small_setup, tmp_path):
     """How often a run logs, validates and checkpoints takes no random draw and changes no trained
     number: a run resumed with another cadence ends bitwise where the uninterrupted one does."""
